@@ -1,0 +1,1 @@
+"""The ``graft`` command: a thin layer over the library; every subcommand is one library call."""

@@ -1,0 +1,127 @@
+"""Target matching and module replacement.
+
+Matching follows PEFT so that configs mean the same thing in both libraries: a list of names matches a module
+whose dotted name equals an entry or ends with ``"." + entry``; a string is a regex that must match the whole
+module name; ``"all-linear"`` is every Linear / GPT-2 Conv1D except the model's output head.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+from torch import nn
+
+from .errors import GraftingError
+from .layers import HostLayer, kind_of
+
+ALL_LINEAR = "all-linear"
+
+
+def name_matches(spec, name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _output_head_names(model: nn.Module) -> set:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return set()
+    return {n for n, m in model.named_modules() if m is head or (isinstance(m, HostLayer) and m.base_layer is head)}
+
+
+def iter_candidates(model: nn.Module):
+    """(name, module) for every module of the base model, seeing host layers as one module (not their insides)."""
+    def walk(module: nn.Module, prefix: str):
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            yield name, child
+            if not isinstance(child, (HostLayer, ModulesToSave)):
+                yield from walk(child, name)
+    yield from walk(model, "")
+
+
+def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
+    if target_modules is None:
+        raise GraftingError("config field 'target_modules' is not set; give a list of module names, a regex, "
+                            "or 'all-linear'")
+    found = []
+    if target_modules == ALL_LINEAR:
+        heads = _output_head_names(model)
+        for name, module in iter_candidates(model):
+            base = module.base_layer if isinstance(module, HostLayer) else module
+            k = kind_of(base)
+            if k is not None and k.name in ("linear", "conv1d") and name not in heads:
+                found.append((name, module))
+    else:
+        found = [(n, m) for n, m in iter_candidates(model) if name_matches(target_modules, n)]
+    for name, module in found:
+        base = module.base_layer if isinstance(module, HostLayer) else module
+        if kind_of(base) is None:
+            raise GraftingError(f"target module '{name}' is a {type(base).__name__}; grafting adapts "
+                                "Linear, GPT-2 Conv1D, Conv2d and Embedding layers")
+    if not found:
+        names = [n for n, _ in iter_candidates(model)]
+        shown = ", ".join(names[:60]) + (" ..." if len(names) > 60 else "")
+        raise GraftingError(f"target_modules={target_modules!r} matched no module. Modules in the model: {shown}")
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def host_for(model: nn.Module, name: str, module: nn.Module, routing) -> HostLayer:
+    if isinstance(module, HostLayer):
+        return module
+    host = HostLayer(module, kind_of(module), routing)
+    replace_module(model, name, host)
+    return host
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: the original plus one copy per adapter (PEFT's ``modules_to_save``)."""
+
+    def __init__(self, original: nn.Module, routing):
+        super().__init__()
+        self.original_module = original
+        self.copies = nn.ModuleDict()
+        self._routing = routing
+
+    def add(self, name: str) -> None:
+        self.copies[name] = copy.deepcopy(self.original_module)
+
+    def forward(self, x, *args, **kwargs):
+        routing = self._routing
+        if routing.rows is not None:
+            out = self.original_module(x, *args, **kwargs)
+            for name, idx in routing.rows.groups.items():
+                if name in self.copies:
+                    sub = self.copies[name](x.index_select(0, idx), *args, **kwargs)
+                    out = out.index_copy(0, idx, sub)
+            return out
+        if routing.enabled:
+            for name in routing.active:
+                if name in self.copies:
+                    return self.copies[name](x, *args, **kwargs)
+        return self.original_module(x, *args, **kwargs)
+
+
+def find_modules_to_save(model: nn.Module, names: list, routing) -> list[tuple[str, ModulesToSave]]:
+    found = []
+    for name, module in list(iter_candidates(model)):
+        if not name_matches(names, name):
+            continue
+        if isinstance(module, HostLayer):
+            raise GraftingError(f"module '{name}' is both a LoRA target and in modules_to_save")
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module, routing)
+            replace_module(model, name, module)
+        found.append((name, module))
+    if not found:
+        raise GraftingError(f"modules_to_save={names!r} matched no module")
+    return found

@@ -1,0 +1,242 @@
+"""Host layers: wrap one base layer, hold its named adapters, dispatch the forward.
+
+A host layer never knows which method an adapter uses; it asks the method (``delta``) and routes rows. What
+differs between base-layer types (how a low-rank pair acts on the input, where the output axis is, how the
+dense weight is read) lives in a small :class:`LayerKind` per type, so every method works on every layer type
+it declares without a class per (method x layer) pair. A base layer that is not a plain fp32 weight (a
+quantized one) only has to offer ``dequantize()``: :meth:`LayerKind.weight` asks for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GraftingError
+
+
+class LayerKind:
+    """How one base-layer type maps to the canonical ``(out, fan_in)`` view adapters work in."""
+
+    name = ""
+    gathered = False  # mixed batches use the stacked-factor kernel (rows x tokens x features inputs)
+
+    def matches(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def in_out(self, base: nn.Module) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def weight(self, base: nn.Module) -> torch.Tensor:
+        """The dense base weight in the base layer's own layout (quantized bases dequantize here)."""
+        return base.dequantize() if hasattr(base, "dequantize") else base.weight
+
+    def to_out_in(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight in the base layout, viewed as (out_features, fan_in)."""
+        return w.reshape(w.shape[0], -1)
+
+    def from_out_in(self, m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return m.reshape(like.shape)
+
+    def factor_shapes(self, base: nn.Module, r: int) -> tuple[tuple, tuple]:
+        fan_in, out = self.in_out(base)
+        return (r, fan_in), (out, r)
+
+    def lowrank(self, base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """B(A(x)) in the layer's output layout (no scaling)."""
+        return F.linear(F.linear(x, A), B)
+
+    def apply_weight(self, base: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The base transform with weight ``w`` and no bias."""
+        return F.linear(x, w)
+
+    def out_view(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A per-output-feature vector shaped to broadcast against an output tensor."""
+        return v
+
+    def bias(self, base: nn.Module) -> torch.Tensor | None:
+        return getattr(base, "bias", None)
+
+
+class LinearKind(LayerKind):
+    name = "linear"
+    gathered = True
+
+    def matches(self, module):
+        return isinstance(module, nn.Linear)
+
+    def in_out(self, base):
+        return base.in_features, base.out_features
+
+
+class Conv1DKind(LayerKind):
+    """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored (in, out) (fan_in_fan_out)."""
+
+    name = "conv1d"
+    gathered = True
+
+    def matches(self, module):
+        return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+            and module.weight.dim() == 2
+
+    def in_out(self, base):
+        return base.weight.shape[0], base.weight.shape[1]
+
+    def to_out_in(self, w):
+        return w.t()
+
+    def from_out_in(self, m, like):
+        return m.t()
+
+    def apply_weight(self, base, x, w):
+        return x @ w
+
+
+class Conv2dKind(LayerKind):
+    name = "conv2d"
+
+    def matches(self, module):
+        return isinstance(module, nn.Conv2d)
+
+    def in_out(self, base):
+        if base.groups != 1 or tuple(base.dilation) != (1, 1):
+            raise GraftingError("Conv2d targets must have groups=1 and dilation=1 "
+                                f"(got groups={base.groups}, dilation={tuple(base.dilation)})")
+        return base.in_channels, base.out_channels
+
+    def factor_shapes(self, base, r):
+        return (r, base.in_channels, *base.kernel_size), (base.out_channels, r, 1, 1)
+
+    def lowrank(self, base, x, A, B):
+        return F.conv2d(F.conv2d(x, A, stride=base.stride, padding=base.padding), B)
+
+    def apply_weight(self, base, x, w):
+        return F.conv2d(x, w, None, base.stride, base.padding, base.dilation, base.groups)
+
+    def out_view(self, v, out):
+        return v.view(1, -1, *([1] * (out.dim() - 2)))
+
+
+class EmbeddingKind(LayerKind):
+    """``nn.Embedding``: weight (num_embeddings, dim). PEFT's factors: A (r, num_embeddings), B (dim, r)."""
+
+    name = "embedding"
+
+    def matches(self, module):
+        return isinstance(module, nn.Embedding)
+
+    def in_out(self, base):
+        return base.num_embeddings, base.embedding_dim
+
+    def to_out_in(self, w):
+        return w.t()
+
+    def from_out_in(self, m, like):
+        return m.t()
+
+    def _embed(self, base, x, w):
+        return F.embedding(x, w, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
+
+    def lowrank(self, base, x, A, B):
+        return self._embed(base, x, A.t()) @ B.t()
+
+    def apply_weight(self, base, x, w):
+        return self._embed(base, x, w)
+
+    def bias(self, base):
+        return None
+
+
+KINDS: tuple[LayerKind, ...] = (LinearKind(), Conv1DKind(), Conv2dKind(), EmbeddingKind())
+
+
+def kind_of(module: nn.Module) -> LayerKind | None:
+    for kind in KINDS:
+        if kind.matches(module):
+            return kind
+    return None
+
+
+class HostLayer(nn.Module):
+    """Wraps ``base_layer`` and adds the deltas of its adapters.
+
+    ``routing`` is shared by every host layer of one model: it says which adapters are active, whether
+    adapters are disabled, and, for mixed batches, which adapter each row uses.
+    """
+
+    def __init__(self, base_layer: nn.Module, kind: LayerKind, routing: Any):
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.adapters = nn.ModuleDict()
+        self.methods: dict[str, Any] = {}
+        self.merged: dict[str, Any] = {}  # adapter name -> what its method needs to unmerge
+        self._routing = routing
+        self._stack = None  # batching.LowRankStack, built on the first mixed batch
+        kind.in_out(base_layer)  # validates the base layer
+
+    @property
+    def in_features(self) -> int:
+        return self.kind.in_out(self.base_layer)[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.kind.in_out(self.base_layer)[1]
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.kind.weight(self.base_layer)
+
+    def add(self, name: str, method: Any, adapter: nn.Module) -> None:
+        self.adapters[name] = adapter
+        self.methods[name] = method
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            raise GraftingError(f"adapter '{name}' is merged; unmerge it before deleting it")
+        del self.adapters[name]
+        del self.methods[name]
+        if self._stack is not None:
+            self._stack.free(name)
+
+    # ---- merging ----------------------------------------------------------------------------------------------
+    def merge(self, name: str) -> None:
+        if name in self.merged or name not in self.adapters:
+            return
+        method = self.methods[name]
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            new_weight, token = method.merge(self.adapters[name], self)
+            weight.copy_(new_weight.to(weight.dtype))
+        self.merged[name] = token
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        token = self.merged.pop(name)
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            weight.copy_(self.methods[name].unmerge(self.adapters[name], self, token).to(weight.dtype))
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        routing = self._routing
+        if routing.rows is not None:
+            from .batching import mixed_forward
+            return mixed_forward(self, x, routing.rows, *args, **kwargs)
+        if not routing.enabled:
+            if self.merged:
+                raise GraftingError(f"adapters {sorted(self.merged)} are merged into the base weights; "
+                                    "call unmerge() before disabling adapters")
+            return self.base_layer(x, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        for name in routing.active:
+            if name in self.adapters and name not in self.merged:
+                out = out + self.methods[name].delta(self.adapters[name], self, x, out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.name}, adapters={list(self.adapters)}, merged={list(self.merged)}"

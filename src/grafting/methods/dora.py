@@ -1,0 +1,130 @@
+"""DoRA: Weight-Decomposed Low-Rank Adaptation (Liu et al., 2024, arXiv:2402.09353).
+
+Eq. (5): W' = m · (W0 + s·BA) / ||W0 + s·BA||_c, with the magnitude m initialised to ||W0||_c (per output
+feature; for embeddings per embedding dimension, as PEFT) and the direction updated by LoRA. Sec. 4.3: the norm
+is treated as a constant (no gradient through it), which we follow, so the forward is
+    out = g ⊙ (W0 x + s·B A x) + b,     g = m / ||W0 + s·BA||_c.
+DoRA composes with LoRA (same factors, same init) and adds the magnitude.
+
+Speed: the norm never materialises the dense W0 + s·BA. Row i of ||W0 + s·BA||² expands to
+||W0_i||² + 2s·(W0 Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ; ||W0_i||² is cached per base-weight version, and the norm is
+cached per parameter version, so inference (and gradient-accumulation micro-steps) recompute nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import register
+from .base import Method
+from .lora import create_lora, lowrank_out, lowrank_weight_out_in, peft_lora_keys
+
+
+def _version_key(*tensors: torch.Tensor):
+    try:
+        return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+    except (RuntimeError, AttributeError):  # functorch-wrapped tensors have no storage/version
+        return None
+
+
+def _cached(adapter: nn.Module, slot: str, key, compute):
+    if key is not None:
+        hit = adapter.__dict__.get(slot)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    value = compute()
+    if key is not None:
+        adapter.__dict__[slot] = (key, value)
+    return value
+
+
+def weight_norm(adapter: nn.Module, host) -> torch.Tensor:
+    """||W0 + s·BA|| per output feature, detached (Sec. 4.3)."""
+    w = host.dense_weight()
+    A, B = adapter.lora_A, adapter.lora_B
+
+    def row_sq_w():
+        with torch.no_grad():
+            return host.kind.to_out_in(w).to(A.dtype).pow(2).sum(1)
+
+    def compute():
+        with torch.no_grad():
+            s = adapter.scaling
+            a = A.reshape(A.shape[0], -1)
+            b = B.reshape(B.shape[0], -1)
+            wo = host.kind.to_out_in(w).to(a.dtype)
+            w_sq = _cached(adapter, "_w_sq", _version_key(w), row_sq_w)
+            cross = ((wo @ a.t()) * b).sum(1)
+            lr_sq = ((b @ (a @ a.t())) * b).sum(1)
+            return (w_sq + 2 * s * cross + s * s * lr_sq).clamp_min(0).sqrt()
+
+    return _cached(adapter, "_norm", _version_key(w, A, B), compute)
+
+
+@register("dora")
+class Dora(Method):
+    rescales_output = True
+
+    def make_config(self, **fields):
+        return super().make_config(**{**fields, "use_dora": True})
+
+    def create(self, host, cfg, r, alpha):
+        adapter = create_lora(host, cfg, r, alpha)
+        adapter.lora_magnitude = nn.Parameter(weight_norm(adapter, host).clone())
+        adapter.__dict__.pop("_norm", None)
+        return adapter
+
+    def output_scale(self, adapter, host):
+        return adapter.lora_magnitude / weight_norm(adapter, host)
+
+    def delta(self, adapter, host, x, base_out):
+        g = host.kind.out_view(self.output_scale(adapter, host), base_out)
+        low = lowrank_out(adapter, host, x)
+        if adapter.training and not isinstance(adapter.lora_dropout, nn.Identity) and x.is_floating_point():
+            # with dropout the paper's (and PEFT's) base term is W0·dropout(x), not the host's output
+            xd = adapter.lora_dropout(x.to(adapter.lora_A.dtype))
+            plain = host.kind.apply_weight(host.base_layer, xd, host.dense_weight().to(xd.dtype))
+        else:
+            bias = host.kind.bias(host.base_layer)
+            plain = base_out if bias is None else base_out - host.kind.out_view(bias, base_out)
+        return ((g - 1) * plain + g * low).to(base_out.dtype)
+
+    def delta_weight(self, adapter, host):
+        w = host.dense_weight()
+        g = self.output_scale(adapter, host).detach()
+        merged = g[:, None] * (host.kind.to_out_in(w) + lowrank_weight_out_in(adapter))
+        return host.kind.from_out_in(merged, w).to(w.dtype) - w
+
+    def merge(self, adapter, host):
+        g = self.output_scale(adapter, host).detach()
+        w = host.dense_weight()
+        merged = g[:, None] * (host.kind.to_out_in(w) + lowrank_weight_out_in(adapter).detach())
+        return host.kind.from_out_in(merged, w), g
+
+    def unmerge(self, adapter, host, g):
+        w = host.dense_weight()
+        original = host.kind.to_out_in(w) / g[:, None] - lowrank_weight_out_in(adapter).detach()
+        return host.kind.from_out_in(original, w)
+
+    def low_rank(self, adapter):
+        A = adapter.lora_A.reshape(adapter.lora_A.shape[0], -1)
+        B = adapter.lora_B.reshape(adapter.lora_B.shape[0], -1)
+        return A, B, adapter.scaling
+
+    def param_groups(self, adapter):
+        return {"weights": ["lora_A", "lora_B"], "architecture": ["lora_magnitude"]}
+
+    def peft_keys(self, host):
+        return {**peft_lora_keys(host), "lora_magnitude_vector": "lora_magnitude"}
+
+    def peft_shape(self, adapter, host, attr):
+        if attr == "lora_magnitude" and host.kind.name == "conv2d":
+            return (1, adapter.lora_magnitude.shape[0], 1, 1)
+        return super().peft_shape(adapter, host, attr)
+
+    def to_peft(self, adapter, host):
+        out = super().to_peft(adapter, host)
+        out["lora_magnitude_vector"] = out["lora_magnitude_vector"].reshape(
+            self.peft_shape(adapter, host, "lora_magnitude"))
+        return out
