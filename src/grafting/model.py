@@ -21,6 +21,10 @@ from .registry import get_method
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
+# PEFT trains (and saves) the task head in full for these task types, whether or not modules_to_save names it
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
 
 class AdaptedModel(nn.Module):
     def __init__(self, base_model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default"):
@@ -102,14 +106,18 @@ class AdaptedModel(nn.Module):
                 r, alpha = config.rank_and_alpha(module_name)
                 host.add(name, method, method.create(host, config, r, alpha))
                 created.append(host)
-            if config.modules_to_save:
-                for _, saved in find_modules_to_save(self.base_model, config.modules_to_save, self._routing):
+            to_save = list(config.modules_to_save or [])
+            heads = [h for h in _TASK_HEADS.get(config.task_type or "", ()) if h not in to_save
+                     and any(n == h or n.endswith("." + h) for n, _ in self.base_model.named_modules())]
+            if to_save or heads:
+                for _, saved in find_modules_to_save(self.base_model, to_save + heads, self._routing):
                     saved.add(name)
         except Exception:
             for host in created:
                 host.remove(name)
             for _, saved in self.saved_modules():
-                saved.copies.pop(name, None)
+                if name in saved.copies:
+                    del saved.copies[name]
             raise
         self.peft_config[name] = config
         self._routing.assign_slot(name)
@@ -124,7 +132,8 @@ class AdaptedModel(nn.Module):
             if name in host.adapters:
                 host.remove(name)
         for _, saved in self.saved_modules():
-            saved.copies.pop(name, None)
+            if name in saved.copies:
+                del saved.copies[name]
         del self.peft_config[name]
         self._frozen.discard(name)
         self._routing.slot_of.pop(name, None)

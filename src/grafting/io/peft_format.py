@@ -53,6 +53,24 @@ def _slots(model, name: str) -> dict:
     return out
 
 
+def _peft_aliases(model, name: str) -> dict:
+    """Keys peft may also write, which we read but never require: with ``bias="all"`` peft saves the biases
+    of a modules_to_save wrapper's original and copy under its wrapper names as well; when an embedding is a
+    target, peft saves the full embedding matrix too (it may have been resized), which then replaces the base's."""
+    out = {}
+    for module_name, host in model.hosts():
+        if host.kind.name == "embedding" and name in host.adapters:
+            w = host.base_layer.weight
+            out[f"{PREFIX}{module_name}.base_layer.weight"] = (host.base_layer, "weight", tuple(w.shape), None, None)
+    if model.peft_config[name].bias == "all":
+        for module_name, saved in model.saved_modules():
+            if name in saved.copies:
+                for owner, prefix in ((saved.copies[name], "modules_to_save"), (saved.original_module, "original_module")):
+                    if getattr(owner, "bias", None) is not None:
+                        out[f"{PREFIX}{module_name}.{prefix}.bias"] = (owner, "bias", tuple(owner.bias.shape), None, None)
+    return out
+
+
 def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys (what ``save_adapter`` writes)."""
     tensors = {}
@@ -141,7 +159,9 @@ def load_adapter(model, path, name: str) -> None:
 def _fill(model, name: str, config: LoraConfig, tensors: dict, f: Path) -> None:
     slots = _slots(model, name)
     missing = sorted(set(slots) - set(tensors))
-    extra = sorted(set(tensors) - set(slots))
+    aliases = _peft_aliases(model, name)
+    extra = sorted(set(tensors) - set(slots) - set(aliases))
+    slots.update({k: v for k, v in aliases.items() if k in tensors})
     if extra:
         raise GraftingError(f"{f}: unexpected tensors {extra[:8]}{' ...' if len(extra) > 8 else ''} (the config's "
                             f"target_modules={config.target_modules!r} does not create them, or the target module "

@@ -1,0 +1,53 @@
+"""The graft CLI: every subcommand has help; inspect prints text and JSON; errors exit 2 with a message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import grafting as gf
+from conftest import make_toy
+from grafting.cli.main import main
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    model = gf.adapt(make_toy("linear"), gf.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["target"]))
+    model.save_adapter(tmp_path / "a")
+    return tmp_path / "a"
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "grafting.cli.main", *args], capture_output=True, text=True)
+
+
+def test_version_and_help():
+    r = run("--version")
+    assert r.returncode == 0 and gf.__version__ in r.stdout
+    r = run("--help")
+    assert r.returncode == 0 and "inspect" in r.stdout
+    r = run("inspect", "--help")
+    assert r.returncode == 0 and "--json" in r.stdout
+
+
+def test_inspect_text(adapter, capsys):
+    assert main(["inspect", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    assert "dora" in out and "rank(s)" in out and "target" in out and "KB" in out
+
+
+def test_inspect_json(adapter):
+    r = run("inspect", str(adapter), "--json")
+    info = json.loads(r.stdout)
+    assert info["method"] == "dora" and info["ranks"] == [4]
+    assert info["parameters"] == 4 * 12 + 10 * 4 + 10
+
+
+def test_inspect_error_is_one_line(tmp_path):
+    r = run("inspect", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.startswith("graft: error:") and "adapter_config.json" in r.stderr
+    assert "Traceback" not in r.stderr

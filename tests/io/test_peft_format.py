@@ -1,0 +1,202 @@
+"""Malformed adapters raise GraftingError naming the file and the problem; saving is atomic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import grafting as gf
+from conftest import make_toy, randomize
+from grafting.io import atomic, peft_format
+
+CFG = dict(r=4, lora_alpha=8, target_modules=["target"])
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    model = gf.adapt(make_toy("linear"), gf.LoraConfig(**CFG))
+    randomize(model)
+    model.save_adapter(tmp_path / "a")
+    return tmp_path / "a"
+
+
+def edit_config(path: Path, **changes) -> None:
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def edit_tensors(path: Path, fn) -> None:
+    f = path / "adapter_model.safetensors"
+    tensors = load_file(f)
+    fn(tensors)
+    save_file(tensors, f)
+
+
+def load_error(path) -> str:
+    with pytest.raises(gf.GraftingError) as e:
+        gf.load(make_toy("linear"), path)
+    return str(e.value)
+
+
+def test_saved_layout(saved):
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["target_modules"] == ["target"]
+    keys = set(load_file(saved / "adapter_model.safetensors"))
+    assert keys == {"base_model.model.target.lora_A.weight", "base_model.model.target.lora_B.weight"}
+
+
+def test_bad_json(saved):
+    (saved / "adapter_config.json").write_text("{not json")
+    msg = load_error(saved)
+    assert "adapter_config.json" in msg and "not valid JSON" in msg
+
+
+def test_unknown_method(saved):
+    edit_config(saved, peft_type="IA3")
+    assert "peft_type" in load_error(saved)
+
+
+def test_unknown_field_suggests(saved):
+    edit_config(saved, lora_alhpa=3)
+    msg = load_error(saved)
+    assert "lora_alhpa" in msg and "lora_alpha" in msg
+
+
+def test_unsupported_peft_feature(saved):
+    edit_config(saved, layers_to_transform=[0])
+    assert "layers_to_transform" in load_error(saved)
+
+
+def test_bad_field_value(saved):
+    edit_config(saved, r=0)
+    assert "'r'" in load_error(saved)
+
+
+def test_missing_tensor(saved):
+    edit_tensors(saved, lambda t: t.pop("base_model.model.target.lora_B.weight"))
+    msg = load_error(saved)
+    assert "adapter_model.safetensors" in msg and "missing" in msg and "lora_B" in msg
+
+
+def test_extra_tensor(saved):
+    edit_tensors(saved, lambda t: t.update({"base_model.model.other.lora_A.weight": torch.zeros(4, 12)}))
+    assert "unexpected" in load_error(saved)
+
+
+def test_wrong_shape(saved):
+    edit_tensors(saved, lambda t: t.update({"base_model.model.target.lora_B.weight": torch.zeros(9, 4)}))
+    assert "shape (9, 4)" in load_error(saved)
+
+
+def test_rank_mismatch_with_config(saved):
+    edit_config(saved, r=8)
+    msg = load_error(saved)
+    assert "r=8" in msg and "rank_pattern" in msg
+
+
+def test_wrong_dtype(saved):
+    edit_tensors(saved, lambda t: t.update({"base_model.model.target.lora_A.weight": torch.zeros(4, 12, dtype=torch.int32)}))
+    assert "dtype" in load_error(saved)
+
+
+def test_truncated_safetensors(saved):
+    f = saved / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-20])
+    msg = load_error(saved)
+    assert "adapter_model.safetensors" in msg and "safetensors" in msg
+
+
+def test_target_absent_from_base(saved):
+    edit_config(saved, target_modules=["nonexistent"])
+    msg = load_error(saved)
+    assert "adapter_config.json" in msg and "matched no module" in msg
+
+
+def test_pickle_is_never_loaded(saved):
+    (saved / "adapter_model.safetensors").rename(saved / "adapter_model.bin")
+    assert "pickle" in load_error(saved)
+
+
+def test_failed_load_leaves_no_adapter(saved):
+    edit_tensors(saved, lambda t: t.update({"base_model.model.target.lora_B.weight": torch.zeros(9, 4)}))
+    model = gf.adapt(make_toy("linear"), gf.LoraConfig(**CFG), adapter_name="kept")
+    with pytest.raises(gf.GraftingError):
+        model.load_adapter(saved, name="broken")
+    assert model.adapter_names() == ["kept"]
+
+
+def test_crash_during_save_keeps_previous_adapter(saved, monkeypatch):
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    model = gf.adapt(make_toy("linear"), gf.LoraConfig(**CFG, init_lora_weights=False))
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", crash)
+    with pytest.raises(OSError):
+        model.save_adapter(saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert [p.name for p in saved.parent.iterdir()] == ["a"]  # no temporary directories left behind
+
+
+def test_save_over_existing_directory_keeps_other_files(saved):
+    (saved / "README.md").write_text("notes")
+    model = gf.adapt(make_toy("linear"), gf.LoraConfig(**CFG, init_lora_weights=False))
+    model.save_adapter(saved)
+    assert (saved / "README.md").read_text() == "notes"
+    torch.testing.assert_close(load_file(saved / "adapter_model.safetensors")["base_model.model.target.lora_B.weight"],
+                               dict(model.hosts())["target"].adapters["default"].lora_B.detach())
+
+
+KILLED_WRITER = """
+import sys, torch, grafting as gf
+from torch import nn
+torch.manual_seed(0)
+model = gf.adapt(nn.Sequential(nn.Linear(2048, 2048)), gf.LoraConfig(r=1024, target_modules=["0"]))
+print("ready", flush=True)
+while True:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0) if p.requires_grad else None
+    model.save_adapter(sys.argv[1])
+"""
+
+
+def test_killed_writer_never_leaves_a_partial_adapter(tmp_path):
+    """kill -9 in the middle of repeated saves: the directory always holds one complete adapter."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "big"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"ready"
+    deadline = time.time() + 60
+    while not (target / "adapter_model.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    tensors = peft_format.read_tensors(target)
+    a = tensors["base_model.model.0.lora_A.weight"]
+    b = tensors["base_model.model.0.lora_B.weight"]
+    assert a.shape == (1024, 2048) and b.shape == (2048, 1024)
+    # every save bumps A and B by 1 together: a complete adapter has B == k and A == A0 + k for one k
+    torch.manual_seed(0)
+    fresh = gf.adapt(torch.nn.Sequential(torch.nn.Linear(2048, 2048)), gf.LoraConfig(r=1024, target_modules=["0"]))
+    a0 = dict(fresh.hosts())["0"].adapters["default"].lora_A.detach()
+    k = b[0, 0].item()
+    assert k >= 1 and torch.all(b == k)
+    torch.testing.assert_close(a, a0 + k)
+
+
+def test_inspect_reads_header_only(saved):
+    info = peft_format.inspect_adapter(saved)
+    assert info["method"] == "lora" and info["ranks"] == [4] and info["targets"] == ["target"]
+    assert info["parameters"] == 4 * 12 + 10 * 4

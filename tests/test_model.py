@@ -1,0 +1,255 @@
+"""AdaptedModel behaviour as users drive it: targets, adapters, trainability, mixed batches, HF models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import grafting as gf
+from conftest import make_toy, randomize
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(8, 8)
+        self.v_proj = nn.Linear(8, 8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, x):
+        return self.mlp(self.q_proj(x) + self.v_proj(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.classifier(x)
+
+
+def hosted(model: gf.AdaptedModel) -> list[str]:
+    return sorted(name for name, _ in model.hosts())
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=64)).eval()
+
+
+def test_target_list_matches_suffixes():
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj", "mlp.2"]))
+    assert hosted(model) == ["layers.0.mlp.2", "layers.0.q_proj", "layers.1.mlp.2", "layers.1.q_proj"]
+
+
+def test_target_regex_is_a_full_match():
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=r"layers\.1\.(q|v)_proj"))
+    assert hosted(model) == ["layers.1.q_proj", "layers.1.v_proj"]
+    with pytest.raises(gf.GraftingError, match="matched no module"):
+        gf.adapt(Net(), gf.LoraConfig(target_modules=r"q_proj"))  # a regex must match the whole name
+
+
+def test_no_match_lists_existing_modules():
+    with pytest.raises(gf.GraftingError) as e:
+        gf.adapt(Net(), gf.LoraConfig(target_modules=["query"]))
+    assert "layers.0.q_proj" in str(e.value) and "classifier" in str(e.value)
+
+
+def test_unsupported_module_type_is_named():
+    with pytest.raises(gf.GraftingError, match="GELU"):
+        gf.adapt(Net(), gf.LoraConfig(target_modules=["mlp.1"]))
+
+
+def test_all_linear_skips_the_output_head():
+    model = gf.adapt(tiny_gpt2(), gf.LoraConfig(target_modules="all-linear"))
+    names = hosted(model)
+    assert "lm_head" not in names
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"c_attn", "c_proj", "c_fc"}
+    assert len(names) == 2 * 4
+
+
+def test_trainable_only_active_and_summary_counts():
+    model = gf.adapt(Net(), gf.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("big", gf.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    per_layer = lambda r: r * 8 + 8 * r  # noqa: E731
+    s = model.trainable_summary()
+    assert s["trainable"] == 2 * per_layer(2)
+    model.set_active("big")
+    assert model.trainable_summary()["trainable"] == 4 * per_layer(4)
+    total_base = sum(p.numel() for p in Net().parameters())
+    assert model.trainable_summary()["total"] == total_base + 2 * per_layer(2) + 4 * per_layer(4)
+
+
+def test_rank_and_alpha_patterns():
+    cfg = gf.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        rank_pattern={"layers.1.q_proj": 2}, alpha_pattern={"v_proj": 2})
+    model = gf.adapt(Net(), cfg)
+    hosts = dict(model.hosts())
+    a = hosts["layers.1.q_proj"].adapters["default"]
+    assert a.lora_A.shape == (2, 8) and a.scaling == 8 / 2
+    v = hosts["layers.0.v_proj"].adapters["default"]
+    assert v.lora_A.shape == (4, 8) and v.scaling == 2 / 4
+    rs = gf.adapt(Net(), gf.LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj"]))
+    assert dict(rs.hosts())["layers.0.q_proj"].adapters["default"].scaling == pytest.approx(8 / 4)
+
+
+def test_adapter_name_and_duplicate_errors():
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(gf.GraftingError, match="already exists"):
+        model.add_adapter("default", gf.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(gf.GraftingError, match="name"):
+        model.add_adapter("a.b", gf.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(gf.GraftingError, match="no adapter named"):
+        model.set_active("missing")
+    with pytest.raises(gf.GraftingError, match="already adapted"):
+        gf.adapt(model, gf.LoraConfig(target_modules=["q_proj"]))
+
+
+def test_failed_add_leaves_model_unchanged():
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(gf.GraftingError):
+        model.add_adapter("x", gf.LoraConfig(target_modules=["q_proj"], modules_to_save=["nothing_like_this"]))
+    assert model.adapter_names() == ["default"]
+    assert before.keys() == model.state_dict().keys()
+
+
+def test_delete_adapter_frees_its_slot_and_layers():
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("b", gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        model(x, adapter_names=["default", "b"])
+    model.delete_adapter("b")
+    assert all("b" not in h.adapters for _, h in model.hosts())
+    model.add_adapter("c", gf.LoraConfig(r=3, target_modules=["q_proj"], init_lora_weights=False))
+    assert model._routing.slot_of["c"] == 2  # the freed slot is reused
+    with torch.no_grad():
+        mixed = model(x, adapter_names=["c", "default"])
+    model.set_active("c")
+    torch.testing.assert_close(mixed[0], model(x)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_mixed_batch_sees_parameter_updates():
+    """The stacked factors are a cache: training between mixed forwards must not serve stale weights."""
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.add_adapter("b", gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        first = model(x, adapter_names=["default", "b"])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(x).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        second = model(x, adapter_names=["default", "b"])
+        assert not torch.allclose(first[0], second[0])
+        torch.testing.assert_close(second[0], model(x)[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(second[1], first[1])
+
+
+def test_mixed_batch_errors():
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"]))
+    x = torch.randn(3, 8)
+    with pytest.raises(gf.GraftingError, match="3 rows"):
+        model(x, adapter_names=["default", None])
+    with pytest.raises(gf.GraftingError, match="unknown adapter"):
+        model(x, adapter_names=["default", None, "nope"])
+    model.merge()
+    with pytest.raises(gf.GraftingError, match="merged"):
+        model(x, adapter_names=["default", None, None])
+    with pytest.raises(gf.GraftingError, match="merged"), model.disabled():
+        model(x)
+
+
+def test_modules_to_save_trains_a_copy_per_adapter():
+    base = Net()
+    reference = copy.deepcopy(base)
+    model = gf.adapt(base, gf.LoraConfig(target_modules=["q_proj"], modules_to_save=["classifier"]))
+    saved = dict(model.saved_modules())["classifier"]
+    assert saved.copies["default"].weight.requires_grad
+    assert not saved.original_module.weight.requires_grad
+    with torch.no_grad():
+        saved.copies["default"].bias.add_(1.0)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(model(x), reference(x) + 1.0)
+    with model.disabled():
+        torch.testing.assert_close(model(x), reference(x))
+    mixed = model(x, adapter_names=[None, "default"])
+    torch.testing.assert_close(mixed, torch.stack([reference(x)[0], reference(x)[1] + 1.0]))
+    plain = model.merge_and_unload()
+    torch.testing.assert_close(plain(x), reference(x) + 1.0)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_modes_make_biases_trainable(bias):
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"], bias=bias))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    targeted = {f"base_model.layers.{i}.q_proj.base_layer.bias" for i in range(2)}
+    if bias == "lora_only":
+        assert trainable == targeted
+    else:
+        assert targeted < trainable and "base_model.classifier.bias" in trainable
+
+
+def test_inference_adapter_stays_frozen(tmp_path):
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"]))
+    model.save_adapter(tmp_path / "a")
+    loaded = gf.load(Net(), tmp_path / "a")
+    assert loaded.trainable_summary()["trainable"] == 0
+    loaded.set_active("default")
+    assert loaded.trainable_summary()["trainable"] == 0
+    trainable = gf.load(Net(), tmp_path / "a", is_trainable=True)
+    assert trainable.trainable_summary()["trainable"] > 0
+
+
+def test_functional_call_with_substituted_parameters_and_double_backward():
+    """Bi-level recipes run the model with substituted adapter weights and differentiate twice."""
+    model = gf.adapt(make_toy("linear"), gf.LoraConfig(r=2, target_modules=["target"], use_dora=True))
+    randomize(model)
+    x = make_toy("linear").make_input()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loss = torch.func.functional_call(model, params, (x,)).pow(2).sum()
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    fast = {n: p - 0.1 * g for (n, p), g in zip(params.items(), grads)}
+    outer = torch.func.functional_call(model, fast, (x,)).pow(2).sum()
+    mag = params["base_model.target.adapters.default.lora_magnitude"]
+    (hyper,) = torch.autograd.grad(outer, [mag])
+    assert torch.isfinite(hyper).all() and hyper.abs().sum() > 0
+
+
+def test_hf_kwargs_and_generate_with_mixed_rows():
+    base = tiny_gpt2()
+    model = gf.adapt(base, gf.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False))
+    model.add_adapter("b", gf.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    randomize(model, scale=1.0)
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    assert out.loss is not None and model.config.n_layer == 2
+    names = ["default", "b", None]
+    mixed = model.generate(ids, max_new_tokens=6, do_sample=False, adapter_names=names, pad_token_id=0)
+    for i, name in enumerate(names):
+        if name is None:
+            with model.disabled():
+                single = model.generate(ids[i:i + 1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        else:
+            model.set_active(name)
+            single = model.generate(ids[i:i + 1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(mixed[i], single[0])
+    assert not torch.equal(mixed[0], mixed[2])
+
+
+def test_dropout_only_in_training():
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"], lora_dropout=0.5, init_lora_weights=False))
+    x = torch.randn(4, 8)
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
