@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .. import __version__
@@ -45,6 +46,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from ..train.trainer import format_summary, run
+
+    result = run(args.recipe, resume=args.resume, overrides=args.overrides)
+    if os.environ.get("RANK", "0") == "0":
+        print(format_summary(result, result.best["metric"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description="grafting: adapt pretrained models cheaply.")
     parser.add_argument("--version", action="version", version=f"graft {__version__}")
@@ -54,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("train", help="train an adapter from a YAML recipe",
+                       description="Train an adapter from a YAML recipe. Runs under torchrun for several processes.")
+    p.add_argument("recipe", help="recipe YAML (see examples/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields, e.g. train.max_steps=20")
+    p.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoint if it exists")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -156,6 +156,12 @@ def load_adapter(model, path, name: str) -> None:
         raise
 
 
+def fill_adapter(model, path, name: str) -> None:
+    """Overwrite the weights of existing adapter ``name`` with those saved at ``path`` (same config)."""
+    path = Path(path)
+    _fill(model, name, model.peft_config[name], read_tensors(path), path / WEIGHTS_NAME)
+
+
 def _fill(model, name: str, config: LoraConfig, tensors: dict, f: Path) -> None:
     slots = _slots(model, name)
     missing = sorted(set(slots) - set(tensors))

@@ -1,0 +1,179 @@
+"""Training recipes: one YAML file says model, adapter, data, optimiser, schedule, evaluation and output.
+
+Validated with pydantic at the edge: unknown keys are errors with a did-you-mean, values are type-checked, and
+``key=value`` overrides (dotted paths, YAML-typed values) are applied before validation.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..config import LoraConfig
+from ..errors import GraftingError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSpec(_Strict):
+    path: str = Field(description="local model directory, or packaged:all-minilm-l6-v2 / packaged:smollm2-135m-instruct")
+    task: Literal["seq_cls", "causal_lm"] = "seq_cls"
+    num_labels: Optional[int] = Field(None, ge=2, description="seq_cls: inferred from the data when omitted")
+    gradient_checkpointing: bool = False
+
+
+class DataSpec(_Strict):
+    source: str = Field("files", description="files, or packaged:tweets / packaged:chatterbot / packaged:wordnet-nouns")
+    train: Optional[str] = None
+    validation: Optional[str] = None
+    text_field: str = "text"
+    label_field: str = "label"
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    labels: Optional[list[str]] = None
+    max_length: int = Field(128, ge=8)
+    max_train_samples: Optional[int] = Field(None, ge=1)
+    max_eval_samples: Optional[int] = Field(None, ge=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    too_long: Literal["truncate", "skip", "error"] = "truncate"
+    bad_rows: Literal["error", "skip"] = "error"
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
+
+    @model_validator(mode="after")
+    def _files_need_train(self):
+        if self.source == "files" and not self.train:
+            raise ValueError("data.train is required when data.source is 'files'")
+        return self
+
+
+class OptimSpec(_Strict):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    head_lr: Optional[float] = Field(None, gt=0, description="learning rate for modules_to_save (default: lr)")
+
+
+class ScheduleSpec(_Strict):
+    name: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class TrainSpec(_Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    eval_every: Optional[int] = Field(None, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    save_every: Optional[int] = Field(None, ge=1)
+    log_every: int = Field(10, ge=1)
+    metric: Literal["accuracy", "f1", "loss", "perplexity"] = "accuracy"
+    early_stopping_patience: Optional[int] = Field(None, ge=1)
+    seed: int = 0
+    bf16: bool = False
+    progress: bool = True
+
+
+class Recipe(_Strict):
+    model: ModelSpec
+    adapter: dict[str, Any]
+    data: DataSpec
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    output_dir: str = "runs/grafting"
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_is_a_lora_config(cls, v):
+        try:
+            LoraConfig.from_peft_dict({**v, "peft_type": "LORA"}, where="adapter")
+        except GraftingError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self):
+        if self.model.task == "causal_lm" and self.train.metric in ("accuracy", "f1"):
+            self.train.metric = "perplexity"
+        return self
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig.from_peft_dict({**self.adapter, "peft_type": "LORA"}, where="adapter")
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _explain(e: ValidationError, where: str) -> GraftingError:
+    lines = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _known_keys(Recipe, loc), n=1)
+            hint = f" (did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?)" if close else ""
+            lines.append(f"unknown key '{dotted}'{hint}")
+        else:
+            lines.append(f"'{dotted}': {err['msg']}")
+    return GraftingError(f"{where}: invalid recipe:\n  " + "\n  ".join(lines))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``train.batch_size=8`` style overrides; values are parsed as YAML (numbers, lists, booleans)."""
+    for item in overrides:
+        if "=" not in item:
+            raise GraftingError(f"override '{item}' must look like key=value (e.g. train.max_steps=10)")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise GraftingError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_recipe(source: Union[str, Path, dict, Recipe], overrides: Optional[list[str]] = None) -> Recipe:
+    if isinstance(source, Recipe):
+        if not overrides:
+            return source
+        source = source.model_dump()
+    where = "recipe"
+    if isinstance(source, (str, Path)):
+        where = str(source)
+        try:
+            raw = yaml.safe_load(Path(source).read_text())
+        except FileNotFoundError:
+            raise GraftingError(f"{source}: recipe file not found") from None
+        except yaml.YAMLError as e:
+            raise GraftingError(f"{source}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise GraftingError(f"{source}: a recipe is a YAML mapping with model, adapter, data, ... sections")
+    else:
+        raw = dict(source)
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise _explain(e, where) from None
