@@ -253,3 +253,34 @@ def test_dropout_only_in_training():
     assert not torch.allclose(model(x), model(x))
     model.eval()
     torch.testing.assert_close(model(x), model(x))
+
+
+def test_inference_mode_then_training_and_deleting():
+    """Caches filled under inference_mode (DoRA norms, mixed-batch stacks) must not leak into autograd or
+    block in-place updates afterwards."""
+    model = gf.adapt(Net(), gf.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
+    model.add_adapter("b", gf.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        model(x)
+        model(x, adapter_names=["default", "b"])
+    model(x).sum().backward()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt.step()
+    with torch.no_grad():
+        mixed = model(x, adapter_names=["default", "b"])
+        torch.testing.assert_close(mixed[0], model(x)[0], atol=1e-5, rtol=1e-4)
+    model.delete_adapter("b")
+    assert model.adapter_names() == ["default"]
+
+
+def test_mixed_batch_views_and_gathers_agree():
+    """Rows in slot order read stacked factors as views; any other order gathers: same answers."""
+    model = gf.adapt(Net(), gf.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "a")
+    for name in ("b", "c"):
+        model.add_adapter(name, gf.LoraConfig(r=3, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        in_order = model(x, adapter_names=["a", "b", "c"])
+        shuffled = model(x[[2, 0, 1]], adapter_names=["c", "a", "b"])
+    torch.testing.assert_close(shuffled, in_order[[2, 0, 1]], atol=1e-6, rtol=1e-5)

@@ -30,6 +30,7 @@ class RowRouting:
     names: list  # adapter name (or None) per row
     slots: torch.Tensor  # (rows,) int64, model-wide slot per row, 0 = base
     groups: dict = field(default_factory=dict)  # name -> LongTensor of row indices
+    gathered: dict = field(default_factory=dict)  # id(host) -> (stack version, A, B, g) for this routing
 
     @classmethod
     def build(cls, names: list, slot_of: dict, device: torch.device) -> "RowRouting":
@@ -49,54 +50,68 @@ class LowRankStack:
     def __init__(self, fan_in: int, out: int, dtype: torch.dtype, device: torch.device):
         self.fan_in, self.out, self.dtype, self.device = fan_in, out, dtype, device
         self.capacity, self.rank = 0, 0
-        self.A_t = torch.zeros(0, fan_in, 0, dtype=dtype, device=device)  # (slots, fan_in, r_pad)
-        self.B_t = torch.zeros(0, 0, out, dtype=dtype, device=device)  # (slots, r_pad, out), scale folded in
-        self.g = torch.ones(0, out, dtype=dtype, device=device)  # per-slot output factor
+        self.version = 0  # bumped whenever a slot changes; keys the per-routing gathered factors
+        with torch.inference_mode(False):
+            self.A_t = torch.zeros(0, fan_in, 0, dtype=dtype, device=device)  # (slots, fan_in, r_pad)
+            self.B_t = torch.zeros(0, 0, out, dtype=dtype, device=device)  # (slots, r_pad, out), scale folded in
+            self.g = torch.ones(0, out, dtype=dtype, device=device)  # per-slot output factor
         self.keys: dict = {}  # adapter name -> (slot, version key)
 
     def _grow(self, capacity: int, rank: int) -> None:
-        capacity = max(capacity, self.capacity)
-        rank = max(rank, self.rank)
-        if capacity == self.capacity and rank == self.rank:
+        if capacity <= self.capacity and rank <= self.rank:
             return
-        A_t = torch.zeros(capacity, self.fan_in, rank, dtype=self.dtype, device=self.device)
-        B_t = torch.zeros(capacity, rank, self.out, dtype=self.dtype, device=self.device)
-        g = torch.ones(capacity, self.out, dtype=self.dtype, device=self.device)
-        A_t[: self.capacity, :, : self.rank] = self.A_t
-        B_t[: self.capacity, : self.rank] = self.B_t
-        g[: self.capacity] = self.g
+        capacity = max(capacity, 2 * self.capacity if capacity > self.capacity else self.capacity)
+        rank = max(rank, self.rank)
+        # plain tensors even when the first mixed batch runs under inference_mode: slots are updated in place later
+        with torch.inference_mode(False):
+            A_t = torch.zeros(capacity, self.fan_in, rank, dtype=self.dtype, device=self.device)
+            B_t = torch.zeros(capacity, rank, self.out, dtype=self.dtype, device=self.device)
+            g = torch.ones(capacity, self.out, dtype=self.dtype, device=self.device)
+            A_t[: self.capacity, :, : self.rank] = self.A_t
+            B_t[: self.capacity, : self.rank] = self.B_t
+            g[: self.capacity] = self.g
         self.A_t, self.B_t, self.g = A_t, B_t, g
         self.capacity, self.rank = capacity, rank
+        self.version += 1
 
+    @torch.no_grad()
     def free(self, name: str) -> None:
         entry = self.keys.pop(name, None)
         if entry is not None:
             slot = entry[0]
-            self.A_t[slot].zero_()
-            self.B_t[slot].zero_()
-            self.g[slot].fill_(1.0)
+            with torch.inference_mode(False):
+                self.A_t[slot].zero_()
+                self.B_t[slot].zero_()
+                self.g[slot].fill_(1.0)
+            self.version += 1
 
     @torch.no_grad()
     def sync(self, host, names, slot_of: dict) -> bool:
         """Make the slots of ``names`` current. Returns whether any of them rescales the output."""
-        rescales = False
+        rescales, stale = False, []
         for name in names:
             adapter, method = host.adapters[name], host.methods[name]
-            slot = slot_of[name]
             rescales |= method.rescales_output
-            key = (slot, _param_versions(adapter), _param_versions(host.base_layer) if method.rescales_output else ())
-            if self.keys.get(name) == key:
-                continue
-            A, B, scale = method.low_rank(adapter)
-            r = A.shape[0]
-            self._grow(max(slot + 1, self.capacity), _padded(r))
-            self.A_t[slot].zero_()
-            self.B_t[slot].zero_()
-            self.A_t[slot, :, :r] = A.t().to(self.dtype)
-            self.B_t[slot, :r] = (B.t() * scale).to(self.dtype)
-            g = method.output_scale(adapter, host)
-            self.g[slot] = 1.0 if g is None else g.to(self.dtype)
-            self.keys[name] = key
+            key = (slot_of[name], _param_versions(adapter),
+                   _param_versions(host.base_layer) if method.rescales_output else ())
+            if self.keys.get(name) != key:
+                stale.append((name, key))
+        if not stale:
+            return rescales
+        factors = {name: host.methods[name].low_rank(host.adapters[name]) for name, _ in stale}
+        self._grow(max(slot_of.values()) + 1, max(_padded(f[0].shape[0]) for f in factors.values()))
+        with torch.inference_mode(False):
+            for name, key in stale:
+                A, B, scale = factors[name]
+                slot, r = key[0], A.shape[0]
+                self.A_t[slot].zero_()
+                self.B_t[slot].zero_()
+                self.A_t[slot, :, :r] = A.t().to(self.dtype)
+                self.B_t[slot, :r] = (B.t() * scale).to(self.dtype)
+                g = host.methods[name].output_scale(host.adapters[name], host)
+                self.g[slot] = 1.0 if g is None else g.to(self.dtype)
+                self.keys[name] = key
+        self.version += 1
         return rescales
 
 
@@ -105,7 +120,12 @@ def _padded(r: int) -> int:
 
 
 def _param_versions(module) -> tuple:
-    return tuple((id(p), p._version) for p in module.parameters())
+    out, todo = [], [module]
+    while todo:  # a manual walk: named_parameters() is slow enough to show on every layer of every forward
+        m = todo.pop()
+        out.extend((id(p), p._version) for p in m._parameters.values() if p is not None)
+        todo.extend(c for c in m._modules.values() if c is not None)
+    return tuple(out)
 
 
 def _needs_grad(host, names) -> bool:
@@ -131,9 +151,9 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
     present = [name for name in rows.groups if name in host.adapters]
     if not present:
         return base_out
-    low_rank = all(host.methods[name].low_rank(host.adapters[name]) is not None for name in present)
+    low_rank = all(host.methods[name].low_rank_form for name in present)
     if host.kind.gathered and low_rank and not _needs_grad(host, present) and not _dropout_active(host, present):
-        return base_out + _gathered_delta(host, x, base_out, rows, present)
+        return _gathered(host, x, base_out, rows, present)
     # grouped: differentiable, and the path for kinds without a gathered kernel
     delta = torch.zeros_like(base_out)
     for name in present:
@@ -143,30 +163,39 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
     return base_out + delta
 
 
-def _gathered_delta(host, x, base_out, rows: RowRouting, present) -> torch.Tensor:
-    routing = host._routing
+def _gathered(host, x, base_out, rows: RowRouting, present) -> torch.Tensor:
     if host._stack is None:
         w = host.adapters[present[0]].lora_A
         host._stack = LowRankStack(host.in_features, host.out_features, w.dtype, w.device)
     stack = host._stack
-    # rows whose adapter does not touch this layer must read a zero slot
-    slots = rows.slots
-    absent = [name for name in rows.groups if name not in host.adapters]
-    if absent:
-        slots = slots.clone()
-        for name in absent:
-            slots[rows.groups[name]] = 0
-    rescales = stack.sync(host, present, routing.slot_of)
+    rescales = stack.sync(host, present, host._routing.slot_of)
+    # one routing serves every decode step of a generate() call: gather each layer's factors once per routing
+    cached = rows.gathered.get(id(host))
+    if cached is None or cached[0] != stack.version:
+        slots = rows.slots
+        absent = [name for name in rows.groups if name not in host.adapters]
+        if absent:  # rows whose adapter does not touch this layer read the zero slot
+            slots = slots.clone()
+            for name in absent:
+                slots[rows.groups[name]] = 0
+        first = int(slots[0])
+        if first > 0 and torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device)):
+            picked = slice(first, first + len(slots))  # rows in slot order: views, no copy
+            A, B, g = stack.A_t[picked], stack.B_t[picked], stack.g[picked]
+        else:
+            A, B, g = stack.A_t.index_select(0, slots), stack.B_t.index_select(0, slots), stack.g.index_select(0, slots)
+        cached = (stack.version, A, B, g)
+        rows.gathered[id(host)] = cached
+    _, A, B, g = cached
     n = x.shape[0]
-    x3 = x.reshape(n, -1, x.shape[-1]).to(stack.dtype)
-    low = torch.bmm(torch.bmm(x3, stack.A_t.index_select(0, slots)), stack.B_t.index_select(0, slots))
-    low = low.view(base_out.shape)
+    low = torch.bmm(torch.bmm(x.reshape(n, -1, x.shape[-1]).to(stack.dtype), A), B).view(base_out.shape)
     if not rescales:
-        return low.to(base_out.dtype)
-    g = stack.g.index_select(0, slots).view(n, *([1] * (base_out.dim() - 2)), -1)
+        return base_out + low.to(base_out.dtype)
+    # out = g (W x + low) + b  =  g (base_out + low) + (1 - g) b
+    g = g.view(n, *([1] * (base_out.dim() - 2)), -1).to(base_out.dtype)
+    out = (base_out + low.to(base_out.dtype)) * g
     bias = host.kind.bias(host.base_layer)
-    plain = base_out if bias is None else base_out - bias
-    return ((g - 1) * plain + g * low).to(base_out.dtype)
+    return out if bias is None else out + (1 - g) * bias
 
 
 @dataclass

@@ -197,10 +197,10 @@ class HostLayer(nn.Module):
     def remove(self, name: str) -> None:
         if name in self.merged:
             raise GraftingError(f"adapter '{name}' is merged; unmerge it before deleting it")
-        del self.adapters[name]
-        del self.methods[name]
         if self._stack is not None:
             self._stack.free(name)
+        del self.adapters[name]
+        del self.methods[name]
 
     # ---- merging ----------------------------------------------------------------------------------------------
     def merge(self, name: str) -> None:
@@ -235,7 +235,7 @@ class HostLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         for name in routing.active:
             if name in self.adapters and name not in self.merged:
-                out = out + self.methods[name].delta(self.adapters[name], self, x, out)
+                out = self.methods[name].add_delta(self.adapters[name], self, x, out)
         return out
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ from torch import nn
 from .batching import RowRouting, Routing
 from .config import LoraConfig
 from .errors import GraftingError
-from .inject import ModulesToSave, find_modules_to_save, find_targets, host_for, replace_module
+from .inject import ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates, replace_module
 from .layers import HostLayer
 from .registry import get_method
 
@@ -77,12 +77,12 @@ class AdaptedModel(nn.Module):
 
     def hosts(self) -> Iterator[tuple[str, HostLayer]]:
         """(module name relative to the base model, host layer) for every adapted layer."""
-        for name, module in self.base_model.named_modules():
+        for name, module in iter_candidates(self.base_model):  # does not descend into host layers
             if isinstance(module, HostLayer):
                 yield name, module
 
     def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
-        for name, module in self.base_model.named_modules():
+        for name, module in iter_candidates(self.base_model):
             if isinstance(module, ModulesToSave):
                 yield name, module
 
@@ -123,8 +123,13 @@ class AdaptedModel(nn.Module):
         self._routing.assign_slot(name)
         if not self._routing.active:
             self.set_active(name)
-        else:
-            self._set_trainable()
+        else:  # a new adapter starts inactive, so frozen; no need to revisit every other adapter
+            for _, host in self.hosts():
+                if name in host.adapters:
+                    host.adapters[name].requires_grad_(False)
+            for _, saved in self.saved_modules():
+                if name in saved.copies:
+                    saved.copies[name].requires_grad_(False)
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)
@@ -238,7 +243,8 @@ class AdaptedModel(nn.Module):
         except Exception:
             self._frozen.discard(name)
             raise
-        self._set_trainable()
+        if name in self._routing.active:
+            self._set_trainable()
 
 
 def adapt(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> AdaptedModel:

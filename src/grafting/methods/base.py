@@ -19,6 +19,8 @@ class Method:
     mergeable: bool = True
     #: rescales the whole output per feature (DoRA-like); mixed batches then need ``output_scale``
     rescales_output: bool = False
+    #: ``low_rank`` returns factors (ΔW = scale·B·A): mixed batches use the gathered kernel
+    low_rank_form: bool = False
 
     def make_config(self, **fields):
         """A config that builds this method (what ``LoraConfig(...).method`` resolves back to this name)."""
@@ -32,6 +34,10 @@ class Method:
     def delta(self, adapter: nn.Module, host: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """What the adapter adds to the host's current output ``base_out`` for input ``x``."""
         raise NotImplementedError
+
+    def add_delta(self, adapter: nn.Module, host: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out + delta(...)``; methods may fuse the two (one pass over the output instead of three)."""
+        return out + self.delta(adapter, host, x, out)
 
     def delta_weight(self, adapter: nn.Module, host: nn.Module) -> torch.Tensor:
         """Dense ΔW in the base weight's layout: merged weight minus base weight."""

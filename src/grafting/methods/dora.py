@@ -18,12 +18,13 @@ from torch import nn
 
 from ..registry import register
 from .base import Method
-from .lora import create_lora, lowrank_out, lowrank_weight_out_in, peft_lora_keys
+from .lora import add_lowrank, create_lora, lowrank_out, lowrank_weight_out_in, peft_lora_keys
 
 
 def _version_key(*tensors: torch.Tensor):
+    # inference-mode results must not be reused where autograd may save them, hence the mode in the key
     try:
-        return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+        return (torch.is_inference_mode_enabled(),) + tuple((id(t), t.data_ptr(), t._version) for t in tensors)
     except (RuntimeError, AttributeError):  # functorch-wrapped tensors have no storage/version
         return None
 
@@ -65,6 +66,7 @@ def weight_norm(adapter: nn.Module, host) -> torch.Tensor:
 @register("dora")
 class Dora(Method):
     rescales_output = True
+    low_rank_form = True
 
     def make_config(self, **fields):
         return super().make_config(**{**fields, "use_dora": True})
@@ -89,6 +91,17 @@ class Dora(Method):
             bias = host.kind.bias(host.base_layer)
             plain = base_out if bias is None else base_out - host.kind.out_view(bias, base_out)
         return ((g - 1) * plain + g * low).to(base_out.dtype)
+
+    def add_delta(self, adapter, host, x, out):
+        if adapter.training and not isinstance(adapter.lora_dropout, nn.Identity):
+            return out + self.delta(adapter, host, x, out)
+        # out = g (W x + s B A x) + b = g (base_out + s B A x) + (1 - g) b: two passes over the output
+        g = host.kind.out_view(self.output_scale(adapter, host), out).to(out.dtype)
+        bias = host.kind.bias(host.base_layer)
+        y = add_lowrank(adapter, host, x, out)
+        if bias is None:
+            return y * g
+        return torch.addcmul(host.kind.out_view((1 - g.reshape(-1)) * bias, out), y, g)
 
     def delta_weight(self, adapter, host):
         w = host.dense_weight()

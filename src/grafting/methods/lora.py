@@ -74,6 +74,15 @@ def lowrank_out(adapter: LoraAdapter, host, x: torch.Tensor) -> torch.Tensor:
     return host.kind.lowrank(host.base_layer, x, adapter.lora_A, adapter.lora_B) * adapter.scaling
 
 
+def add_lowrank(adapter: LoraAdapter, host, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out + scale·B A x. For linear kinds one addmm pass over the output instead of scale, cast and add."""
+    if not (host.kind.gathered and x.is_floating_point() and x.dtype == out.dtype == adapter.lora_A.dtype
+            and isinstance(adapter.lora_dropout, nn.Identity)):
+        return out + lowrank_out(adapter, host, x).to(out.dtype)
+    xa = x.reshape(-1, x.shape[-1]) @ adapter.lora_A.t()
+    return torch.addmm(out.reshape(-1, out.shape[-1]), xa, adapter.lora_B.t(), alpha=adapter.scaling).view(out.shape)
+
+
 def lowrank_weight_out_in(adapter: LoraAdapter) -> torch.Tensor:
     """scale·B·A in the (out, fan_in) view."""
     A = adapter.lora_A.reshape(adapter.lora_A.shape[0], -1)
@@ -89,11 +98,16 @@ def peft_lora_keys(host) -> dict[str, str]:
 
 @register("lora")
 class Lora(Method):
+    low_rank_form = True
+
     def create(self, host, cfg, r, alpha):
         return create_lora(host, cfg, r, alpha)
 
     def delta(self, adapter, host, x, base_out):
         return lowrank_out(adapter, host, x).to(base_out.dtype)
+
+    def add_delta(self, adapter, host, x, out):
+        return add_lowrank(adapter, host, x, out)
 
     def delta_weight(self, adapter, host):
         w = host.dense_weight()
