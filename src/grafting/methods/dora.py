@@ -18,7 +18,7 @@ from torch import nn
 
 from ..registry import register
 from .base import Method
-from .lora import add_lowrank, create_lora, lowrank_out, lowrank_weight_out_in, peft_lora_keys
+from .lora import add_lowrank, create_lora, lora_factors, lowrank_out, lowrank_weight_out_in, peft_lora_keys
 
 
 def _version_key(*tensors: torch.Tensor):
@@ -121,9 +121,7 @@ class Dora(Method):
         return host.kind.from_out_in(original, w)
 
     def low_rank(self, adapter):
-        A = adapter.lora_A.reshape(adapter.lora_A.shape[0], -1)
-        B = adapter.lora_B.reshape(adapter.lora_B.shape[0], -1)
-        return A, B, adapter.scaling
+        return lora_factors(adapter)
 
     def param_groups(self, adapter):
         return {"weights": ["lora_A", "lora_B"], "architecture": ["lora_magnitude"]}

@@ -85,9 +85,15 @@ def add_lowrank(adapter: LoraAdapter, host, x: torch.Tensor, out: torch.Tensor) 
 
 def lowrank_weight_out_in(adapter: LoraAdapter) -> torch.Tensor:
     """scale·B·A in the (out, fan_in) view."""
+    A, B, scale = lora_factors(adapter)
+    return (B @ A) * scale
+
+
+def lora_factors(adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, scale) in the (out, fan_in) view: ΔW = scale·B·A."""
     A = adapter.lora_A.reshape(adapter.lora_A.shape[0], -1)
     B = adapter.lora_B.reshape(adapter.lora_B.shape[0], -1)
-    return (B @ A) * adapter.scaling
+    return A, B, adapter.scaling
 
 
 def peft_lora_keys(host) -> dict[str, str]:
@@ -114,9 +120,7 @@ class Lora(Method):
         return host.kind.from_out_in(lowrank_weight_out_in(adapter), w).to(w.dtype)
 
     def low_rank(self, adapter):
-        A = adapter.lora_A.reshape(adapter.lora_A.shape[0], -1)
-        B = adapter.lora_B.reshape(adapter.lora_B.shape[0], -1)
-        return A, B, adapter.scaling
+        return lora_factors(adapter)
 
     def peft_keys(self, host):
         return peft_lora_keys(host)
