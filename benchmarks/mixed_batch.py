@@ -245,7 +245,10 @@ def main() -> None:
 
     header("grafting vs peft: mixed-adapter batches, DoRA, adapter loading",
            f"grafting {gf.__version__}  mode {'quick' if args.quick else 'full'}")
-    base = GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=768, n_head=12)).eval()
+    # frozen like the base inside both adapted models: torch's matmul folds (rows, 1, dim) @ W into one mm only
+    # when W needs a gradient, so an unfrozen bare base would run the last-position output layer 3x faster than
+    # either library's (frozen) copy of the same layer and charge that to the adapters
+    base = GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=768, n_head=12)).eval().requires_grad_(False)
     print("# model: GPT-2 architecture, 6 layers, width 768, 12 heads, random weights, fp32, eval, inference_mode;"
           f" LoRA r=16 alpha=32 on {TARGETS}")
     out = {"quick": args.quick, "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -49,9 +49,15 @@ class LayerKind:
         """B(A(x)) in the layer's output layout (no scaling)."""
         return F.linear(F.linear(x, A), B)
 
-    def apply_weight(self, base: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The base transform with weight ``w`` and no bias."""
-        return F.linear(x, w)
+    def apply_weight(self, base: nn.Module, x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+        """The base transform with weight ``w`` (in the base layout) and ``bias`` (None: no bias)."""
+        return F.linear(x, w, bias)
+
+    def add_lowrank_weight(self, w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        """A new tensor w + scale·B·A in the base layout, from factors in the (out, fan_in) view."""
+        if w.dtype != A.dtype:
+            return w + self.from_out_in((B @ A) * scale, w).to(w.dtype)
+        return self.from_out_in(torch.addmm(self.to_out_in(w), B, A, alpha=scale), w)
 
     def out_view(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """A per-output-feature vector shaped to broadcast against an output tensor."""
@@ -91,8 +97,14 @@ class Conv1DKind(LayerKind):
     def from_out_in(self, m, like):
         return m.t()
 
-    def apply_weight(self, base, x, w):
-        return x @ w
+    def apply_weight(self, base, x, w, bias=None):
+        return x @ w if bias is None else torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
+
+    def add_lowrank_weight(self, w, A, B, scale):
+        # in the stored (in, out) layout: reading w transposed would make this twice as slow
+        if w.dtype != A.dtype:
+            return super().add_lowrank_weight(w, A, B, scale)
+        return torch.addmm(w, A.t(), B.t(), alpha=scale)
 
 
 class Conv2dKind(LayerKind):
@@ -113,8 +125,8 @@ class Conv2dKind(LayerKind):
     def lowrank(self, base, x, A, B):
         return F.conv2d(F.conv2d(x, A, stride=base.stride, padding=base.padding), B)
 
-    def apply_weight(self, base, x, w):
-        return F.conv2d(x, w, None, base.stride, base.padding, base.dilation, base.groups)
+    def apply_weight(self, base, x, w, bias=None):
+        return F.conv2d(x, w, bias, base.stride, base.padding, base.dilation, base.groups)
 
     def out_view(self, v, out):
         return v.view(1, -1, *([1] * (out.dim() - 2)))
@@ -144,7 +156,7 @@ class EmbeddingKind(LayerKind):
     def lowrank(self, base, x, A, B):
         return self._embed(base, x, A.t()) @ B.t()
 
-    def apply_weight(self, base, x, w):
+    def apply_weight(self, base, x, w, bias=None):
         return self._embed(base, x, w)
 
     def bias(self, base):
@@ -232,11 +244,36 @@ class HostLayer(nn.Module):
                 raise GraftingError(f"adapters {sorted(self.merged)} are merged into the base weights; "
                                     "call unmerge() before disabling adapters")
             return self.base_layer(x, *args, **kwargs)
+        active = [n for n in routing.active if n in self.adapters and n not in self.merged]
+        if len(active) == 1 and not args and not kwargs and self._fold_pays(active[0], x):
+            weight, _ = self.methods[active[0]].merge(self.adapters[active[0]], self)
+            return self.kind.apply_weight(self.base_layer, x, weight, self.kind.bias(self.base_layer))
         out = self.base_layer(x, *args, **kwargs)
-        for name in routing.active:
-            if name in self.adapters and name not in self.merged:
-                out = self.methods[name].add_delta(self.adapters[name], self, x, out)
+        for name in active:
+            out = self.methods[name].add_delta(self.adapters[name], self, x, out)
         return out
+
+    def _fold_pays(self, name: str, x: torch.Tensor) -> bool:
+        """Whether to run this input through W + ΔW, folded for this call only, instead of W plus the adapter.
+
+        Folding s·B·A into a temporary weight costs in·out·r multiply-adds; the adapter's two thin matmuls cost
+        tokens·(in + out)·r and run far below the GEMM's speed. Past in·out / (in + out) tokens (prefill,
+        evaluation) one GEMM with the folded weight is cheaper. Only without gradients: backward through a
+        folded weight would compute a full in x out weight gradient. Nothing is stored.
+        """
+        method, adapter = self.methods[name], self.adapters[name]
+        if not (self.kind.gathered and method.mergeable and method.low_rank_form and x.is_floating_point()
+                and method.deterministic(adapter)):
+            return False
+        params = list(adapter.parameters())
+        base_weight = getattr(self.base_layer, "weight", None)
+        if not params or x.dtype != params[0].dtype:
+            return False
+        if torch.is_grad_enabled() and (any(p.requires_grad for p in params)
+                                        or (base_weight is not None and base_weight.requires_grad)):
+            return False
+        fan_in, out = self.kind.in_out(self.base_layer)
+        return (x.numel() // fan_in) * (fan_in + out) >= fan_in * out
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, adapters={list(self.adapters)}, merged={list(self.merged)}"

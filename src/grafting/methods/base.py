@@ -39,6 +39,11 @@ class Method:
         """``out + delta(...)``; methods may fuse the two (one pass over the output instead of three)."""
         return out + self.delta(adapter, host, x, out)
 
+    def deterministic(self, adapter: nn.Module) -> bool:
+        """The adapter's forward is a fixed function of its input right now (no active dropout or noise), so a
+        forward through the merged weight equals the unmerged one. Host layers then may fold ΔW per call."""
+        return False
+
     def delta_weight(self, adapter: nn.Module, host: nn.Module) -> torch.Tensor:
         """Dense ΔW in the base weight's layout: merged weight minus base weight."""
         raise NotImplementedError

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..registry import register
 from .base import Method
-from .lora import add_lowrank, create_lora, lora_factors, lowrank_out, lowrank_weight_out_in, peft_lora_keys
+from .lora import (add_lowrank, create_lora, lora_deterministic, lora_factors, lowrank_out, lowrank_weight_out_in,
+                   merged_lowrank_weight, peft_lora_keys)
 
 
 def _version_key(*tensors: torch.Tensor):
@@ -111,9 +112,12 @@ class Dora(Method):
 
     def merge(self, adapter, host):
         g = self.output_scale(adapter, host).detach()
-        w = host.dense_weight()
-        merged = g[:, None] * (host.kind.to_out_in(w) + lowrank_weight_out_in(adapter).detach())
-        return host.kind.from_out_in(merged, w), g
+        merged = merged_lowrank_weight(adapter, host)
+        host.kind.to_out_in(merged).mul_(g.to(merged.dtype)[:, None])
+        return merged, g
+
+    def deterministic(self, adapter):
+        return lora_deterministic(adapter)
 
     def unmerge(self, adapter, host, g):
         w = host.dense_weight()

@@ -83,6 +83,16 @@ def add_lowrank(adapter: LoraAdapter, host, x: torch.Tensor, out: torch.Tensor) 
     return torch.addmm(out.reshape(-1, out.shape[-1]), xa, adapter.lora_B.t(), alpha=adapter.scaling).view(out.shape)
 
 
+def lora_deterministic(adapter: LoraAdapter) -> bool:
+    return not adapter.training or isinstance(adapter.lora_dropout, nn.Identity)
+
+
+def merged_lowrank_weight(adapter: LoraAdapter, host) -> torch.Tensor:
+    """W + scale·B·A in the base layout, detached, as one fused pass over W."""
+    A, B, scale = lora_factors(adapter)
+    return host.kind.add_lowrank_weight(host.dense_weight().detach(), A.detach(), B.detach(), scale)
+
+
 def lowrank_weight_out_in(adapter: LoraAdapter) -> torch.Tensor:
     """scale·B·A in the (out, fan_in) view."""
     A, B, scale = lora_factors(adapter)
@@ -118,6 +128,12 @@ class Lora(Method):
     def delta_weight(self, adapter, host):
         w = host.dense_weight()
         return host.kind.from_out_in(lowrank_weight_out_in(adapter), w).to(w.dtype)
+
+    def merge(self, adapter, host):
+        return merged_lowrank_weight(adapter, host), None
+
+    def deterministic(self, adapter):
+        return lora_deterministic(adapter)
 
     def low_rank(self, adapter):
         return lora_factors(adapter)
