@@ -36,7 +36,7 @@ TARGETS = ["c_attn", "c_proj", "c_fc"]
 VOCAB = 50257
 # rounds are interleaved across cases (see _common.interleaved); the full run is sized for under 10 min on 2 idle
 # cores, and prefill, DoRA inference and training take most of it
-FULL = dict(decode_rounds=15, decode_warmup=2, prefill=(16, 128), prefill_rounds=3, train=(4, 128), train_rounds=3,
+FULL = dict(decode_rounds=40, decode_warmup=2, prefill=(16, 128), prefill_rounds=3, train=(4, 128), train_rounds=3,
             n_serve=64, n_load=100)
 QUICK = dict(decode_rounds=2, decode_warmup=1, prefill=(16, 16), prefill_rounds=1, train=(2, 16), train_rounds=1,
              n_serve=8, n_load=8)

@@ -70,12 +70,30 @@ def copy_init(g, p) -> None:
             host.adapters["default"].lora_A.copy_(p.base_model.model.get_submodule(name).lora_A["default"].weight)
 
 
-def stepper(model, ids):
+def floor_model(base):
+    """The cheapest possible adapter: none at all, yet backward still runs through every layer (one bias of the
+    first layer trains). No adapter library's step can beat this one on the same model."""
+    model = copy.deepcopy(base).train().requires_grad_(False)
+    model.transformer.h[0].attn.c_attn.bias.requires_grad_(True)
+    return model
+
+
+def trainer_loss(model, ids):
+    """The loss as `graft train` computes it: the output layer and cross-entropy chunked, no full logits."""
+    from grafting.train.lm_loss import head_is_plain
+    from grafting.train.trainer import batch_loss
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    assert head_is_plain(model, model.base_model, input_ids=ids[:1, :8])
+    return lambda: batch_loss(model, batch, "causal_lm", model.base_model)[0] / (ids.numel() - ids.shape[0])
+
+
+def stepper(model, ids, trainer=False):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
+    loss_fn = trainer_loss(model, ids) if trainer else (lambda: model(input_ids=ids, labels=ids).loss)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -108,8 +126,8 @@ def _status_kb(field: str) -> int:
 
 def child(lib: str, dora: bool, cfg: dict) -> None:
     ids = batch(cfg)
-    model = adapted(lib, base_model(cfg), dora)
-    step, _ = stepper(model, ids)
+    model = adapted("grafting" if lib == "trainer" else lib, base_model(cfg), dora)
+    step, _ = stepper(model, ids, trainer=lib == "trainer")
     step()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
@@ -138,7 +156,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small model and batch, 1 round: a smoke run under a minute")
     ap.add_argument("--rounds", type=int, help="timed rounds per case (default 6, quick 1)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's = cores; quick: 1)")
-    ap.add_argument("--child", choices=["grafting", "peft"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["grafting", "peft", "trainer"], help=argparse.SUPPRESS)
     ap.add_argument("--dora", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     cfg = dict(QUICK if a.quick else FULL)
@@ -167,6 +185,12 @@ def main() -> None:
         for lib, m in (("g", g), ("p", p)):
             models[f"{lib}_{method}"] = m
             steps[f"{lib}_{method}"], counts[f"{lib}_{method}"] = stepper(m, ids)
+        if method == "lora":  # grafting's LoRA with the loss `graft train` uses
+            t = adapted("grafting", base, False)
+            copy_init(t, p)
+            models["t_lora"] = t
+            steps["t_lora"], counts["t_lora"] = stepper(t, ids, trainer=True)
+    steps["floor"], _ = stepper(floor_model(base), ids)
     del base
     gc.collect()
 
@@ -184,6 +208,7 @@ def main() -> None:
     flags = (["--quick"] if a.quick else []) + ([f"--threads={a.threads}"] if a.threads else [])
     mem = {f"{lib[0]}_{method}": peak_memory(lib, method == "dora", flags)
            for method in (["lora"] if a.quick else ["lora", "dora"]) for lib in ("grafting", "peft")}
+    mem["t_lora"] = peak_memory("trainer", False, flags)
 
     r = {"bare_forward_ms": median(times["bare_fwd"]) * 1e3}
     for method in ("lora", "dora"):
@@ -198,6 +223,13 @@ def main() -> None:
             r[f"peft_{method}_peak_mb"] = mem[p]["peak_mb"]
             r[f"{method}_peak_mem_ratio"] = mem[g]["peak_mb"] / mem[p]["peak_mb"]
         r[f"{method}_final_loss_abs_diff"] = abs(losses[g] - losses[p])
+    r["floor_step_ms"] = median(times["floor"]) * 1e3
+    r["floor_over_peft_lora"] = ratio(times, "floor", "p_lora")
+    r["grafting_trainer_lora_step_ms"] = median(times["t_lora"]) * 1e3
+    r["trainer_lora_time_ratio"] = ratio(times, "t_lora", "p_lora")
+    r["grafting_trainer_lora_peak_mb"] = mem["t_lora"]["peak_mb"]
+    r["trainer_lora_peak_mem_ratio"] = mem["t_lora"]["peak_mb"] / mem["p_lora"]["peak_mb"]
+    r["trainer_lora_final_loss_abs_diff"] = abs(losses["t_lora"] - losses["p_lora"])
     r["grafting_dora_over_lora"] = ratio(times, "g_dora", "g_lora")
     r["peft_dora_over_lora"] = ratio(times, "p_dora", "p_lora")
     r["goal_time_met"] = r["lora_time_ratio"] <= 0.95
@@ -220,6 +252,12 @@ def main() -> None:
             x(r["peft_lora_step_over_bare_fwd"]), "peft ~2.8x per the issue"),
            ("LoRA time grafting/peft", x(r["lora_time_ratio"]), "", "goal <= 0.95"),
            mem_row("lora"),
+           ("no adapter at all (floor) / peft LoRA", x(r["floor_over_peft_lora"]), "",
+            "backward through every layer, nothing to add: no library can go below"),
+           ("LoRA step, `graft train` loss", ms(r["grafting_trainer_lora_step_ms"] / 1e3), "",
+            f"chunked output layer + CE; grafting/peft {x(r['trainer_lora_time_ratio'])}"),
+           ("  its peak memory / step", f"{r['grafting_trainer_lora_peak_mb']:,.0f} MB", "",
+            f"grafting/peft {x(r['trainer_lora_peak_mem_ratio'])}"),
            ("DoRA step", ms(r["grafting_dora_step_ms"] / 1e3), ms(r["peft_dora_step_ms"] / 1e3),
             f"trainable {counts['g_dora']:,} / {counts['p_dora']:,}"),
            ("DoRA step / bare forward", x(r["grafting_dora_step_over_bare_fwd"]),
@@ -229,6 +267,7 @@ def main() -> None:
            mem_row("dora"),
            ("eval loss after the timed steps", f"{losses['g_lora']:.5f}", f"{losses['p_lora']:.5f}",
             "LoRA; same init, data and dropout masks"),
+           ("  same, `graft train` loss", f"{losses['t_lora']:.5f}", f"{losses['p_lora']:.5f}", ""),
            ("  same, DoRA", f"{losses['g_dora']:.5f}", f"{losses['p_dora']:.5f}", "")])
     print("\nper-round seconds: " + json.dumps(rounded({k: v for k, v in times.items()}, 3)))
     print(json.dumps(rounded(r)))

@@ -261,19 +261,20 @@ class HostLayer(nn.Module):
         evaluation) one GEMM with the folded weight is cheaper. Only without gradients: backward through a
         folded weight would compute a full in x out weight gradient. Nothing is stored.
         """
+        if not (self.kind.gathered and x.is_floating_point()):
+            return False
+        fan_in, out = self.kind.in_out(self.base_layer)
+        if (x.numel() // fan_in) * (fan_in + out) < fan_in * out:  # checked first: decode steps stop here
+            return False
         method, adapter = self.methods[name], self.adapters[name]
-        if not (self.kind.gathered and method.mergeable and method.low_rank_form and x.is_floating_point()
-                and method.deterministic(adapter)):
+        if not (method.mergeable and method.low_rank_form and method.deterministic(adapter)):
             return False
         params = list(adapter.parameters())
         base_weight = getattr(self.base_layer, "weight", None)
         if not params or x.dtype != params[0].dtype:
             return False
-        if torch.is_grad_enabled() and (any(p.requires_grad for p in params)
-                                        or (base_weight is not None and base_weight.requires_grad)):
-            return False
-        fan_in, out = self.kind.in_out(self.base_layer)
-        return (x.numel() // fan_in) * (fan_in + out) >= fan_in * out
+        return not (torch.is_grad_enabled() and (any(p.requires_grad for p in params)
+                                                 or (base_weight is not None and base_weight.requires_grad)))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, adapters={list(self.adapters)}, merged={list(self.merged)}"

@@ -37,8 +37,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets):
         n, vocab = hidden.shape[0], weight.shape[0]
         rows = _rows_per_chunk(vocab)
-        need_w = weight.requires_grad
-        need_b = bias is not None and bias.requires_grad
+        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_b else None
@@ -129,10 +128,19 @@ def hidden_and_head(model: nn.Module, hf_model: nn.Module, **inputs) -> tuple[to
 
 @torch.no_grad()
 def head_is_plain(model: nn.Module, hf_model: nn.Module, **inputs) -> bool:
-    """Whether the model's logits equal ``head(hidden)`` on this input (no transform after the output layer)."""
+    """Whether the model's logits equal ``head(hidden)`` on this input (no transform after the output layer).
+
+    Runs in eval mode (dropout would make two forwards differ) and restores the training flags after.
+    """
     if output_head(hf_model) is None:
         return False
-    logits = model(**inputs).logits
-    hidden, head = hidden_and_head(model, hf_model, **inputs)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        logits = model(**inputs).logits
+        hidden, head = hidden_and_head(model, hf_model, **inputs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
     return logits.shape[:-1] == hidden.shape[:-1] and torch.allclose(
         head(hidden).float(), logits.float(), atol=1e-4, rtol=1e-4)

@@ -24,6 +24,7 @@ from ..errors import GraftingError
 from ..io.atomic import atomic_write_bytes
 from . import checkpoint
 from .data import collate, encode, load_splits
+from .lm_loss import head_is_plain, hidden_and_head, linear_cross_entropy
 from .metrics import classification_metrics, improved, lm_metrics
 from .models import load_model
 from .recipe import Recipe, load_recipe
@@ -77,9 +78,19 @@ def step_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
     return perm[pos * global_batch:(pos + 1) * global_batch].tolist()
 
 
-def batch_loss(model, batch: dict, task: str) -> tuple[torch.Tensor, int]:
-    """Summed loss over the batch (per example for classification, per target token for LM) and its count."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+def batch_loss(model, batch: dict, task: str, lm=None) -> tuple[torch.Tensor, int]:
+    """Summed loss over the batch (per example for classification, per target token for LM) and its count.
+
+    ``lm``: the Hugging Face causal LM inside ``model`` when its logits are its output layer applied to the
+    hidden states (see lm_loss.head_is_plain); the loss then never materialises the logits.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if lm is not None:
+        targets = batch["labels"][:, 1:]
+        hidden, head = hidden_and_head(model, lm, **inputs)
+        loss = linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, targets)
+        return loss, int((targets != -100).sum())
+    out = model(**inputs)
     if task == "seq_cls":
         loss = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"], reduction="sum")
         return loss, batch["labels"].numel()
@@ -97,7 +108,7 @@ def _count(rows: list[dict], task: str) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, rows: list[dict], task: str, pad_id: int, batch_size: int, autocast) -> dict:
+def evaluate(model, rows: list[dict], task: str, pad_id: int, batch_size: int, autocast, lm=None) -> dict:
     was_training = model.training
     model.eval()
     loss_sum, count, logits_all, labels_all = 0.0, 0, [], []
@@ -110,7 +121,7 @@ def evaluate(model, rows: list[dict], task: str, pad_id: int, batch_size: int, a
                 logits_all.append(logits)
                 labels_all.append(batch["labels"])
             else:
-                loss, n = batch_loss(model, batch, task)
+                loss, n = batch_loss(model, batch, task, lm)
                 loss_sum += loss.item()
                 count += n
     model.train(was_training)
@@ -153,6 +164,12 @@ def run(recipe, resume: bool = False, overrides: list[str] | None = None) -> Tra
     if recipe.model.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    lm = None  # causal LMs whose logits are head(hidden): the loss skips the full logits tensor
+    if task != "seq_cls":
+        probe = collate(train_rows[:2], pad_id, task)
+        if head_is_plain(model, model.base_model, input_ids=probe["input_ids"],
+                         attention_mask=probe["attention_mask"]):
+            lm = model.base_model
     summary = model.trainable_summary()
     head = [p for _, s in model.saved_modules() for p in s.copies[ADAPTER].parameters()] if cfg.modules_to_save or cfg.task_type else []
     head_ids = {id(p) for p in head}
@@ -179,7 +196,7 @@ def run(recipe, resume: bool = False, overrides: list[str] | None = None) -> Tra
     elif resume and main:
         print(f"graft: nothing to resume in {ckpt}; starting from step 0")
     if state["before"] is None:
-        state["before"] = evaluate(model, val_rows, task, pad_id, t.eval_batch_size, autocast)
+        state["before"] = evaluate(model, val_rows, task, pad_id, t.eval_batch_size, autocast, lm)
         if main and (out_dir / "metrics.jsonl").exists():
             (out_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
 
@@ -219,7 +236,7 @@ def run(recipe, resume: bool = False, overrides: list[str] | None = None) -> Tra
             batch = collate([train_rows[i] for i in indices[lo:lo + t.batch_size]], pad_id, task)
             sync = micro == t.grad_accum - 1 or world == 1
             with (contextlib.nullcontext() if sync else runner.no_sync()), autocast():
-                loss_sum, _ = batch_loss(runner, batch, task)
+                loss_sum, _ = batch_loss(runner, batch, task, lm)
                 (loss_sum * world / norm).backward()  # DDP averages over ranks: scale back to the global mean
             step_loss += loss_sum.item()
             state["tokens"] += int(batch["attention_mask"].sum())
@@ -244,7 +261,7 @@ def run(recipe, resume: bool = False, overrides: list[str] | None = None) -> Tra
                  "tokens_per_s": state["tokens"] * world / max(elapsed, 1e-9)})
             window_loss, window_n = 0.0, 0
         if t.eval_every and step % t.eval_every == 0 and step < total:
-            scores = evaluate(model, val_rows, task, pad_id, t.eval_batch_size, autocast)
+            scores = evaluate(model, val_rows, task, pad_id, t.eval_batch_size, autocast, lm)
             log({"kind": "eval", "step": step, **scores})
             if improved(t.metric, scores[t.metric], state["best"]):
                 state.update(best=scores[t.metric], best_step=step, bad_evals=0)
@@ -259,7 +276,7 @@ def run(recipe, resume: bool = False, overrides: list[str] | None = None) -> Tra
     if bar is not None:
         bar.close()
 
-    after = evaluate(model, val_rows, task, pad_id, t.eval_batch_size, autocast)
+    after = evaluate(model, val_rows, task, pad_id, t.eval_batch_size, autocast, lm)
     log({"kind": "eval", "step": state["step"], **after})
     if improved(t.metric, after[t.metric], state["best"]):
         state.update(best=after[t.metric], best_step=state["step"])
