@@ -72,7 +72,8 @@ def copy_init(g, p) -> None:
 
 def floor_model(base):
     """The cheapest possible adapter: none at all, yet backward still runs through every layer (one bias of the
-    first layer trains). No adapter library's step can beat this one on the same model."""
+    first layer trains). With the same loss (Hugging Face's, over full logits) no adapter library's step can
+    beat this one on the same model."""
     model = copy.deepcopy(base).train().requires_grad_(False)
     model.transformer.h[0].attn.c_attn.bias.requires_grad_(True)
     return model
@@ -253,7 +254,7 @@ def main() -> None:
            ("LoRA time grafting/peft", x(r["lora_time_ratio"]), "", "goal <= 0.95"),
            mem_row("lora"),
            ("no adapter at all (floor) / peft LoRA", x(r["floor_over_peft_lora"]), "",
-            "backward through every layer, nothing to add: no library can go below"),
+            "HF's loss, backward through every layer, no adapter: the bound for any library's LoRA step"),
            ("LoRA step, `graft train` loss", ms(r["grafting_trainer_lora_step_ms"] / 1e3), "",
             f"chunked output layer + CE; grafting/peft {x(r['trainer_lora_time_ratio'])}"),
            ("  its peak memory / step", f"{r['grafting_trainer_lora_peak_mb']:,.0f} MB", "",

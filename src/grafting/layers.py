@@ -63,6 +63,10 @@ class LayerKind:
         """A per-output-feature vector shaped to broadcast against an output tensor."""
         return v
 
+    def plain_types(self) -> tuple[type, ...]:
+        """Base-layer classes whose forward is exactly ``apply_weight`` with their weight and bias."""
+        return ()
+
     def bias(self, base: nn.Module) -> torch.Tensor | None:
         return getattr(base, "bias", None)
 
@@ -77,6 +81,9 @@ class LinearKind(LayerKind):
     def in_out(self, base):
         return base.in_features, base.out_features
 
+    def plain_types(self):
+        return (nn.Linear,)
+
 
 class Conv1DKind(LayerKind):
     """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored (in, out) (fan_in_fan_out)."""
@@ -90,6 +97,13 @@ class Conv1DKind(LayerKind):
 
     def in_out(self, base):
         return base.weight.shape[0], base.weight.shape[1]
+
+    def plain_types(self):
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:  # a Conv1D from elsewhere: not known to be plain
+            return ()
+        return (Conv1D,)
 
     def to_out_in(self, w):
         return w.t()
@@ -261,20 +275,37 @@ class HostLayer(nn.Module):
         evaluation) one GEMM with the folded weight is cheaper. Only without gradients: backward through a
         folded weight would compute a full in x out weight gradient. Nothing is stored.
         """
+        base = self.base_layer
         if not (self.kind.gathered and x.is_floating_point()):
             return False
-        fan_in, out = self.kind.in_out(self.base_layer)
+        fan_in, out = self.kind.in_out(base)
         if (x.numel() // fan_in) * (fan_in + out) < fan_in * out:  # checked first: decode steps stop here
             return False
         method, adapter = self.methods[name], self.adapters[name]
         if not (method.mergeable and method.low_rank_form and method.deterministic(adapter)):
             return False
-        params = list(adapter.parameters())
-        base_weight = getattr(self.base_layer, "weight", None)
-        if not params or x.dtype != params[0].dtype:
+        if not _runs_as_matmul(base, self.kind):
             return False
-        return not (torch.is_grad_enabled() and (any(p.requires_grad for p in params)
-                                                 or (base_weight is not None and base_weight.requires_grad)))
+        params = list(adapter.parameters())
+        if not params or not x.dtype == params[0].dtype == base.weight.dtype:
+            return False
+        return not (torch.is_grad_enabled() and (base.weight.requires_grad or any(p.requires_grad for p in params)))
+
+
+def _runs_as_matmul(base: nn.Module, kind: LayerKind) -> bool:
+    """The base layer's forward is exactly its kind's matmul with ``base.weight``: a folded weight can replace it.
+
+    Not so for subclasses with their own forward, quantized layers (their kernels may also quantize the input),
+    instance-level forwards (accelerate's offload hooks), forward hooks, and weights not materialised yet.
+    """
+    from torch.nn.modules import module as _module
+    if type(base) not in kind.plain_types() or "forward" in base.__dict__ or hasattr(base, "dequantize"):
+        return False
+    if base._forward_hooks or base._forward_pre_hooks or _module._global_forward_hooks \
+            or _module._global_forward_pre_hooks:
+        return False
+    weight = getattr(base, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.device.type != "meta"
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, adapters={list(self.adapters)}, merged={list(self.merged)}"

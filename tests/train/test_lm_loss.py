@@ -90,6 +90,44 @@ def test_plain_head_detected_and_restored():
         assert model(input_ids=ids).logits.shape == (2, 6, 101)  # the output layer runs normally afterwards
 
 
+class NoHeadCall(SoftCapped):
+    """Computes its logits from the output layer's weight without calling the layer."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return CausalLMOutput(logits=self.embed(input_ids) @ self.lm_head.weight.t())
+
+
+def test_head_restored_after_errors_and_models_that_skip_it():
+    model = NoHeadCall()
+    assert lm_loss.head_is_plain(model, model, input_ids=torch.randint(0, 101, (1, 4))) is False
+    assert "forward" not in model.lm_head.__dict__
+
+    base = tiny_gpt2()
+    hooked = base.lm_head.forward  # an instance-level forward already in place (as accelerate installs)
+    base.lm_head.forward = hooked
+    with pytest.raises(IndexError):
+        lm_loss.hidden_and_head(base, base, input_ids=torch.tensor([[500]]))  # token id beyond the vocabulary
+    assert base.lm_head.forward is hooked
+    lm_loss.hidden_and_head(base, base, input_ids=torch.tensor([[5]]))
+    assert base.lm_head.forward is hooked
+
+
+def test_bf16_autocast_loss_close_to_fp32():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g) * 0.3
+    targets = torch.randint(0, 40, (9,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = lm_loss.linear_cross_entropy(hidden, weight, None, targets)
+    ours.backward()
+    ref_hidden = hidden.detach().clone().requires_grad_(True)
+    ref = reference(ref_hidden, weight, None, targets)
+    ref.backward()
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, atol=0.05 * 9, rtol=0.02)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
 def test_trainer_loss_equals_logits_loss(make):
     base = make()

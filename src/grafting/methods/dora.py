@@ -112,9 +112,12 @@ class Dora(Method):
 
     def merge(self, adapter, host):
         g = self.output_scale(adapter, host).detach()
-        merged = merged_lowrank_weight(adapter, host)
-        host.kind.to_out_in(merged).mul_(g.to(merged.dtype)[:, None])
-        return merged, g
+        w = host.dense_weight().detach()
+        if w.dtype == adapter.lora_A.dtype:
+            direction = host.kind.to_out_in(merged_lowrank_weight(adapter, host))
+        else:  # a base in another dtype: sum and scale in the factors' dtype, round once when written back
+            direction = host.kind.to_out_in(w).to(g.dtype) + lowrank_weight_out_in(adapter).detach()
+        return host.kind.from_out_in(direction * g[:, None], w), g
 
     def deterministic(self, adapter):
         return lora_deterministic(adapter)

@@ -84,7 +84,7 @@ def add_lowrank(adapter: LoraAdapter, host, x: torch.Tensor, out: torch.Tensor) 
 
 
 def lora_deterministic(adapter: LoraAdapter) -> bool:
-    return not adapter.training or isinstance(adapter.lora_dropout, nn.Identity)
+    return isinstance(adapter.lora_dropout, nn.Identity) or not adapter.lora_dropout.training
 
 
 def merged_lowrank_weight(adapter: LoraAdapter, host) -> torch.Tensor:

@@ -10,23 +10,18 @@ Row shapes: ``seq_cls`` rows are ``{"text", "label"}`` with ``label`` an index i
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 import random
-import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..errors import GraftingError
 from . import packaged
+from .files import read_records
 from .recipe import DataSpec
 
 TASKS = ("seq_cls", "causal_lm")
-FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLES = ("system", "user", "assistant")
 SHOWN = 10  # problem rows listed in one message; the rest are counted
 IGNORE = -100  # torch cross_entropy's default ignore_index: the loss skips these positions
@@ -143,7 +138,7 @@ def collate(batch: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor
 # ---- local files -------------------------------------------------------------------------------------------
 
 def _load_file(shown: str, field: str, spec: DataSpec, task: str) -> list[dict]:
-    records, lines, unit, problems = _read(shown, field)
+    records, lines, unit, problems = read_records(shown, field)
     checker = _checker(records[0], task, shown, field, spec) if records else None
     rows = []
     for record, line in zip(records, lines):
@@ -164,110 +159,6 @@ def _load_file(shown: str, field: str, spec: DataSpec, task: str) -> list[dict]:
     if not rows:
         raise GraftingError(f"{field} '{shown}': no usable rows")
     return rows
-
-
-def _read(shown: str, field: str) -> tuple[list[dict], list[int], str, list[tuple[int, str]]]:
-    """(records, their line numbers or row indices, "" or "row ", problems found before loading)."""
-    path = Path(shown)
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise GraftingError(f"{field} '{shown}': unknown file type '{path.suffix}' "
-                            f"(expected one of {', '.join(FORMATS)})")
-    if not path.is_file():
-        raise GraftingError(f"{field} '{shown}': file not found")
-    unit, lines, problems, clean = "", [], [], None
-    try:
-        if fmt == "json":
-            lines, problems, clean = _scan_jsonl(path)
-        elif fmt == "csv":
-            lines, problems, clean = _scan_csv(path, shown)
-    except UnicodeDecodeError as e:
-        raise GraftingError(f"{field} '{shown}': not UTF-8 text ({e})") from None
-    if fmt != "parquet" and not lines:
-        return [], [], unit, problems  # nothing readable: the loader would fail with a less useful message
-    with tempfile.TemporaryDirectory() as tmp:
-        source, cache = path, None
-        if problems:
-            # the loader would stop at the first broken line: it reads a copy without them, and the
-            # broken lines are reported (or skipped) with the rest
-            source, cache = Path(tmp) / f"clean{path.suffix}", tmp
-            clean(source)
-        records = _load_dataset(fmt, source, cache, shown, field)
-    if fmt == "parquet" or len(records) != len(lines):
-        # Parquet has no lines; a count mismatch would mean the CSV dialects disagree, and a row index is
-        # then the honest position
-        unit, lines = "row ", list(range(len(records)))
-    return records, lines, unit, problems
-
-
-def _scan_jsonl(path: Path):
-    lines, problems, kept = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                # without the newline, an unclosed object is reported at its own end, not at column 1
-                obj = json.loads(text.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                problems.append((line_no, f"not valid JSON ({e.msg}, column {e.colno})"))
-                continue
-            if not isinstance(obj, dict):
-                problems.append((line_no, f"not a JSON object (one object per line; got {type(obj).__name__})"))
-                continue
-            lines.append(line_no)
-            kept.append(text if text.endswith("\n") else text + "\n")
-
-    def clean(target: Path):
-        target.write_text("".join(kept), encoding="utf-8")
-    return lines, problems, clean
-
-
-def _scan_csv(path: Path, shown: str):
-    lines, problems, kept = [], [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None) or []
-        while True:
-            start = reader.line_num + 1  # a quoted field may span lines: report where the row starts
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                raise GraftingError(f"{shown}:{start}: not valid CSV ({e})") from None
-            if not row:  # blank line; the loader skips these too, so counts stay aligned
-                continue
-            if len(row) != len(header):
-                problems.append((start, f"{len(row)} field(s) where the header has {len(header)}"))
-                continue
-            lines.append(start)
-            kept.append(row)
-
-    def clean(target: Path):
-        with open(target, "w", encoding="utf-8", newline="") as out:
-            writer = csv.writer(out)
-            writer.writerow(header)
-            writer.writerows(kept)
-    return lines, problems, clean
-
-
-def _load_dataset(fmt: str, path: Path, cache: str | None, shown: str, field: str) -> list[dict]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import datasets
-
-    # without keep_default_na, pandas turns texts such as "NA" or "null" into missing values
-    kwargs = {"keep_default_na": False} if fmt == "csv" else {}
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache, **kwargs)
-    except Exception as e:  # any loader failure is about this user file
-        raise GraftingError(f"{field} '{shown}': could not be read as {fmt} ({type(e).__name__}: {e})") from None
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    return ds.to_list()
 
 
 def _class_row(record: dict, spec: DataSpec) -> tuple[dict | None, str | None]:
