@@ -36,10 +36,10 @@ TARGETS = ["c_attn", "c_proj", "c_fc"]
 VOCAB = 50257
 # rounds are interleaved across cases (see _common.interleaved); the full run is sized for under 10 min on 2 idle
 # cores, and prefill, DoRA inference and training take most of it
-FULL = dict(decode_rounds=40, decode_warmup=2, prefill=(16, 128), prefill_rounds=3, train=(4, 128), train_rounds=3,
-            n_serve=64, n_load=100)
-QUICK = dict(decode_rounds=2, decode_warmup=1, prefill=(16, 16), prefill_rounds=1, train=(2, 16), train_rounds=1,
-             n_serve=8, n_load=8)
+FULL = dict(decode_rounds=40, decode_warmup=2, shared_rounds=15, prefill=(16, 128), prefill_rounds=3, train=(4, 128),
+            train_rounds=3, n_serve=64, n_load=100)
+QUICK = dict(decode_rounds=2, decode_warmup=1, shared_rounds=2, prefill=(16, 16), prefill_rounds=1, train=(2, 16),
+             train_rounds=1, n_serve=8, n_load=8)
 
 
 # init_lora_weights=False: B is random, so every adapter changes the output and the grafting-vs-peft agreement check
@@ -264,6 +264,10 @@ def main() -> None:
         out["decode"] = serving_section("Decode", base, g, p, 64, 1, cfg["n_serve"], cfg["decode_rounds"],
                                         cfg["decode_warmup"])
         lap("decode")
+        # the same rows over only 8 adapters (8 rows each, interleaved): the per-adapter gather
+        out["decode_shared"] = serving_section("Decode, rows sharing adapters", base, g, p, 64, 1, 8,
+                                               cfg["shared_rounds"], cfg["decode_warmup"])
+        lap("decode, shared adapters")
         rows, tokens = cfg["prefill"]
         # a server samples only from the last prefill position; full logits would add a 50257-wide head per token
         out["prefill"] = serving_section("Prefill (last-position logits)", base, g, p, rows, tokens, 8,

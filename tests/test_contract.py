@@ -80,13 +80,15 @@ def test_save_load_round_trip(method, kind, tmp_path):
 
 @pytest.mark.parametrize("method,kind", CASES)
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "train"])
-def test_mixed_batch_rows_equal_single_adapter(method, kind, grad):
+@pytest.mark.parametrize("names", [["default", "other", None, "default"],  # per-row factors
+                                   ["other", "default", None, "default", "other", "default", "default", None]],
+                         ids=["rows", "shared"])  # rows share adapters: per-adapter factors, rows grouped
+def test_mixed_batch_rows_equal_single_adapter(method, kind, grad, names):
     base = make_toy(kind)
-    x = base.make_input(rows=4)
+    x = base.make_input(rows=len(names))
     model = gf.adapt(base, config_for(method))
     model.add_adapter("other", config_for(method, r=2))
     randomize(model)
-    names = ["default", "other", None, "default"]
     with torch.set_grad_enabled(grad):
         mixed = model(x, adapter_names=names)
         for i, name in enumerate(names):

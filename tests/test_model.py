@@ -283,4 +283,14 @@ def test_mixed_batch_views_and_gathers_agree():
     with torch.no_grad():
         in_order = model(x, adapter_names=["a", "b", "c"])
         shuffled = model(x[[2, 0, 1]], adapter_names=["c", "a", "b"])
+        # rows sharing adapters (9 rows, 4 slots incl. the base): each adapter's factors gathered once, rows
+        # grouped behind them; "a" does not touch v_proj, so its rows fall into the zero slot there
+        names = ["b", None, "a", "b", "c", "a", "b", None, "c"]
+        pick = [{"a": 0, "b": 1, "c": 2}.get(n, 0) for n in names]
+        grouped = model(x[pick], adapter_names=names)
+        with model.disabled():
+            base = model(x[pick])
     torch.testing.assert_close(shuffled, in_order[[2, 0, 1]], atol=1e-6, rtol=1e-5)
+    for i, name in enumerate(names):
+        want = base[i] if name is None else in_order[pick[i]]
+        torch.testing.assert_close(grouped[i], want, atol=1e-6, rtol=1e-5)

@@ -9,6 +9,10 @@ model-wide (slot 0 = no adapter), so one index tensor, built once per forward, s
     delta[rows] = (x[rows] @ A_t[slot[rows]]) @ B_t[slot[rows]]                 (two batched matmuls)
     DoRA rows:    delta = (g - 1)·(base_out - b) + g·lowrank                     (g = 1 for plain LoRA)
 
+When rows share adapters, each adapter's factors are gathered once and its rows are batched behind them
+(rows grouped by slot, zero-padded to the largest group), so 64 rows over 8 adapters copy 8 sets of factors,
+not 64.
+
 Slots are filled and freed in place; a slot is refreshed when its adapter's parameters change (tracked by
 tensor versions), so training between mixed forwards never serves stale factors. Layers whose kind has no
 gathered kernel (Conv2d, Embedding) and differentiable (training) forwards group rows by adapter instead.
@@ -178,24 +182,52 @@ def _gathered(host, x, base_out, rows: RowRouting, present) -> torch.Tensor:
             slots = slots.clone()
             for name in absent:
                 slots[rows.groups[name]] = 0
-        first = int(slots[0])
-        if first > 0 and torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device)):
-            picked = slice(first, first + len(slots))  # rows in slot order: views, no copy
-            A, B, g = stack.A_t[picked], stack.B_t[picked], stack.g[picked]
-        else:
-            A, B, g = stack.A_t.index_select(0, slots), stack.B_t.index_select(0, slots), stack.g.index_select(0, slots)
-        cached = (stack.version, A, B, g)
+        cached = (stack.version, *_gather_plan(stack, slots))
         rows.gathered[id(host)] = cached
-    _, A, B, g = cached
+    _, A, B, g, groups = cached
     n = x.shape[0]
-    low = torch.bmm(torch.bmm(x.reshape(n, -1, x.shape[-1]).to(stack.dtype), A), B).view(base_out.shape)
+    xr = x.reshape(n, -1, x.shape[-1]).to(stack.dtype)
+    if groups is None:
+        low = torch.bmm(torch.bmm(xr, A), B)
+    else:  # rows share adapters: each adapter's factors once, its rows stacked (zero-padded) behind it
+        inverse, pos, most = groups
+        xg = xr.new_zeros(A.shape[0], most, *xr.shape[1:])
+        xg[inverse, pos] = xr
+        lowg = torch.bmm(torch.bmm(xg.view(A.shape[0], -1, xr.shape[-1]), A), B)
+        low = lowg.view(A.shape[0], most, xr.shape[1], -1)[inverse, pos]
+    low = low.view(base_out.shape)
     if not rescales:
         return base_out + low.to(base_out.dtype)
+    if groups is not None:
+        g = g.index_select(0, groups[0])
     # out = g (W x + low) + b  =  g (base_out + low) + (1 - g) b
     g = g.view(n, *([1] * (base_out.dim() - 2)), -1).to(base_out.dtype)
     out = (base_out + low.to(base_out.dtype)) * g
     bias = host.kind.bias(host.base_layer)
     return out if bias is None else out + (1 - g) * bias
+
+
+def _gather_plan(stack: LowRankStack, slots: torch.Tensor):
+    """(A, B, g, groups) for rows with these slots: per-row factors, or per-adapter factors plus row groups.
+
+    Rows in slot order read views of the stack. Otherwise, when rows share adapters (at least two rows per
+    adapter on average), each adapter's factors are gathered once and its rows are batched together; copying
+    every row's own factors would move (in + out)·r values per row, as much as a whole base weight at 64 rows.
+    """
+    first = int(slots[0])
+    if first > 0 and torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device)):
+        picked = slice(first, first + len(slots))
+        return stack.A_t[picked], stack.B_t[picked], stack.g[picked], None
+    unique, inverse = torch.unique(slots, return_inverse=True)
+    if 2 * len(unique) > len(slots):
+        return stack.A_t.index_select(0, slots), stack.B_t.index_select(0, slots), stack.g.index_select(0, slots), None
+    counts = torch.bincount(inverse, minlength=len(unique))
+    order = torch.argsort(inverse, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(inverse)
+    pos[order] = torch.arange(len(slots), device=slots.device) - starts[inverse[order]]
+    groups = (inverse, pos, int(counts.max()))
+    return stack.A_t.index_select(0, unique), stack.B_t.index_select(0, unique), stack.g.index_select(0, unique), groups
 
 
 @dataclass
