@@ -34,7 +34,7 @@ class RowRouting:
     names: list  # adapter name (or None) per row
     slots: torch.Tensor  # (rows,) int64, model-wide slot per row, 0 = base
     groups: dict = field(default_factory=dict)  # name -> LongTensor of row indices
-    gathered: dict = field(default_factory=dict)  # id(host) -> (stack version, A, B, g) for this routing
+    gathered: dict = field(default_factory=dict)  # id(host) -> (stack version, A, B, g, groups): see _gather_plan
 
     @classmethod
     def build(cls, names: list, slot_of: dict, device: torch.device) -> "RowRouting":
@@ -139,9 +139,7 @@ def _needs_grad(host, names) -> bool:
 
 
 def _dropout_active(host, names) -> bool:
-    return host.training and any(getattr(host.adapters[n], "lora_dropout", None) is not None
-                                 and not isinstance(host.adapters[n].lora_dropout, torch.nn.Identity)
-                                 for n in names)
+    return not all(host.methods[n].deterministic(host.adapters[n]) for n in names)
 
 
 def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> torch.Tensor:

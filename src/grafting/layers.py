@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from .errors import GraftingError
 
@@ -292,13 +293,16 @@ class HostLayer(nn.Module):
         return not (torch.is_grad_enabled() and (base.weight.requires_grad or any(p.requires_grad for p in params)))
 
 
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.name}, adapters={list(self.adapters)}, merged={list(self.merged)}"
+
+
 def _runs_as_matmul(base: nn.Module, kind: LayerKind) -> bool:
     """The base layer's forward is exactly its kind's matmul with ``base.weight``: a folded weight can replace it.
 
     Not so for subclasses with their own forward, quantized layers (their kernels may also quantize the input),
     instance-level forwards (accelerate's offload hooks), forward hooks, and weights not materialised yet.
     """
-    from torch.nn.modules import module as _module
     if type(base) not in kind.plain_types() or "forward" in base.__dict__ or hasattr(base, "dequantize"):
         return False
     if base._forward_hooks or base._forward_pre_hooks or _module._global_forward_hooks \
@@ -306,6 +310,3 @@ def _runs_as_matmul(base: nn.Module, kind: LayerKind) -> bool:
         return False
     weight = getattr(base, "weight", None)
     return isinstance(weight, torch.Tensor) and weight.device.type != "meta"
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind.name}, adapters={list(self.adapters)}, merged={list(self.merged)}"

@@ -84,7 +84,7 @@ class Dora(Method):
     def delta(self, adapter, host, x, base_out):
         g = host.kind.out_view(self.output_scale(adapter, host), base_out)
         low = lowrank_out(adapter, host, x)
-        if adapter.training and not isinstance(adapter.lora_dropout, nn.Identity) and x.is_floating_point():
+        if not lora_deterministic(adapter) and x.is_floating_point():
             # with dropout the paper's (and PEFT's) base term is W0·dropout(x), not the host's output
             xd = adapter.lora_dropout(x.to(adapter.lora_A.dtype))
             plain = host.kind.apply_weight(host.base_layer, xd, host.dense_weight().to(xd.dtype))
@@ -94,7 +94,7 @@ class Dora(Method):
         return ((g - 1) * plain + g * low).to(base_out.dtype)
 
     def add_delta(self, adapter, host, x, out):
-        if adapter.training and not isinstance(adapter.lora_dropout, nn.Identity):
+        if not lora_deterministic(adapter):
             return out + self.delta(adapter, host, x, out)
         # out = g (W x + s B A x) + b = g (base_out + s B A x) + (1 - g) b: two passes over the output
         g = host.kind.out_view(self.output_scale(adapter, host), out).to(out.dtype)

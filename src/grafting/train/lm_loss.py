@@ -44,6 +44,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = _rows_per_chunk(vocab)
         need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_hidden = torch.empty_like(hidden)
+        w = weight.to(hidden.dtype)  # once, not per chunk (a no-op unless autocast made them differ)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -59,20 +60,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs.scatter_add_(1, safe[:, None], torch.full_like(picked[:, None], -1.0))
             probs.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)  # ignored tokens: no gradient
             d_logits = probs.to(hidden.dtype)
-            grad_hidden[start:start + rows] = d_logits @ weight.to(hidden.dtype)
+            grad_hidden[start:start + rows] = d_logits @ w
             if need_w:
                 grad_weight.addmm_(probs.t(), h.float())
             if need_b:
                 grad_bias += probs.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.has = (need_w, need_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        need_w, need_b = ctx.has
+        _, need_w, need_b, _ = ctx.needs_input_grad
         w_dtype, b_dtype = ctx.dtypes
         return (grad_hidden * grad_out.to(grad_hidden.dtype),
                 (grad_weight * grad_out).to(w_dtype) if need_w else None,
