@@ -1,6 +1,8 @@
 """The contract every registered method must pass, on every layer kind it declares.
 
-A new method joins this matrix by registering; nothing here names a method.
+A new method joins this matrix by registering; nothing here names a method. tests/toy_method.py registers a
+method from outside the package (own config and peft_type, a shared buffer, frozen per-layer buffers, a
+full-rank delta), so the matrix also proves that a plug-in needs no edit to grafting.
 """
 
 from __future__ import annotations
@@ -11,16 +13,21 @@ import pytest
 import torch
 
 import grafting as gf
+import toy_method  # noqa: F401  (registers "toy-shared")
 from conftest import KINDS, make_toy, randomize
 
 CASES = [(m, k) for m in gf.method_names() for k in KINDS if k in gf.get_method(m).layer_kinds]
 
 
-def config_for(method: str, **kw) -> gf.LoraConfig:
+def config_for(method: str, **kw) -> gf.AdapterConfig:
     # a method is reached through its config; the config's ``method`` property must name it
-    cfg = gf.get_method(method).make_config(**{"r": 4, "lora_alpha": 8, "target_modules": ["target"], **kw})
+    cfg = gf.get_method(method).make_config(**{"target_modules": ["target"], **kw})
     assert cfg.method == method
     return cfg
+
+
+def test_the_toy_plug_in_is_in_the_matrix():
+    assert "toy-shared" in {m for m, _ in CASES}
 
 
 def adapted(method, kind, **kw):
@@ -87,7 +94,7 @@ def test_mixed_batch_rows_equal_single_adapter(method, kind, grad, names):
     base = make_toy(kind)
     x = base.make_input(rows=len(names))
     model = gf.adapt(base, config_for(method))
-    model.add_adapter("other", config_for(method, r=2))
+    model.add_adapter("other", config_for(method))
     randomize(model)
     with torch.set_grad_enabled(grad):
         mixed = model(x, adapter_names=names)
@@ -114,3 +121,34 @@ def test_only_adapter_parameters_get_gradients(method, kind):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None, name
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_param_groups_cover_exactly_the_trainable_parameters(method, kind):
+    model, _ = adapted(method, kind)
+    model.add_adapter("idle", config_for(method))
+    groups = model.param_groups()
+    grouped = [id(p) for ps in groups.values() for p in ps]
+    assert len(grouped) == len(set(grouped))  # no parameter in two groups
+    assert set(grouped) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert model.param_groups("idle") == {}  # an inactive adapter is frozen: nothing of it to optimise
+    model.set_active("idle")
+    idle = {id(p) for ps in model.param_groups().values() for p in ps}
+    assert idle and idle.isdisjoint(set(grouped))
+
+
+@pytest.mark.parametrize("method,kind", CASES)
+def test_stack_and_state_follow_dtype_changes(method, kind):
+    base = make_toy(kind)
+    x = base.make_input(rows=3)
+    model = gf.adapt(base, config_for(method))
+    model.add_adapter("other", config_for(method))
+    randomize(model)
+    names = ["other", None, "default"]
+    with torch.no_grad():
+        before = model(x, adapter_names=names)
+        model.double()
+        xd = x.double() if x.is_floating_point() else x
+        after = model(xd, adapter_names=names)
+    assert after.dtype == torch.float64
+    torch.testing.assert_close(after, before.double(), atol=1e-5, rtol=1e-4)

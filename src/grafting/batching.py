@@ -2,140 +2,242 @@
 
 S-LoRA (Sheng et al., 2023, arXiv:2311.03285) and Punica (Chen et al., 2023, arXiv:2310.18547) serve many LoRA
 adapters in one batch by gathering each row's low-rank factors. Here every host layer keeps a
-:class:`LowRankStack`: the factors of all its adapters stacked along a slot axis, rank-padded, with the scale
-folded into B (and, for output-rescaling methods such as DoRA, a per-slot output factor g). A row's slot is
-model-wide (slot 0 = no adapter), so one index tensor, built once per forward, serves every layer:
+:class:`LowRankStack`: the factors of its adapters stacked along a slot axis, in **rank buckets** (padded ranks
+4, 8, 16, ...), with the scale folded into B (and, for output-rescaling methods such as DoRA, a per-slot output
+factor g). A row's (bucket, slot) is model-wide (slot 0 of every bucket = no adapter), so one routing, built once
+per call, serves every layer:
 
-    delta[rows] = (x[rows] @ A_t[slot[rows]]) @ B_t[slot[rows]]                 (two batched matmuls)
-    DoRA rows:    delta = (g - 1)·(base_out - b) + g·lowrank                     (g = 1 for plain LoRA)
+    delta[rows] = (x[rows] @ A_t[slot[rows]]) @ B_t[slot[rows]]                 (two batched matmuls per bucket)
+    DoRA rows:    out = g·(base_out + low) + (1 − g)·b                           (g = 1 for plain LoRA)
 
-When rows share adapters, each adapter's factors are gathered once and its rows are batched behind them
-(rows grouped by slot, zero-padded to the largest group), so 64 rows over 8 adapters copy 8 sets of factors,
-not 64.
+When rows share adapters, each adapter's factors are gathered once and its rows are batched behind them.
+Buckets keep a rank-64 adapter from padding every rank-8 row to 64, and growth never reallocates other buckets:
+a bucket's capacity doubles when full (or is reserved up front with ``AdaptedModel.reserve``).
 
-Slots are filled and freed in place; a slot is refreshed when its adapter's parameters change (tracked by
-tensor versions), so training between mixed forwards never serves stale factors. Layers whose kind has no
+Stack entries are keyed by the adapter's content hash (config + tensors, computed once per call and cached on
+tensor versions), so training between mixed forwards, or reloading a name with other weights, never serves stale
+factors. The stack follows ``.to()`` / ``.double()``. Methods without low-rank factors, layers whose kind has no
 gathered kernel (Conv2d, Embedding) and differentiable (training) forwards group rows by adapter instead.
+
+Routing is per call (a context variable), so threads may run differently routed batches on one model, and
+``generate`` expands names for beams / several return sequences as peft does (each name repeated per copy).
 """
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import GraftingError
 
+MIN_BUCKET = 4  # 16-byte aligned fp32 rows
+
+
+def bucket_of(r: int) -> int:
+    b = MIN_BUCKET
+    while b < r:
+        b *= 2
+    return b
+
 
 @dataclass
 class RowRouting:
-    """Per-row routing for one forward, shared by every host layer."""
+    """Per-row routing for one call (shared by every host layer during it)."""
 
     names: list  # adapter name (or None) per row
-    slots: torch.Tensor  # (rows,) int64, model-wide slot per row, 0 = base
-    groups: dict = field(default_factory=dict)  # name -> LongTensor of row indices
-    gathered: dict = field(default_factory=dict)  # id(host) -> (stack version, A, B, g, groups): see _gather_plan
+    groups: dict  # name -> LongTensor of row indices
+    buckets: dict  # bucket -> (row indices or None for all rows, (rows,) slot per row, names in the bucket)
+    hashes: dict  # name -> content hash of the adapter (keys the stacks)
+    slot_of: dict  # name -> (bucket, slot) at build time
+    expandable: bool = False
+    gathered: dict = field(default_factory=dict)  # (id(host), bucket) -> (stack version, plan)
+    _expanded: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, names: list, slot_of: dict, device: torch.device) -> "RowRouting":
-        slots, groups = [], {}
+    def build(cls, names: list, slot_of: dict, hashes: dict, device, expandable: bool = False) -> "RowRouting":
+        groups: dict = {}
         for i, name in enumerate(names):
-            slots.append(0 if name is None else slot_of[name])
             if name is not None:
                 groups.setdefault(name, []).append(i)
-        return cls(names=list(names),
-                   slots=torch.tensor(slots, dtype=torch.long, device=device),
-                   groups={n: torch.tensor(ix, dtype=torch.long, device=device) for n, ix in groups.items()})
+        by_bucket: dict = {}
+        for name in groups:
+            if slot_of.get(name) is not None:
+                by_bucket.setdefault(slot_of[name][0], []).append(name)
+        buckets = {}
+        for b, bnames in by_bucket.items():
+            if len(by_bucket) == 1:  # every row in one kernel call; base rows read the zero slot
+                slots = [slot_of[n][1] if n in bnames else 0 for n in names]
+                buckets[b] = (None, torch.tensor(slots, dtype=torch.long, device=device), bnames)
+            else:
+                idx = [i for i, n in enumerate(names) if n in bnames]
+                slots = [slot_of[names[i]][1] for i in idx]
+                buckets[b] = (torch.tensor(idx, dtype=torch.long, device=device),
+                              torch.tensor(slots, dtype=torch.long, device=device), bnames)
+        return cls(names=list(names), groups={n: torch.tensor(ix, dtype=torch.long, device=device)
+                                              for n, ix in groups.items()},
+                   buckets=buckets, hashes=hashes, slot_of=dict(slot_of), expandable=expandable)
+
+    def for_batch(self, n: int) -> "RowRouting":
+        """This routing for a batch of ``n`` rows: ``generate`` may have expanded each row into k copies."""
+        if n == len(self.names):
+            return self
+        k, rem = divmod(n, max(len(self.names), 1))
+        if not self.expandable or rem or k < 1:
+            raise GraftingError(f"adapter_names has {len(self.names)} entries but the batch has {n} rows")
+        if k not in self._expanded:
+            device = next(iter(self.groups.values())).device if self.groups else None
+            names = [name for name in self.names for _ in range(k)]  # HF expands inputs with repeat_interleave
+            self._expanded[k] = RowRouting.build(names, self.slot_of, self.hashes, device)
+        return self._expanded[k]
+
+
+class Routing:
+    """What the host layers of one model apply: model state (active adapters, slots) plus per-call context
+    (row routing, disabled) held in context variables, so concurrent calls do not see each other's."""
+
+    def __init__(self):
+        self.active: tuple = ()
+        self.slot_of: dict = {}  # adapter name -> (bucket, slot); None for methods without low-rank factors
+        self._rows = contextvars.ContextVar(f"grafting_rows_{id(self)}", default=None)
+        self._enabled = contextvars.ContextVar(f"grafting_enabled_{id(self)}", default=True)
+
+    def __getstate__(self):  # deepcopy / pickle: model state only; a copy starts with no call in flight
+        return {"active": self.active, "slot_of": self.slot_of}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self.active, self.slot_of = state["active"], dict(state["slot_of"])
+
+    @property
+    def rows(self) -> RowRouting | None:
+        return self._rows.get()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled.get()
+
+    def assign_slot(self, name: str, rank: int | None):
+        if rank is None:
+            self.slot_of[name] = None
+            return None
+        b = bucket_of(rank)
+        used = {s for bb, s in filter(None, self.slot_of.values()) if bb == b}
+        slot = next(s for s in range(1, len(used) + 2) if s not in used)
+        self.slot_of[name] = (b, slot)
+        return self.slot_of[name]
+
+
+class _Bucket:
+    def __init__(self, fan_in: int, out: int, rank: int, capacity: int, dtype, device):
+        with torch.inference_mode(False):  # plain tensors even under inference_mode: slots update in place
+            self.A_t = torch.zeros(capacity, fan_in, rank, dtype=dtype, device=device)
+            self.B_t = torch.zeros(capacity, rank, out, dtype=dtype, device=device)
+            self.g = torch.ones(capacity, out, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.A_t.shape[0]
+
+    def grow(self, capacity: int) -> None:
+        old = (self.A_t, self.B_t, self.g)
+        with torch.inference_mode(False):
+            self.A_t = old[0].new_zeros(capacity, *old[0].shape[1:])
+            self.B_t = old[1].new_zeros(capacity, *old[1].shape[1:])
+            self.g = old[2].new_ones(capacity, old[2].shape[1])
+            for new, prev in zip((self.A_t, self.B_t, self.g), old):
+                new[: prev.shape[0]] = prev
 
 
 class LowRankStack:
-    """Stacked, rank-padded factors of one host layer's adapters, indexed by model-wide slot."""
+    """Stacked, rank-bucketed factors of one host layer's adapters, indexed by model-wide (bucket, slot)."""
 
     def __init__(self, fan_in: int, out: int, dtype: torch.dtype, device: torch.device):
         self.fan_in, self.out, self.dtype, self.device = fan_in, out, dtype, device
-        self.capacity, self.rank = 0, 0
+        self.buckets: dict[int, _Bucket] = {}
         self.version = 0  # bumped whenever a slot changes; keys the per-routing gathered factors
-        with torch.inference_mode(False):
-            self.A_t = torch.zeros(0, fan_in, 0, dtype=dtype, device=device)  # (slots, fan_in, r_pad)
-            self.B_t = torch.zeros(0, 0, out, dtype=dtype, device=device)  # (slots, r_pad, out), scale folded in
-            self.g = torch.ones(0, out, dtype=dtype, device=device)  # per-slot output factor
-        self.keys: dict = {}  # adapter name -> (slot, version key)
+        self.keys: dict = {}  # adapter name -> (bucket, slot, content hash)
+        self.lock = threading.Lock()
 
-    def _grow(self, capacity: int, rank: int) -> None:
-        if capacity <= self.capacity and rank <= self.rank:
-            return
-        capacity = max(capacity, 2 * self.capacity if capacity > self.capacity else self.capacity)
-        rank = max(rank, self.rank)
-        # plain tensors even when the first mixed batch runs under inference_mode: slots are updated in place later
-        with torch.inference_mode(False):
-            A_t = torch.zeros(capacity, self.fan_in, rank, dtype=self.dtype, device=self.device)
-            B_t = torch.zeros(capacity, rank, self.out, dtype=self.dtype, device=self.device)
-            g = torch.ones(capacity, self.out, dtype=self.dtype, device=self.device)
-            A_t[: self.capacity, :, : self.rank] = self.A_t
-            B_t[: self.capacity, : self.rank] = self.B_t
-            g[: self.capacity] = self.g
-        self.A_t, self.B_t, self.g = A_t, B_t, g
-        self.capacity, self.rank = capacity, rank
+    def __deepcopy__(self, memo):  # a cache: a copied model refills its own on first use
+        return LowRankStack(self.fan_in, self.out, self.dtype, self.device)
+
+    def __getstate__(self):
+        return {"fan_in": self.fan_in, "out": self.out, "dtype": self.dtype, "device": self.device}
+
+    def __setstate__(self, state):
+        self.__init__(state["fan_in"], state["out"], state["dtype"], state["device"])
+
+    def reserve(self, bucket: int, capacity: int) -> None:
+        """Room for ``capacity`` slots (slot 0 included) in ``bucket``, allocated now."""
+        with torch.no_grad():
+            if bucket not in self.buckets:
+                self.buckets[bucket] = _Bucket(self.fan_in, self.out, bucket, capacity, self.dtype, self.device)
+            elif self.buckets[bucket].capacity < capacity:
+                self.buckets[bucket].grow(capacity)
+        self.version += 1
+
+    def apply(self, fn) -> None:
+        for b in self.buckets.values():
+            b.A_t, b.B_t, b.g = fn(b.A_t), fn(b.B_t), fn(b.g)
+        if self.buckets:
+            any_b = next(iter(self.buckets.values()))
+            self.dtype, self.device = any_b.A_t.dtype, any_b.A_t.device
         self.version += 1
 
     @torch.no_grad()
     def free(self, name: str) -> None:
         entry = self.keys.pop(name, None)
         if entry is not None:
-            slot = entry[0]
+            b, slot, _ = entry
+            bucket = self.buckets[b]
             with torch.inference_mode(False):
-                self.A_t[slot].zero_()
-                self.B_t[slot].zero_()
-                self.g[slot].fill_(1.0)
+                bucket.A_t[slot].zero_()
+                bucket.B_t[slot].zero_()
+                bucket.g[slot].fill_(1.0)
             self.version += 1
 
     @torch.no_grad()
-    def sync(self, host, names, slot_of: dict) -> bool:
+    def sync(self, host, names, slot_of: dict, hashes: dict) -> bool:
         """Make the slots of ``names`` current. Returns whether any of them rescales the output."""
         rescales, stale = False, []
         for name in names:
-            adapter, method = host.adapters[name], host.methods[name]
+            method = host.methods[name]
             rescales |= method.rescales_output
-            key = (slot_of[name], _param_versions(adapter),
-                   _param_versions(host.base_layer) if method.rescales_output else ())
+            key = (*slot_of[name], hashes[name])
             if self.keys.get(name) != key:
                 stale.append((name, key))
         if not stale:
             return rescales
-        factors = {name: host.methods[name].low_rank(host.adapters[name]) for name, _ in stale}
-        self._grow(max(slot_of.values()) + 1, max(_padded(f[0].shape[0]) for f in factors.values()))
         with torch.inference_mode(False):
             for name, key in stale:
-                A, B, scale = factors[name]
-                slot, r = key[0], A.shape[0]
-                self.A_t[slot].zero_()
-                self.B_t[slot].zero_()
-                self.A_t[slot, :, :r] = A.t().to(self.dtype)
-                self.B_t[slot, :r] = (B.t() * scale).to(self.dtype)
+                old = self.keys.pop(name, None)
+                if old is not None and old[:2] != key[:2]:  # moved to another slot: clear the old one
+                    self.buckets[old[0]].A_t[old[1]].zero_()
+                    self.buckets[old[0]].B_t[old[1]].zero_()
+                    self.buckets[old[0]].g[old[1]].fill_(1.0)
+                A, B, scale = host.methods[name].low_rank(host.adapters[name])
+                b, slot, _ = key
+                if b not in self.buckets or self.buckets[b].capacity <= slot:
+                    current = self.buckets[b].capacity if b in self.buckets else 0
+                    self.reserve(b, max(slot + 1, 2 * current, 2))
+                bucket, r = self.buckets[b], A.shape[0]
+                bucket.A_t[slot].zero_()
+                bucket.B_t[slot].zero_()
+                bucket.A_t[slot, :, :r] = A.t().to(self.dtype)
+                bucket.B_t[slot, :r] = (B.t() * scale).to(self.dtype)
                 g = host.methods[name].output_scale(host.adapters[name], host)
-                self.g[slot] = 1.0 if g is None else g.to(self.dtype)
+                bucket.g[slot] = 1.0 if g is None else g.to(self.dtype)
                 self.keys[name] = key
         self.version += 1
         return rescales
 
 
-def _padded(r: int) -> int:
-    return -(-r // 4) * 4  # 16-byte aligned rows for fp32 kernels
-
-
-def _param_versions(module) -> tuple:
-    out, todo = [], [module]
-    while todo:  # a manual walk: named_parameters() is slow enough to show on every layer of every forward
-        m = todo.pop()
-        out.extend((id(p), p._version) for p in m._parameters.values() if p is not None)
-        todo.extend(c for c in m._modules.values() if c is not None)
-    return tuple(out)
-
-
 def _needs_grad(host, names) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return any(p.requires_grad for n in names for p in host.adapters[n].parameters())
+    from .autodiff import tracking_derivatives
+    return tracking_derivatives(*(p for n in names for p in host.adapters[n].parameters()))
 
 
 def _dropout_active(host, names) -> bool:
@@ -146,66 +248,94 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
     if host.merged:
         raise GraftingError(f"adapters {sorted(host.merged)} are merged into the base weights; "
                             "unmerge() before running a mixed batch")
-    n = len(rows.names)
-    if x.shape[0] != n:
-        raise GraftingError(f"adapter_names has {n} entries but the batch has {x.shape[0]} rows")
+    rows = rows.for_batch(x.shape[0])
     base_out = host.base_layer(x, *args, **kwargs)
     present = [name for name in rows.groups if name in host.adapters]
     if not present:
         return base_out
-    low_rank = all(host.methods[name].low_rank_form for name in present)
-    if host.kind.gathered and low_rank and not _needs_grad(host, present) and not _dropout_active(host, present):
-        return _gathered(host, x, base_out, rows, present)
-    # grouped: differentiable, and the path for kinds without a gathered kernel
+    gathered = []
+    if host.kind.gathered and not _needs_grad(host, present) and not _dropout_active(host, present):
+        gathered = [n for n in present if host.methods[n].low_rank_form and rows.slot_of.get(n) is not None]
+    out = _gathered(host, x, base_out, rows, gathered) if gathered else base_out
+    grouped = [n for n in present if n not in gathered]
+    if not grouped:
+        return out
+    # grouped: differentiable, and the path for methods and kinds without a gathered kernel
     delta = torch.zeros_like(base_out)
-    for name in present:
+    for name in grouped:
         idx = rows.groups[name]
         d = host.methods[name].delta(host.adapters[name], host, x.index_select(0, idx), base_out.index_select(0, idx))
         delta = delta.index_add(0, idx, d)
-    return base_out + delta
+    return out + delta
+
+
+def _stack_for(host, name):
+    if host._stack is None:
+        A = host.methods[name].low_rank(host.adapters[name])[0]
+        host._stack = LowRankStack(host.in_features, host.out_features, A.dtype, A.device)
+    return host._stack
 
 
 def _gathered(host, x, base_out, rows: RowRouting, present) -> torch.Tensor:
-    if host._stack is None:
-        w = host.adapters[present[0]].lora_A
-        host._stack = LowRankStack(host.in_features, host.out_features, w.dtype, w.device)
-    stack = host._stack
-    rescales = stack.sync(host, present, host._routing.slot_of)
-    # one routing serves every decode step of a generate() call: gather each layer's factors once per routing
-    cached = rows.gathered.get(id(host))
-    if cached is None or cached[0] != stack.version:
-        slots = rows.slots
-        absent = [name for name in rows.groups if name not in host.adapters]
-        if absent:  # rows whose adapter does not touch this layer read the zero slot
-            slots = slots.clone()
-            for name in absent:
-                slots[rows.groups[name]] = 0
-        cached = (stack.version, *_gather_plan(stack, slots))
-        rows.gathered[id(host)] = cached
-    _, A, B, g, groups = cached
+    stack = _stack_for(host, present[0])
+    with stack.lock:
+        rescales = stack.sync(host, present, rows.slot_of, rows.hashes)
+        plans = []
+        for b, (row_idx, slots, bnames) in rows.buckets.items():
+            here = [n for n in bnames if n in present]
+            if not here:
+                continue
+            cached = rows.gathered.get((id(host), b))
+            if cached is None or cached[0] != stack.version:
+                absent = [n for n in bnames if n not in here]
+                if absent:  # rows whose adapter does not touch this layer (or is grouped) read the zero slot
+                    slots = slots.clone()
+                    for name in absent:
+                        pos = rows.groups[name] if row_idx is None else torch.nonzero(
+                            torch.isin(row_idx, rows.groups[name])).flatten()
+                        slots[pos] = 0
+                cached = (stack.version, _gather_plan(stack.buckets[b], slots))
+                rows.gathered[(id(host), b)] = cached
+            plans.append((row_idx, cached[1]))
     n = x.shape[0]
     xr = x.reshape(n, -1, x.shape[-1]).to(stack.dtype)
-    if groups is None:
-        low = torch.bmm(torch.bmm(xr, A), B)
-    else:  # rows share adapters: each adapter's factors once, its rows stacked (zero-padded) behind it
-        inverse, pos, most = groups
-        xg = xr.new_zeros(A.shape[0], most, *xr.shape[1:])
-        xg[inverse, pos] = xr
-        lowg = torch.bmm(torch.bmm(xg.view(A.shape[0], -1, xr.shape[-1]), A), B)
-        low = lowg.view(A.shape[0], most, xr.shape[1], -1)[inverse, pos]
-    low = low.view(base_out.shape)
+    low_all, g_all = None, None
+    for row_idx, (A, B, g, groups) in plans:
+        xb = xr if row_idx is None else xr.index_select(0, row_idx)
+        low = _lowrank_rows(xb, A, B, groups)
+        if groups is not None and rescales:
+            g = g.index_select(0, groups[0])
+        if row_idx is None:
+            low_all, g_all = low, g
+            continue
+        if low_all is None:
+            low_all = xr.new_zeros(n, xr.shape[1], low.shape[-1])
+            g_all = xr.new_ones(n, low.shape[-1]) if rescales else None
+        low_all.index_copy_(0, row_idx, low)
+        if rescales:
+            g_all.index_copy_(0, row_idx, g)
+    low = low_all.view(base_out.shape)
     if not rescales:
         return base_out + low.to(base_out.dtype)
-    if groups is not None:
-        g = g.index_select(0, groups[0])
     # out = g (W x + low) + b  =  g (base_out + low) + (1 - g) b
-    g = g.view(n, *([1] * (base_out.dim() - 2)), -1).to(base_out.dtype)
+    g = g_all.view(n, *([1] * (base_out.dim() - 2)), -1).to(base_out.dtype)
     out = (base_out + low.to(base_out.dtype)) * g
     bias = host.kind.bias(host.base_layer)
     return out if bias is None else out + (1 - g) * bias
 
 
-def _gather_plan(stack: LowRankStack, slots: torch.Tensor):
+def _lowrank_rows(xr: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups) -> torch.Tensor:
+    if groups is None:
+        return torch.bmm(torch.bmm(xr, A), B)
+    # rows share adapters: each adapter's factors once, its rows stacked (zero-padded) behind it
+    inverse, pos, most = groups
+    xg = xr.new_zeros(A.shape[0], most, *xr.shape[1:])
+    xg[inverse, pos] = xr
+    lowg = torch.bmm(torch.bmm(xg.view(A.shape[0], -1, xr.shape[-1]), A), B)
+    return lowg.view(A.shape[0], most, xr.shape[1], -1)[inverse, pos]
+
+
+def _gather_plan(bucket: _Bucket, slots: torch.Tensor):
     """(A, B, g, groups) for rows with these slots: per-row factors, or per-adapter factors plus row groups.
 
     Rows in slot order read views of the stack. Otherwise, when rows share adapters (at least two rows per
@@ -215,30 +345,16 @@ def _gather_plan(stack: LowRankStack, slots: torch.Tensor):
     first = int(slots[0])
     if first > 0 and torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device)):
         picked = slice(first, first + len(slots))
-        return stack.A_t[picked], stack.B_t[picked], stack.g[picked], None
+        return bucket.A_t[picked], bucket.B_t[picked], bucket.g[picked], None
     unique, inverse = torch.unique(slots, return_inverse=True)
     if 2 * len(unique) > len(slots):
-        return stack.A_t.index_select(0, slots), stack.B_t.index_select(0, slots), stack.g.index_select(0, slots), None
+        return (bucket.A_t.index_select(0, slots), bucket.B_t.index_select(0, slots),
+                bucket.g.index_select(0, slots), None)
     counts = torch.bincount(inverse, minlength=len(unique))
     order = torch.argsort(inverse, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.empty_like(inverse)
     pos[order] = torch.arange(len(slots), device=slots.device) - starts[inverse[order]]
     groups = (inverse, pos, int(counts.max()))
-    return stack.A_t.index_select(0, unique), stack.B_t.index_select(0, unique), stack.g.index_select(0, unique), groups
-
-
-@dataclass
-class Routing:
-    """What the host layers of one model apply on this forward (shared object, one per AdaptedModel)."""
-
-    active: tuple = ()
-    enabled: bool = True
-    rows: RowRouting | None = None
-    slot_of: dict = field(default_factory=dict)  # adapter name -> model-wide slot (0 is the base)
-
-    def assign_slot(self, name: str) -> int:
-        used = set(self.slot_of.values())
-        slot = next(s for s in range(1, len(used) + 2) if s not in used)
-        self.slot_of[name] = slot
-        return slot
+    return (bucket.A_t.index_select(0, unique), bucket.B_t.index_select(0, unique),
+            bucket.g.index_select(0, unique), groups)

@@ -1,9 +1,9 @@
-"""Typed adapter configs, validated at the edge.
+"""Typed adapter configs, validated at the edge: the base every method's config extends.
 
-Field names follow PEFT's ``adapter_config.json`` so configs round-trip: a PEFT LoRA config loads as a
-:class:`LoraConfig`, and :meth:`LoraConfig.to_peft_dict` writes one that ``peft`` reads back.
-DoRA and rsLoRA are switches on the LoRA config, as in PEFT, but each resolves to its own registered method
-(:attr:`LoraConfig.method`), so variants compose with LoRA instead of branching inside it.
+A method's config is a dataclass in the method's own file (``LoraConfig`` in methods/lora.py, ...). Field names
+follow PEFT's ``adapter_config.json`` where PEFT has the method, so configs round-trip: :meth:`to_peft_dict`
+writes what ``peft`` reads, and :func:`config_from_peft_dict` dispatches a file on its ``peft_type`` (and flags
+such as ``use_dora``) through the registry. Nothing here names a method.
 """
 
 from __future__ import annotations
@@ -12,72 +12,53 @@ import dataclasses
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 from .errors import GraftingError
 
 TargetSpec = Union[list, str, None]
 
-BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian", "kaiming")
+# PEFT's default layer-container names for layers_to_transform (peft.tuners.tuners_utils.COMMON_LAYERS_PATTERN)
+COMMON_LAYERS_PATTERN = ("layers", "h", "block", "blocks", "layer")
 
-# PEFT config fields we read and ignore when they hold these (default) values. Anything else set to a
-# non-default value is a feature we do not implement, and loading it silently would give wrong outputs.
-_PEFT_IGNORED_DEFAULTS: dict[str, tuple] = {
-    "alora_invocation_tokens": (None,),
-    "arrow_config": (None,),
-    "auto_mapping": None,  # any value
-    "corda_config": (None,),
-    "ensure_weight_tying": (False, None),
-    "eva_config": (None,),
-    "inference_mode": None,
-    "kasa_config": (None,),
-    "layer_replication": (None,),
-    "layers_pattern": (None, [], ""),
-    "layers_to_transform": (None, []),
-    "loftq_config": ({}, None),
-    "lora_bias": (False, None),
-    "lora_ga_config": (None,),
-    "megatron_config": (None,),
-    "megatron_core": None,
-    "monteclora_config": (None,),
-    "peft_type": None,
-    "peft_version": None,
-    "qalora_group_size": None,
-    "revision": (None,),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None,),
-    "use_bdlora": (None, False),
-    "use_qalora": (False, None),
-    "velora_config": (None,),
-    "exclude_modules": (None, [], ""),
-}
+
+class _ConfigMeta(type):
+    """Unknown constructor fields become a GraftingError with a did-you-mean, not a bare TypeError."""
+
+    def __call__(cls, *args, **kwargs):
+        if dataclasses.is_dataclass(cls):
+            own = [f.name for f in dataclasses.fields(cls) if f.init]
+            for key in kwargs:
+                if key not in own:
+                    close = difflib.get_close_matches(key, own, n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise GraftingError(f"{cls.__name__}: unknown field '{key}'{hint}; fields: {', '.join(own)}")
+        return super().__call__(*args, **kwargs)
 
 
 @dataclass
-class LoraConfig:
-    """Configuration of a LoRA-family adapter (LoRA, rsLoRA, DoRA).
+class AdapterConfig(metaclass=_ConfigMeta):
+    """Fields every method shares. Subclasses add theirs (all with defaults) and override :meth:`check`.
 
-    r: rank. lora_alpha: scale numerator; ``scaling = lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``).
     target_modules: list of names (suffix match, as PEFT), a regex string (full match), or ``"all-linear"``.
-    rank_pattern / alpha_pattern: per-module overrides, keys matched like PEFT (regex searched at the end of the
-    module name). modules_to_save: modules trained and saved in full. bias: ``none``, ``all`` or ``lora_only``.
-    init_lora_weights: ``True``/``"kaiming"`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0),
-    ``False`` (random non-zero B: the adapter changes the output from the start; for tests).
+    exclude_modules: the same forms; matching modules are never targets. layers_to_transform / layers_pattern:
+    only layers with these indices inside a ``<layers_pattern>.<index>.`` container (PEFT's rule).
+    modules_to_save: modules trained and saved in full.
     """
 
-    r: int = 8
-    lora_alpha: float = 8
+    #: PEFT's ``peft_type`` for this config's family; the registry maps (peft_type, flags) to a method
+    peft_type: ClassVar[str] = ""
+    #: PEFT fields this config reads but does not implement: field -> accepted values (None: any value).
+    #: Any other value changes the maths, so loading it would be wrong: it is refused by name.
+    peft_ignored: ClassVar[dict] = {}
+    #: grafting-only fields: kept in memory, not written to adapter_config.json (peft would not know them)
+    grafting_only: ClassVar[tuple] = ()
+
     target_modules: TargetSpec = None
-    lora_dropout: float = 0.0
-    bias: str = "none"
-    use_rslora: bool = False
-    use_dora: bool = False
-    init_lora_weights: Any = True
-    fan_in_fan_out: bool = False
+    exclude_modules: TargetSpec = None
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
     modules_to_save: list | None = None
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
     base_model_name_or_path: str | None = None
     task_type: str | None = None
 
@@ -86,111 +67,151 @@ class LoraConfig:
 
     @property
     def method(self) -> str:
-        """The registered method this config builds."""
-        return "dora" if self.use_dora else "lora"
+        """The registered method this config builds (by ``peft_type`` and variant flags)."""
+        from .registry import method_for_config
+        return method_for_config(self).name
 
-    def validate(self, where: str = "LoraConfig") -> None:
+    # ---- validation -------------------------------------------------------------------------------------------
+    def validate(self, where: str | None = None) -> None:
+        where = where or type(self).__name__
+
         def bad(field_name: str, expected: str, got: Any) -> GraftingError:
             return GraftingError(f"{where}: field '{field_name}' must be {expected}, got {got!r}")
 
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise bad("r", "a positive integer", self.r)
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise bad("lora_alpha", "a number", self.lora_alpha)
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise bad("lora_dropout", "a number in [0, 1)", self.lora_dropout)
-        if self.bias not in BIAS_MODES:
-            raise bad("bias", f"one of {BIAS_MODES}", self.bias)
-        if self.init_lora_weights not in INIT_MODES:
-            raise bad("init_lora_weights", f"one of {INIT_MODES}", self.init_lora_weights)
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
-            raise bad("target_modules", "a list of names, a regex string or 'all-linear'", self.target_modules)
-        if isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                raise bad("target_modules", f"a valid regex ({e})", self.target_modules) from None
-        if isinstance(self.target_modules, list) and not all(isinstance(t, str) for t in self.target_modules):
-            raise bad("target_modules", "a list of strings", self.target_modules)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                value = sorted(value)
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, (str, list)):
+                raise bad(name, "a list of names, a regex string or 'all-linear'", value)
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise bad(name, f"a valid regex ({e})", value) from None
+            if isinstance(value, list) and not all(isinstance(t, str) for t in value):
+                raise bad(name, "a list of strings", value)
+        layers = self.layers_to_transform
+        if isinstance(layers, bool) or not (layers is None or isinstance(layers, int) or (
+                isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers))):
+            raise bad("layers_to_transform", "a layer index or a list of layer indices", layers)
+        if isinstance(layers, int):
+            self.layers_to_transform = layers = [layers]
+        if layers and (not isinstance(self.target_modules, list)):
+            raise bad("layers_to_transform", "used with a list of target_modules (PEFT ignores it for a regex)",
+                      layers)
+        pattern = self.layers_pattern
+        if pattern not in (None, "", []) and not (isinstance(pattern, str) or (
+                isinstance(pattern, list) and all(isinstance(p, str) for p in pattern))):
+            raise bad("layers_pattern", "a name or a list of names", pattern)
+        if pattern not in (None, "", []) and not layers:
+            raise bad("layers_pattern", "used together with layers_to_transform", pattern)
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, (set, tuple)):
                 self.modules_to_save = list(self.modules_to_save)
             if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) for m in self.modules_to_save):
                 raise bad("modules_to_save", "a list of module names", self.modules_to_save)
-        for name, pattern, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, (int, float))):
-            if not isinstance(pattern, dict):
-                raise bad(name, "a mapping of module-name pattern to value", pattern)
-            for key, value in pattern.items():
-                if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-                    raise bad(f"{name}[{key!r}]", "a positive number", value)
+        for name in ("base_model_name_or_path", "task_type"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise bad(name, "a string", getattr(self, name))
+        self.check(bad)
 
-    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
-        """The rank and alpha for one module, after rank_pattern / alpha_pattern (PEFT's matching rule)."""
-        return (_pattern_value(self.rank_pattern, module_name, self.r),
-                _pattern_value(self.alpha_pattern, module_name, self.lora_alpha))
+    def check(self, bad) -> None:
+        """Method-specific checks; ``bad(field, expected, got)`` builds the error to raise."""
 
-    def scaling(self, r: int, alpha: float) -> float:
-        return alpha / (r ** 0.5) if self.use_rslora else alpha / r
+    def selects_layer(self, module_name: str) -> bool:
+        """PEFT's layers_to_transform rule: the module sits inside ``<pattern>.<index>.`` with a chosen index."""
+        if not self.layers_to_transform:
+            return True
+        patterns = self.layers_pattern or COMMON_LAYERS_PATTERN
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        for p in patterns:
+            m = re.match(rf".*\.{re.escape(p)}\.(\d+)\.", module_name) or re.match(rf"^{re.escape(p)}\.(\d+)\.",
+                                                                                  module_name)
+            if m:
+                return int(m.group(1)) in self.layers_to_transform
+        return False
 
-    # --- PEFT on-disk form -------------------------------------------------------------------------------------
+    # ---- PEFT on-disk form ------------------------------------------------------------------------------------
     def to_peft_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["peft_type"] = "LORA"
-        d["lora_bias"] = False
-        d["layers_to_transform"] = None
-        d["layers_pattern"] = None
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.grafting_only}
+        d["peft_type"] = self.peft_type
         d["inference_mode"] = True
-        if isinstance(self.target_modules, list):
-            d["target_modules"] = sorted(self.target_modules)
-        if d["init_lora_weights"] == "kaiming":
-            d["init_lora_weights"] = True
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(d.get(key), list):
+                d[key] = sorted(d[key])
         return d
 
     @classmethod
-    def from_peft_dict(cls, d: dict, where: str = "adapter_config.json") -> "LoraConfig":
+    def from_peft_dict(cls, d: dict, where: str = "adapter_config.json") -> "AdapterConfig":
+        """A config from a PEFT-style dict: own fields read, harmless PEFT fields ignored, the rest refused."""
         if not isinstance(d, dict):
             raise GraftingError(f"{where}: expected a JSON object, got {type(d).__name__}")
-        peft_type = d.get("peft_type", "LORA")
-        if peft_type != "LORA":
-            from .registry import method_names
-            raise GraftingError(f"{where}: field 'peft_type' is {peft_type!r}; grafting reads LORA adapters "
-                                f"(methods: {', '.join(method_names())})")
-        own = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        own = set(fields) - set(cls.grafting_only)
+        common_ignored = {"peft_type": None, "peft_version": None, "inference_mode": None, "auto_mapping": None,
+                          "revision": (None,)}
+        ignored = {**common_ignored, **cls.peft_ignored}
         kwargs = {}
         for key, value in d.items():
-            if key in own:
+            if key in own or key in cls.grafting_only:
                 kwargs[key] = value
-            elif key in _PEFT_IGNORED_DEFAULTS:
-                allowed = _PEFT_IGNORED_DEFAULTS[key]
+            elif key in ignored:
+                allowed = ignored[key]
                 if allowed is not None and value not in allowed:
                     raise GraftingError(f"{where}: field '{key}' = {value!r} is a PEFT feature grafting does not "
                                         f"support (expected one of {list(allowed)})")
             else:
-                close = difflib.get_close_matches(key, sorted(own | set(_PEFT_IGNORED_DEFAULTS)), n=1)
+                close = difflib.get_close_matches(key, sorted(own | set(ignored)), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise GraftingError(f"{where}: unknown field '{key}'{hint}")
-        if kwargs.get("init_lora_weights") not in (None, *INIT_MODES):
-            kwargs["init_lora_weights"] = True  # PEFT init schemes (pissa, olora, ...) only matter before training
         cfg = cls.__new__(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in kwargs:
-                value = kwargs[f.name]
-            elif f.default is not dataclasses.MISSING:
-                value = f.default
+        for name, f in fields.items():
+            if f.default is dataclasses.MISSING:  # a mutable default: peft writes null for an empty mapping
+                value = kwargs.get(name) if kwargs.get(name) is not None else f.default_factory()  # type: ignore[misc]
             else:
-                value = f.default_factory()  # type: ignore[misc]
-            if f.name in ("rank_pattern", "alpha_pattern") and value is None:
-                value = {}
-            setattr(cfg, f.name, value)
+                value = kwargs.get(name, f.default)
+            setattr(cfg, name, value)
         cfg.validate(where)
         return cfg
 
 
-def _pattern_value(pattern: dict, module_name: str, default):
-    # PEFT: a key matches when it equals the module name or matches (as a regex) a dotted suffix of it
+def config_from_peft_dict(d: Any, where: str = "adapter_config.json") -> AdapterConfig:
+    """The registered config an ``adapter_config.json`` describes, chosen by its ``peft_type`` and flags."""
+    from .registry import method_for_peft_dict
+    if not isinstance(d, dict):
+        raise GraftingError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    return method_for_peft_dict(d, where).config_class.from_peft_dict(d, where)
+
+
+def config_from_fields(fields: dict, where: str = "adapter") -> AdapterConfig:
+    """A config from ``{method: NAME, ...fields}`` (recipes); ``method`` defaults to ``lora``."""
+    from .registry import get_method
+    if not isinstance(fields, dict):
+        raise GraftingError(f"{where}: expected a mapping of adapter fields, got {type(fields).__name__}")
+    fields = dict(fields)
+    name = fields.pop("method", "lora")
+    try:
+        method = get_method(name)
+    except GraftingError as e:
+        raise GraftingError(f"{where}: field 'method': {e}") from None
+    if "peft_type" in fields and fields["peft_type"] != method.config_class.peft_type:
+        raise GraftingError(f"{where}: field 'peft_type' is {fields['peft_type']!r} but method '{name}' is "
+                            f"{method.config_class.peft_type!r}")
+    cfg = method.config_class.from_peft_dict({**fields, **method.flags}, where)
+    if cfg.method != name:
+        raise GraftingError(f"{where}: these fields build method '{cfg.method}', not '{name}'")
+    return cfg
+
+
+def pattern_value(pattern: dict, module_name: str, default):
+    """PEFT's rank_pattern / alpha_pattern rule: a key matches when it equals the module name or matches (as a
+    regex) a dotted suffix of it."""
     for key, value in pattern.items():
         if key == module_name or re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
+
+
+__all__ = ["AdapterConfig", "config_from_fields", "config_from_peft_dict", "pattern_value", "field"]

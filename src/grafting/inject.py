@@ -43,7 +43,12 @@ def iter_candidates(model: nn.Module):
     yield from walk(model, "")
 
 
-def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
+def find_targets(model: nn.Module, cfg, saved_in_full: list | None = None) -> list[tuple[str, nn.Module]]:
+    """Modules the config targets: ``target_modules`` minus ``exclude_modules``, within ``layers_to_transform``.
+
+    ``all-linear`` (as peft) never takes the output head, nor modules trained in full (``saved_in_full``: the
+    config's modules_to_save and the task head, e.g. a classifier), so it combines with them."""
+    target_modules = cfg.target_modules
     if target_modules is None:
         raise GraftingError("config field 'target_modules' is not set; give a list of module names, a regex, "
                             "or 'all-linear'")
@@ -53,10 +58,20 @@ def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]
         for name, module in iter_candidates(model):
             base = module.base_layer if isinstance(module, HostLayer) else module
             k = kind_of(base)
-            if k is not None and k.name in ("linear", "conv1d") and name not in heads:
+            if k is not None and k.name in ("linear", "conv1d") and name not in heads \
+                    and not (saved_in_full and name_matches(saved_in_full, name)):
                 found.append((name, module))
     else:
         found = [(n, m) for n, m in iter_candidates(model) if name_matches(target_modules, n)]
+    matched = len(found)
+    if cfg.exclude_modules:
+        found = [(n, m) for n, m in found if not name_matches(cfg.exclude_modules, n)]
+    if cfg.layers_to_transform:
+        found = [(n, m) for n, m in found if cfg.selects_layer(n)]
+    if matched and not found:
+        raise GraftingError(f"target_modules={target_modules!r} matched {matched} modules, but exclude_modules="
+                            f"{cfg.exclude_modules!r} / layers_to_transform={cfg.layers_to_transform!r} "
+                            f"(layers_pattern={cfg.layers_pattern!r}) left none")
     for name, module in found:
         base = module.base_layer if isinstance(module, HostLayer) else module
         if kind_of(base) is None:
@@ -78,7 +93,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def host_for(model: nn.Module, name: str, module: nn.Module, routing) -> HostLayer:
     if isinstance(module, HostLayer):
         return module
-    host = HostLayer(module, kind_of(module), routing)
+    host = HostLayer(module, kind_of(module), routing, name)
     replace_module(model, name, host)
     return host
 
@@ -97,9 +112,11 @@ class ModulesToSave(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         routing = self._routing
-        if routing.rows is not None:
+        rows = routing.rows
+        if rows is not None:
+            rows = rows.for_batch(x.shape[0])
             out = self.original_module(x, *args, **kwargs)
-            for name, idx in routing.rows.groups.items():
+            for name, idx in rows.groups.items():
                 if name in self.copies:
                     sub = self.copies[name](x.index_select(0, idx), *args, **kwargs)
                     out = out.index_copy(0, idx, sub)
@@ -111,17 +128,20 @@ class ModulesToSave(nn.Module):
         return self.original_module(x, *args, **kwargs)
 
 
-def find_modules_to_save(model: nn.Module, names: list, routing) -> list[tuple[str, ModulesToSave]]:
+def find_modules_to_save(model: nn.Module, names: list, routing, required: list | None = None
+                         ) -> list[tuple[str, ModulesToSave]]:
+    """Wrap the modules ``names`` matches; each of ``required`` (default: all names) must match one."""
     found = []
     for name, module in list(iter_candidates(model)):
         if not name_matches(names, name):
             continue
         if isinstance(module, HostLayer):
-            raise GraftingError(f"module '{name}' is both a LoRA target and in modules_to_save")
+            raise GraftingError(f"module '{name}' is both an adapter target and in modules_to_save")
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module, routing)
             replace_module(model, name, module)
         found.append((name, module))
-    if not found:
-        raise GraftingError(f"modules_to_save={names!r} matched no module")
+    for entry in names if required is None else required:
+        if not any(name_matches([entry], n) for n, _ in found):
+            raise GraftingError(f"modules_to_save entry {entry!r} matched no module")
     return found

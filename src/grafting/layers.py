@@ -3,8 +3,13 @@
 A host layer never knows which method an adapter uses; it asks the method (``delta``) and routes rows. What
 differs between base-layer types (how a low-rank pair acts on the input, where the output axis is, how the
 dense weight is read) lives in a small :class:`LayerKind` per type, so every method works on every layer type
-it declares without a class per (method x layer) pair. A base layer that is not a plain fp32 weight (a
-quantized one) only has to offer ``dequantize()``: :meth:`LayerKind.weight` asks for it.
+it declares without a class per (method x layer) pair.
+
+The host protocol: any base module that computes its own output can host every low-rank method. A linear base
+that is not a plain float ``weight`` (a quantized one: packed integer storage, its own forward) offers
+``in_features``, ``out_features`` and ``dequantize()`` returning the dense (out, in) weight; to accept merges
+(and inits that rewrite the base, such as PiSSA) it also offers ``quantize_(weight)``, which re-quantizes a
+dense weight in place. Without it, a merge is refused; grafting never writes into packed storage.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
+from .autodiff import tracking_derivatives
 from .errors import GraftingError
 
 
@@ -77,13 +83,25 @@ class LinearKind(LayerKind):
     gathered = True
 
     def matches(self, module):
-        return isinstance(module, nn.Linear)
+        return isinstance(module, nn.Linear) or computes_own_linear(module)
 
     def in_out(self, base):
         return base.in_features, base.out_features
 
     def plain_types(self):
         return (nn.Linear,)
+
+
+def computes_own_linear(module: nn.Module) -> bool:
+    """A linear base that computes its own output from non-float storage (the host protocol above)."""
+    return callable(getattr(module, "dequantize", None)) and isinstance(getattr(module, "in_features", None), int) \
+        and isinstance(getattr(module, "out_features", None), int)
+
+
+def stores_plain_weight(base: nn.Module) -> bool:
+    """The base's ``weight`` is the dense float weight itself (safe to write a merged weight into)."""
+    w = getattr(base, "weight", None)
+    return not callable(getattr(base, "dequantize", None)) and isinstance(w, torch.Tensor) and w.is_floating_point()
 
 
 class Conv1DKind(LayerKind):
@@ -195,7 +213,7 @@ class HostLayer(nn.Module):
     adapters are disabled, and, for mixed batches, which adapter each row uses.
     """
 
-    def __init__(self, base_layer: nn.Module, kind: LayerKind, routing: Any):
+    def __init__(self, base_layer: nn.Module, kind: LayerKind, routing: Any, name: str = ""):
         super().__init__()
         self.base_layer = base_layer
         self.kind = kind
@@ -205,6 +223,19 @@ class HostLayer(nn.Module):
         self._routing = routing
         self._stack = None  # batching.LowRankStack, built on the first mixed batch
         kind.in_out(base_layer)  # validates the base layer
+        w = kind.weight(base_layer)
+        if not (isinstance(w, torch.Tensor) and w.is_floating_point()):
+            got = type(w).__name__ if not isinstance(w, torch.Tensor) else f"a {w.dtype} tensor"
+            raise GraftingError(f"module '{name}' ({type(base_layer).__name__}) has weight {got}; a base layer "
+                                "with packed or integer storage must offer dequantize() returning the dense float "
+                                "weight (see docs/concepts.md, 'Any base')")
+
+    def _apply(self, fn, recurse=True):
+        # the mixed-batch stack is a cache of adapter tensors: it follows .to() / .double() like they do
+        super()._apply(fn, recurse)
+        if self._stack is not None:
+            self._stack.apply(fn)
+        return self
 
     @property
     def in_features(self) -> int:
@@ -230,30 +261,55 @@ class HostLayer(nn.Module):
         del self.methods[name]
 
     # ---- merging ----------------------------------------------------------------------------------------------
+    def can_write_weight(self) -> str | None:
+        """None when a dense weight can be written into the base; otherwise why not."""
+        base = self.base_layer
+        if stores_plain_weight(base) or callable(getattr(base, "quantize_", None)):
+            return None
+        return (f"{type(base).__name__} stores its weight packed ({'dequantize()' if hasattr(base, 'dequantize') else 'no float weight'}) "
+                "and offers no quantize_(weight) to re-quantize a merged weight")
+
+    def write_weight(self, weight: torch.Tensor) -> None:
+        """Replace the base's dense weight: copied into a plain float weight, or re-quantized by the base."""
+        why = self.can_write_weight()
+        if why is not None:
+            raise GraftingError(f"cannot write a merged weight into this layer: {why}")
+        base = self.base_layer
+        with torch.no_grad():
+            if stores_plain_weight(base):
+                base.weight.copy_(weight.to(base.weight.dtype))
+            else:
+                base.quantize_(weight.detach())
+
     def merge(self, name: str) -> None:
         if name in self.merged or name not in self.adapters:
             return
         method = self.methods[name]
-        weight = self.base_layer.weight
+        plain = stores_plain_weight(self.base_layer)
+        # a re-quantized merge cannot be undone by subtraction: keep the packed state to restore it exactly
+        saved = None if plain else {k: v.clone() for k, v in self.base_layer.state_dict().items()}
         with torch.no_grad():
             new_weight, token = method.merge(self.adapters[name], self)
-            weight.copy_(new_weight.to(weight.dtype))
-        self.merged[name] = token
+            self.write_weight(new_weight)
+        self.merged[name] = (token, saved)
 
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
             return
-        token = self.merged.pop(name)
-        weight = self.base_layer.weight
+        token, saved = self.merged.pop(name)
+        if saved is not None:
+            self.base_layer.load_state_dict(saved)
+            return
         with torch.no_grad():
-            weight.copy_(self.methods[name].unmerge(self.adapters[name], self, token).to(weight.dtype))
+            self.write_weight(self.methods[name].unmerge(self.adapters[name], self, token))
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         routing = self._routing
-        if routing.rows is not None:
+        rows = routing.rows
+        if rows is not None:
             from .batching import mixed_forward
-            return mixed_forward(self, x, routing.rows, *args, **kwargs)
+            return mixed_forward(self, x, rows, *args, **kwargs)
         if not routing.enabled:
             if self.merged:
                 raise GraftingError(f"adapters {sorted(self.merged)} are merged into the base weights; "
@@ -290,8 +346,8 @@ class HostLayer(nn.Module):
         params = list(adapter.parameters())
         if not params or not x.dtype == params[0].dtype == base.weight.dtype:
             return False
-        return not (torch.is_grad_enabled() and (base.weight.requires_grad or any(p.requires_grad for p in params)))
-
+        # the folded weight is detached: never while any derivative (reverse, forward, higher order) is built
+        return not tracking_derivatives(x, base.weight, *params)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, adapters={list(self.adapters)}, merged={list(self.merged)}"

@@ -7,17 +7,23 @@ It is an ``nn.Module`` that holds the base model (so ``.to()``, ``.eval()``, ``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
+import json
 import re
-from typing import Iterator
+from typing import Iterable, Iterator
 
+import torch
 from torch import nn
 
-from .batching import RowRouting, Routing
-from .config import LoraConfig
+from .batching import RowRouting, Routing, bucket_of
+from .config import AdapterConfig
 from .errors import GraftingError
 from .inject import ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates, replace_module
 from .layers import HostLayer
-from .registry import get_method
+from .registry import get_method, method_for_config
+
+_UIDS = itertools.count(1)  # adapter modules get a uid: id() may be reused after an adapter is freed
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -27,16 +33,20 @@ _TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "
 
 
 class AdaptedModel(nn.Module):
-    def __init__(self, base_model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default"):
+    def __init__(self, base_model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = "default",
+                 calibration: Iterable | None = None):
         super().__init__()
         if isinstance(base_model, AdaptedModel):
             raise GraftingError("the model is already adapted; use add_adapter() to add another adapter")
         self.base_model = base_model
+        self.shared_tensors = nn.ModuleDict()  # adapter name -> its method's model-level tensors (if any)
         self._routing = Routing()
-        self.peft_config: dict[str, LoraConfig] = {}
+        self.peft_config: dict[str, AdapterConfig] = {}
         self._frozen: set = set()  # adapters loaded for inference only (is_trainable=False)
+        self._initial: dict = {}  # adapter -> {module: tensors right after an init that changed the base}
+        self._hashes: dict = {}  # adapter -> (version key, content hash)
         if config is not None:
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, calibration=calibration)
             self.set_active(adapter_name)
 
     # ---- what the base model offers ---------------------------------------------------------------------------
@@ -49,23 +59,62 @@ class AdaptedModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list | None = None, **kwargs):
-        with self._rows(adapter_names):
+        """The base model's ``generate``; with ``adapter_names`` one adapter per input row, expanded (as peft
+        does) when beams or several return sequences copy each row."""
+        with self._rows(adapter_names, expandable=True):
             return self.base_model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _rows(self, adapter_names):
+    def _rows(self, adapter_names, expandable: bool = False):
         if adapter_names is None:
             yield
             return
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise GraftingError(f"adapter_names must be a list with one adapter name (or None) per row, "
+                                f"got {adapter_names!r}")
         for name in adapter_names:
             if name is not None and name not in self.peft_config:
                 raise GraftingError(f"adapter_names names unknown adapter '{name}'; loaded: {self.adapter_names()}")
         device = next(self.base_model.parameters()).device
-        self._routing.rows = RowRouting.build(list(adapter_names), self._routing.slot_of, device)
+        hashes = {n: self.content_hash(n) for n in set(adapter_names) if n is not None}
+        rows = RowRouting.build(list(adapter_names), self._routing.slot_of, hashes, device, expandable)
+        token = self._routing._rows.set(rows)
         try:
             yield
         finally:
-            self._routing.rows = None
+            self._routing._rows.reset(token)
+
+    def content_hash(self, name: str) -> str:
+        """SHA-256 of the adapter's config and tensors (what ``save_adapter`` would write). Mixed-batch stacks key
+        on it, so a name reloaded with other weights never serves stale factors; cached on tensor versions."""
+        self._require(name)
+        key = self._version_key(name)
+        hit = self._hashes.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        from .io.peft_format import adapter_tensors
+        h = hashlib.sha256(json.dumps(self.peft_config[name].to_peft_dict(), sort_keys=True, default=str).encode())
+        for k, t in sorted(adapter_tensors(self, name).items()):
+            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self._hashes[name] = (key, h.hexdigest())
+        return self._hashes[name][1]
+
+    def _version_key(self, name: str) -> tuple:
+        out = []
+        modules = [h.adapters[name] for _, h in self.hosts() if name in h.adapters]
+        modules += [s.copies[name] for _, s in self.saved_modules() if name in s.copies]
+        if name in self.shared_tensors:
+            modules.append(self.shared_tensors[name])
+        for m in modules:
+            out.append(m.__dict__.get("_graft_uid"))
+            todo = [m]
+            while todo:  # a manual walk: named_parameters() is slow enough to show on every forward
+                mod = todo.pop()
+                out.extend((id(t), t._version) for t in (*mod._parameters.values(), *mod._buffers.values())
+                           if t is not None)
+                todo.extend(c for c in mod._modules.values() if c is not None)
+        return tuple(out)
 
     # ---- adapters ---------------------------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -86,41 +135,68 @@ class AdaptedModel(nn.Module):
             if isinstance(module, ModulesToSave):
                 yield name, module
 
-    def add_adapter(self, name: str, config: LoraConfig) -> None:
+    def add_adapter(self, name: str, config: AdapterConfig, calibration: Iterable | None = None) -> None:
+        """Inject adapter ``name`` built by ``config`` (any registered method's config).
+
+        ``calibration``: batches (dicts of model inputs, tuples, or tensors) whose activations a data-aware init
+        reads; required when the method says so (``Method.needs_calibration``)."""
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise GraftingError(f"adapter name {name!r} must be non-empty letters, digits, '_' or '-'")
         if name in self.peft_config:
             raise GraftingError(f"adapter '{name}' already exists; delete_adapter('{name}') first")
-        if not isinstance(config, LoraConfig):
-            raise GraftingError(f"config must be a grafting LoraConfig, got {type(config).__name__}")
+        if not isinstance(config, AdapterConfig):
+            raise GraftingError(f"config must be a grafting adapter config (e.g. gf.LoraConfig), "
+                                f"got {type(config).__name__}")
         config.validate()
-        method = get_method(config.method)
-        targets = find_targets(self.base_model, config.target_modules)
-        created = []
+        method = method_for_config(config)
+        if not isinstance(config, method.config_class):  # LoraConfig(use_dora=True) -> DoraConfig
+            config = method.config_class.from_peft_dict({**config.to_peft_dict(), **method.flags})
+        if method.needs_calibration(config) and calibration is None:
+            raise GraftingError(f"method '{method.name}' initialises from activations: pass "
+                                "add_adapter(..., calibration=batches)")
+        to_save = list(config.modules_to_save or [])
+        heads = [h for h in _TASK_HEADS.get(config.task_type or "", ()) if h not in to_save
+                 and any(n == h or n.endswith("." + h) for n, _ in self.base_model.named_modules())]
+        targets = find_targets(self.base_model, config, to_save + heads)
+        created, ranks = [], []
         try:
+            hosts = []
             for module_name, module in targets:
                 host = host_for(self.base_model, module_name, module, self._routing)
                 if host.kind.name not in method.layer_kinds:
                     raise GraftingError(f"method '{method.name}' does not support {host.kind.name} layers "
                                         f"(module '{module_name}')")
-                r, alpha = config.rank_and_alpha(module_name)
-                host.add(name, method, method.create(host, config, r, alpha))
+                hosts.append((module_name, host))
+            shared = method.create_shared(config, hosts)
+            if shared is not None:
+                self.shared_tensors[name] = shared
+            for module_name, host in hosts:
+                adapter = method.create(host, config, module_name, shared)
+                adapter._graft_uid = next(_UIDS)
+                host.add(name, method, adapter)
                 created.append(host)
-            to_save = list(config.modules_to_save or [])
-            heads = [h for h in _TASK_HEADS.get(config.task_type or "", ()) if h not in to_save
-                     and any(n == h or n.endswith("." + h) for n, _ in self.base_model.named_modules())]
+                factors = method.low_rank(adapter) if method.low_rank_form else None
+                ranks.append(None if factors is None else factors[0].shape[0])
             if to_save or heads:
-                for _, saved in find_modules_to_save(self.base_model, to_save + heads, self._routing):
+                # peft writes every task head name of the task type (classifier and score); one is enough
+                optional = _TASK_HEADS.get(config.task_type or "", ())
+                present = [m for m in to_save + heads if m not in optional
+                           or any(n == m or n.endswith("." + m) for n, _ in self.base_model.named_modules())]
+                for _, saved in find_modules_to_save(self.base_model, present, self._routing,
+                                                     required=[m for m in to_save if m not in optional]):
                     saved.add(name)
+            self._run_init(name, method, config, hosts, calibration)
         except Exception:
             for host in created:
                 host.remove(name)
+            self.shared_tensors.pop(name, None) if name in self.shared_tensors else None
             for _, saved in self.saved_modules():
                 if name in saved.copies:
                     del saved.copies[name]
             raise
         self.peft_config[name] = config
-        self._routing.assign_slot(name)
+        low_rank = ranks and all(r is not None for r in ranks)
+        self._routing.assign_slot(name, max(ranks) if low_rank else None)
         if not self._routing.active:
             self.set_active(name)
         else:  # a new adapter starts inactive, so frozen; no need to revisit every other adapter
@@ -130,16 +206,90 @@ class AdaptedModel(nn.Module):
             for _, saved in self.saved_modules():
                 if name in saved.copies:
                     saved.copies[name].requires_grad_(False)
+            if name in self.shared_tensors:
+                self.shared_tensors[name].requires_grad_(False)
+
+    def _run_init(self, name, method, config, hosts, calibration) -> None:
+        """The init stage: after every layer exists, each adapter may read its layer's activations over the
+        calibration batches and the base weight, and may change the base weight (then recorded for save/delete)."""
+        activations = self._collect_activations(hosts, calibration) if method.needs_calibration(config) else {}
+        changes = method.changes_base(config)
+        if changes:
+            for module_name, host in hosts:
+                why = host.can_write_weight()
+                if why is not None:
+                    raise GraftingError(f"module '{module_name}': this init rewrites the base weight, but {why}")
+        done = []
+        try:
+            for module_name, host in hosts:
+                method.init(host.adapters[name], host, config, activations.get(module_name))
+                done.append((module_name, host))
+                if changes:
+                    adapter = host.adapters[name]
+                    self._initial.setdefault(name, {})[module_name] = {
+                        attr: getattr(adapter, attr).detach().clone()
+                        for attr in method.peft_keys(host.kind.name).values()}
+        except Exception:
+            for module_name, host in done:
+                if changes:
+                    method.undo_init(self._initial[name][module_name], host.adapters[name], host, config)
+            self._initial.pop(name, None)
+            raise
+
+    @torch.no_grad()
+    def _collect_activations(self, hosts, calibration, max_rows: int = 65536) -> dict:
+        """Inputs seen by each target layer's base over the calibration batches, as (rows, fan_in) tensors."""
+        seen: dict = {n: [] for n, _ in hosts}
+        handles = []
+        for module_name, host in hosts:
+            def hook(_module, args, module_name=module_name):
+                x = args[0]
+                if x.is_floating_point() and sum(t.shape[0] for t in seen[module_name]) < max_rows:
+                    seen[module_name].append(x.detach().reshape(-1, x.shape[-1]).float())
+            handles.append(host.base_layer.register_forward_pre_hook(hook))
+        count = 0
+        try:
+            token = self._routing._enabled.set(False)
+            try:
+                for batch in calibration:
+                    count += 1
+                    if isinstance(batch, dict):
+                        self.base_model(**batch)
+                    elif isinstance(batch, (tuple, list)):
+                        self.base_model(*batch)
+                    else:
+                        self.base_model(batch)
+            finally:
+                self._routing._enabled.reset(token)
+        finally:
+            for h in handles:
+                h.remove()
+        if count == 0:
+            raise GraftingError("calibration: no batches given")
+        missing = [n for n, xs in seen.items() if not xs]
+        if missing:
+            raise GraftingError(f"calibration: the batches never reached modules {missing[:5]}")
+        return {n: torch.cat(xs)[:max_rows] for n, xs in seen.items()}
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)
-        for _, host in self.hosts():
+        if any(name in h.merged for _, h in self.hosts()):
+            raise GraftingError(f"adapter '{name}' is merged; unmerge it before deleting it")
+        method = get_method(self.peft_config[name].method)
+        for module_name, host in self.hosts():
             if name in host.adapters:
+                if name in self._initial:  # the init changed this base weight: put the original back
+                    method.undo_init(self._initial[name][module_name], host.adapters[name], host,
+                                     self.peft_config[name])
                 host.remove(name)
         for _, saved in self.saved_modules():
             if name in saved.copies:
                 del saved.copies[name]
+        if name in self.shared_tensors:
+            del self.shared_tensors[name]
         del self.peft_config[name]
+        self._initial.pop(name, None)
+        self._hashes.pop(name, None)
         self._frozen.discard(name)
         self._routing.slot_of.pop(name, None)
         self._routing.active = tuple(a for a in self._routing.active if a != name)
@@ -167,8 +317,10 @@ class AdaptedModel(nn.Module):
         for _, saved in self.saved_modules():
             for name, copy_ in saved.copies.items():
                 copy_.requires_grad_(name in active and name not in self._frozen)
+        for name, shared in self.shared_tensors.items():
+            shared.requires_grad_(name in active and name not in self._frozen)
         for name in active - self._frozen:
-            bias = self.peft_config[name].bias
+            bias = getattr(self.peft_config[name], "bias", "none")
             if bias == "all":
                 for pname, p in self.base_model.named_parameters():
                     if pname.endswith("bias") and ".copies." not in pname and "original_module" not in pname:
@@ -180,13 +332,71 @@ class AdaptedModel(nn.Module):
 
     @contextlib.contextmanager
     def disabled(self):
-        """Run the base model alone inside this block."""
-        previous = self._routing.enabled
-        self._routing.enabled = False
+        """Run the base model alone inside this block (this thread / task only)."""
+        token = self._routing._enabled.set(False)
         try:
             yield self
         finally:
-            self._routing.enabled = previous
+            self._routing._enabled.reset(token)
+
+    def param_groups(self, name: str | None = None) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters of adapter ``name`` (default: the active ones) by role.
+
+        Roles come from each method's ``param_groups`` (``weights``, ``architecture``, ...), plus ``saved`` for
+        modules trained in full (modules_to_save, task heads), ``shared`` for trainable model-level tensors and
+        ``bias`` for base biases the config trains. Every trainable parameter is in exactly one group."""
+        names = self._routing.active if name is None else (name,)
+        for n in names:
+            self._require(n)
+        groups: dict[str, list] = {}
+        seen: set = set()
+
+        def put(role, p):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                groups.setdefault(role, []).append(p)
+
+        for n in names:
+            for _, host in self.hosts():
+                if n in host.adapters:
+                    adapter = host.adapters[n]
+                    for role, pnames in host.methods[n].param_groups(adapter).items():
+                        for pname in pnames:
+                            put(role, adapter.get_parameter(pname))
+                    for _, p in adapter.named_parameters():
+                        put("weights", p)  # parameters a method's param_groups did not name
+            for _, saved in self.saved_modules():
+                if n in saved.copies:
+                    for p in saved.copies[n].parameters():
+                        put("saved", p)
+            if n in self.shared_tensors:
+                for p in self.shared_tensors[n].parameters():
+                    put("shared", p)
+        for pname, p in self.base_model.named_parameters():
+            if ".adapters." not in pname and ".copies." not in pname:
+                put("bias", p)  # base parameters the config trains (bias="all" / "lora_only")
+        return {k: v for k, v in groups.items() if v}
+
+    def on_step(self, step: int, total: int) -> None:
+        """Per-step hooks of the active adapters' methods (rank budgets, rank sampling); the trainer calls this
+        after every optimizer step."""
+        for n in self._routing.active:
+            method = get_method(self.peft_config[n].method)
+            layers = [(m, h, h.adapters[n]) for m, h in self.hosts() if n in h.adapters]
+            method.on_step(layers, self.shared_tensors[n] if n in self.shared_tensors else None,
+                           self.peft_config[n], step, total)
+
+    def reserve(self, adapters: int, rank: int) -> None:
+        """Preallocate mixed-batch room for ``adapters`` low-rank adapters of rank <= ``rank`` in every layer,
+        so loading them later never reallocates the stacks (serving keeps a fixed budget this way)."""
+        from .batching import LowRankStack
+        from .methods.lora import factor_dtype
+        for _, host in self.hosts():
+            if host.kind.gathered:
+                if host._stack is None:
+                    host._stack = LowRankStack(host.in_features, host.out_features, factor_dtype(host),
+                                               host.dense_weight().device)
+                host._stack.reserve(bucket_of(rank), adapters + 1)
 
     def trainable_summary(self) -> dict:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -202,6 +412,10 @@ class AdaptedModel(nn.Module):
             method = get_method(self.peft_config[n].method)
             if not method.mergeable:
                 raise GraftingError(f"adapter '{n}' uses method '{method.name}', which cannot be merged")
+        for module_name, host in self.hosts():  # refuse before touching any layer: no half-merged model
+            why = host.can_write_weight()
+            if why is not None and any(n in host.adapters for n in names):
+                raise GraftingError(f"cannot merge into module '{module_name}': {why}")
         for _, host in self.hosts():
             for n in names:
                 host.merge(n)
@@ -230,9 +444,13 @@ class AdaptedModel(nn.Module):
         return base
 
     # ---- I/O --------------------------------------------------------------------------------------------------
-    def save_adapter(self, path, name: str | None = None) -> None:
+    def save_adapter(self, path, name: str | None = None, convert_init: bool = True) -> None:
+        """Write adapter ``name`` in PEFT's format. After an init that changed the base weight (PiSSA, OLoRA),
+        the saved adapter applies to the *original* base (peft's conversion) unless ``convert_init=False``,
+        which writes the adapter against the changed base with its init recorded (peft's native form)."""
         from .io.peft_format import save_adapter
-        save_adapter(self, path, name or (self._routing.active[0] if self._routing.active else "default"))
+        save_adapter(self, path, name or (self._routing.active[0] if self._routing.active else "default"),
+                     convert_init=convert_init)
 
     def load_adapter(self, path, name: str = "default", is_trainable: bool = False) -> None:
         from .io.peft_format import load_adapter
@@ -247,9 +465,10 @@ class AdaptedModel(nn.Module):
             self._set_trainable()
 
 
-def adapt(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> AdaptedModel:
-    """Wrap ``model`` and inject one adapter, made active."""
-    return AdaptedModel(model, config, adapter_name)
+def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
+          calibration: Iterable | None = None) -> AdaptedModel:
+    """Wrap ``model`` and inject one adapter (any registered method's config), made active."""
+    return AdaptedModel(model, config, adapter_name, calibration=calibration)
 
 
 def load(model: nn.Module, path, adapter_name: str = "default", is_trainable: bool = False) -> AdaptedModel:

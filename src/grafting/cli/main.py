@@ -46,6 +46,46 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def method_table() -> list[dict]:
+    """Every registered method: name, PEFT type and flags, one-line description, config fields with defaults."""
+    import dataclasses
+
+    from ..config import AdapterConfig
+    from ..registry import methods
+
+    common = {f.name for f in dataclasses.fields(AdapterConfig)}
+    rows = []
+    for m in methods():
+        fields = []
+        for f in dataclasses.fields(m.config_class):
+            if f.name in common or f.name in m.flags:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            fields.append({"name": f.name, "default": default})
+        rows.append({"name": m.name, "peft_type": m.config_class.peft_type, "flags": m.flags,
+                     "config": m.config_class.__name__, "description": m.description, "fields": fields,
+                     "layer_kinds": sorted(m.layer_kinds), "mergeable": m.mergeable, "low_rank": m.low_rank_form})
+    return rows
+
+
+def cmd_methods(args) -> int:
+    rows = method_table()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for row in rows:
+        flags = "".join(f", {k}={v}" for k, v in row["flags"].items())
+        print(f"{row['name']}  ({row['config']}, peft_type {row['peft_type']}{flags})")
+        print(f"    {row['description']}")
+        fields = ", ".join(f"{f['name']}={f['default']!r}" for f in row["fields"])
+        print(f"    fields: {fields}")
+        print(f"    layers: {', '.join(row['layer_kinds'])}; mergeable: {row['mergeable']}; "
+              f"low-rank: {row['low_rank']}")
+    print("\nevery config also takes: target_modules, exclude_modules, layers_to_transform, layers_pattern, "
+          "modules_to_save, base_model_name_or_path, task_type")
+    return 0
+
+
 def cmd_train(args) -> int:
     from ..train.trainer import format_summary, run
 
@@ -64,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("methods", help="list the registered adapter methods and their config fields",
+                       description="List every registered adapter method: PEFT type, description, config fields.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_methods)
     p = sub.add_parser("train", help="train an adapter from a YAML recipe",
                        description="Train an adapter from a YAML recipe. Runs under torchrun for several processes.")
     p.add_argument("recipe", help="recipe YAML (see examples/)")

@@ -1,8 +1,10 @@
 """PEFT's on-disk adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Keys are PEFT's: ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (Linear, Conv1D, Conv2d),
-``lora_embedding_A`` / ``lora_embedding_B`` (Embedding), ``lora_magnitude_vector`` (DoRA), full tensors of
-``modules_to_save`` under the module's own name, and base biases for ``bias="all"`` / ``"lora_only"``.
+Keys are PEFT's: ``base_model.model.<module>.<suffix>`` with each method's suffixes (LoRA: ``lora_A.weight`` /
+``lora_B.weight``, or ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings; DoRA adds
+``lora_magnitude_vector``), model-level tensors shared by all layers under the method's ``shared_keys``, full
+tensors of ``modules_to_save`` under the module's own name, and base biases for ``bias="all"`` / ``"lora_only"``.
+The method comes from the config's ``peft_type`` and flags through the registry (see io/reader.py).
 Only JSON and safetensors are read; every tensor is checked against what the config implies before use.
 """
 
@@ -12,33 +14,38 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from ..config import LoraConfig
 from ..errors import GraftingError
+from ..registry import get_method
 from .atomic import atomic_dir
+from .reader import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterReader, read_config, weights_file
 
-PREFIX = "base_model.model."
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+__all__ = ["CONFIG_NAME", "PREFIX", "WEIGHTS_NAME", "adapter_tensors", "inspect_adapter", "load_adapter",
+           "read_config", "read_shapes", "read_tensors", "save_adapter", "weights_file"]
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _slots(model, name: str) -> dict:
-    """PEFT key -> (module, attribute, shape on disk, method or None) for adapter ``name``."""
+    """PEFT key -> (module, attribute, shape on disk, method or None, host) for adapter ``name``."""
     out = {}
     for module_name, host in model.hosts():
         if name not in host.adapters:
             continue
         method, adapter = host.methods[name], host.adapters[name]
-        for suffix, attr in method.peft_keys(host).items():
+        for suffix, attr in method.peft_keys(host.kind.name).items():
             out[f"{PREFIX}{module_name}.{suffix}"] = (adapter, attr, method.peft_shape(adapter, host, attr), method, host)
+    if name in model.shared_tensors:
+        shared = model.shared_tensors[name]
+        method = get_method(model.peft_config[name].method)
+        for key, attr in method.shared_keys(model.peft_config[name]).items():
+            out[key] = (shared, attr, tuple(getattr(shared, attr).shape), None, None)
     for module_name, saved in model.saved_modules():
         if name in saved.copies:
             for pname, p in saved.copies[name].named_parameters():
                 out[f"{PREFIX}{module_name}.{pname}"] = (saved.copies[name], pname, tuple(p.shape), None, None)
-    bias = model.peft_config[name].bias
+    bias = getattr(model.peft_config[name], "bias", "none")
     if bias != "none":
         for module_name, host in model.hosts():
             if (bias == "all" or name in host.adapters) and getattr(host.base_layer, "bias", None) is not None:
@@ -62,7 +69,7 @@ def _peft_aliases(model, name: str) -> dict:
         if host.kind.name == "embedding" and name in host.adapters:
             w = host.base_layer.weight
             out[f"{PREFIX}{module_name}.base_layer.weight"] = (host.base_layer, "weight", tuple(w.shape), None, None)
-    if model.peft_config[name].bias == "all":
+    if getattr(model.peft_config[name], "bias", "none") == "all":
         for module_name, saved in model.saved_modules():
             if name in saved.copies:
                 for owner, prefix in ((saved.copies[name], "modules_to_save"), (saved.original_module, "original_module")):
@@ -71,12 +78,21 @@ def _peft_aliases(model, name: str) -> dict:
     return out
 
 
-def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's keys (what ``save_adapter`` writes)."""
+def adapter_tensors(model, name: str, convert_init: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys (what ``save_adapter`` writes). ``convert_init``: after an init
+    that changed the base, tensors that apply to the original base instead (see ``Method.to_original_base``)."""
     tensors = {}
+    initial = model._initial.get(name) if convert_init else None
     for module_name, host in model.hosts():
         if name in host.adapters:
-            for suffix, t in host.methods[name].to_peft(host.adapters[name], host).items():
+            method, adapter = host.methods[name], host.adapters[name]
+            layer = method.to_peft(adapter, host)
+            if initial is not None:
+                keys = method.peft_keys(host.kind.name)
+                now = {keys[k]: v for k, v in layer.items()}
+                converted = method.to_original_base(now, initial[module_name], model.peft_config[name])
+                layer = {k: converted[a] for k, a in keys.items()}
+            for suffix, t in layer.items():
                 tensors[f"{PREFIX}{module_name}.{suffix}"] = t
     for key, (module, attr, _, method, _) in _slots(model, name).items():
         if method is None:
@@ -84,73 +100,41 @@ def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def save_adapter(model, path, name: str) -> None:
+def save_adapter(model, path, name: str, convert_init: bool = True) -> None:
     if name not in model.peft_config:
         raise GraftingError(f"no adapter named '{name}'; loaded: {model.adapter_names()}")
-    config = model.peft_config[name].to_peft_dict()
+    cfg = model.peft_config[name]
+    convert = convert_init and name in model._initial
+    if convert:
+        cfg = get_method(cfg.method).original_base_config(cfg)
+    config = cfg.to_peft_dict()
     if config.get("base_model_name_or_path") is None:
         config["base_model_name_or_path"] = getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
-    tensors = adapter_tensors(model, name)
+    tensors = adapter_tensors(model, name, convert_init=convert)
     with atomic_dir(path) as tmp:
         (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def read_config(path) -> LoraConfig:
-    path = Path(path)
-    cfg_file = path / CONFIG_NAME
-    if not path.is_dir():
-        raise GraftingError(f"{path}: not an adapter directory")
-    if not cfg_file.is_file():
-        raise GraftingError(f"{cfg_file}: missing (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GraftingError(f"{cfg_file}: not valid JSON ({e})") from None
-    return LoraConfig.from_peft_dict(raw, where=str(cfg_file))
-
-
-def weights_file(path) -> Path:
-    path = Path(path)
-    f = path / WEIGHTS_NAME
-    if not f.is_file():
-        if (path / "adapter_model.bin").exists():
-            raise GraftingError(f"{path / 'adapter_model.bin'}: pickle checkpoints are never loaded; convert it "
-                                f"to {WEIGHTS_NAME}")
-        raise GraftingError(f"{f}: missing")
-    return f
-
-
 def read_tensors(path) -> dict[str, torch.Tensor]:
-    f = weights_file(path)
-    try:
-        with safe_open(str(f), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise GraftingError(f"{f}: not a readable safetensors file ({e})") from None
+    return AdapterReader(path).read_all()
 
 
 def read_shapes(path) -> dict[str, tuple]:
     """Tensor shapes and dtypes from the safetensors header, without reading the data."""
-    f = weights_file(path)
-    try:
-        with safe_open(str(f), framework="pt") as fh:
-            return {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise GraftingError(f"{f}: not a readable safetensors file ({e})") from None
+    return AdapterReader(path).shapes()
 
 
 def load_adapter(model, path, name: str) -> None:
     path = Path(path)
-    config = read_config(path)
-    tensors = read_tensors(path)
-    f = path / WEIGHTS_NAME
+    reader = AdapterReader(path)
+    config = reader.config
     try:
         model.add_adapter(name, config)
     except GraftingError as e:
         raise GraftingError(f"{path / CONFIG_NAME}: {e}") from None
     try:
-        _fill(model, name, config, tensors, f)
+        _fill(model, name, config, reader.read_all(), reader.file)
     except Exception:
         model.delete_adapter(name)
         raise
@@ -158,8 +142,8 @@ def load_adapter(model, path, name: str) -> None:
 
 def fill_adapter(model, path, name: str) -> None:
     """Overwrite the weights of existing adapter ``name`` with those saved at ``path`` (same config)."""
-    path = Path(path)
-    _fill(model, name, model.peft_config[name], read_tensors(path), path / WEIGHTS_NAME)
+    reader = AdapterReader(path)
+    _fill(model, name, model.peft_config[name], reader.read_all(), reader.file)
 
 
 def _fill(model, name: str, config: LoraConfig, tensors: dict, f: Path) -> None:
@@ -180,7 +164,7 @@ def _fill(model, name: str, config: LoraConfig, tensors: dict, f: Path) -> None:
             raise GraftingError(f"{f}: tensor '{key}' has dtype {t.dtype}; expected a floating dtype")
         if tuple(t.shape) != shape:
             hint = ""
-            if method is not None and attr in ("lora_A", "lora_B"):
+            if method is not None and getattr(module, "r", None) is not None:
                 hint = f" (the config gives this module r={module.r}; check r / rank_pattern)"
             raise GraftingError(f"{f}: tensor '{key}' has shape {tuple(t.shape)}, expected {shape}{hint}")
         if not torch.isfinite(t).all():
@@ -196,33 +180,31 @@ def _fill(model, name: str, config: LoraConfig, tensors: dict, f: Path) -> None:
 def inspect_adapter(path) -> dict:
     """What an adapter directory holds, read from its config and safetensors header only."""
     path = Path(path)
-    config = read_config(path)
-    shapes = read_shapes(path)
-    ranks, targets, params = {}, [], 0
-    for key, (shape, _) in shapes.items():
-        params += int(torch.Size(shape).numel())
-        module = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        for suffix in (".lora_A.weight", ".lora_embedding_A"):
-            if module.endswith(suffix):
-                mod = module[: -len(suffix)]
-                ranks[mod] = shape[0]
-                targets.append(mod)
-    dtypes = sorted({dt for _, dt in shapes.values()})
+    reader = AdapterReader(path)
+    config, method = reader.config, reader.method
+    shapes = reader.shapes()
+    params = sum(int(torch.Size(shape).numel()) for shape, _ in shapes.values())
+    per_module: dict = {}
+    for e in reader:
+        if e.role != "full" and e.module:
+            per_module.setdefault(e.module, {})[e.role] = e.shape
+    ranks = {m: method.rank_from_shapes(s) for m, s in per_module.items()}
     size = sum(p.stat().st_size for p in (path / CONFIG_NAME, path / WEIGHTS_NAME))
-    rank_values = sorted(set(ranks.values()))
     return {
         "path": str(path),
-        "method": config.method,
-        "peft_type": "LORA",
-        "r": config.r,
-        "ranks": rank_values,
-        "lora_alpha": config.lora_alpha,
-        "use_rslora": config.use_rslora,
+        "method": method.name,
+        "description": method.description,
+        "peft_type": config.peft_type,
+        "r": getattr(config, "r", None),
+        "ranks": sorted({r for r in ranks.values() if r is not None}),
+        "lora_alpha": getattr(config, "lora_alpha", None),
+        "use_rslora": getattr(config, "use_rslora", False),
         "target_modules": config.target_modules,
-        "targets": sorted(targets),
+        "targets": reader.modules(),
+        "shared_tensors": sorted(e.key for e in reader if e.module == ""),
         "modules_to_save": config.modules_to_save or [],
         "parameters": params,
-        "dtypes": dtypes,
+        "dtypes": sorted({dt for _, dt in shapes.values()}),
         "size_bytes": size,
         "base_model": config.base_model_name_or_path,
     }

@@ -1,8 +1,17 @@
-"""The method interface every adapter method implements (see docs/concepts.md).
+"""The method interface every adapter method implements (docs/concepts.md walks through a new one).
 
-A method is stateless: it builds an adapter module (the adapter's own parameters) for one host layer and says
-what that adapter changes. Capabilities are declared as class attributes so that the model, the contract
-tests and later consumers (merging, serving, bi-level recipes) read them instead of special-casing methods.
+A method is stateless. For one host layer it builds an adapter module (the adapter's own parameters and frozen
+buffers) and says what that adapter changes; it may own model-level tensors shared by all its layers
+(:meth:`create_shared`), run an initialisation stage that reads the base weight or calibration activations and
+may change the base weight (:meth:`init`), and act once per training step (:meth:`on_step`). Capabilities are
+class attributes, so the model, the contract tests and later consumers (merging, serving, bi-level recipes) read
+declarations instead of special-casing methods. ``name``, ``config_class`` and ``flags`` are set by
+:func:`grafting.register`.
+
+The minimum for a new method: :meth:`create`, :meth:`delta_weight` (dense ΔW) and :meth:`peft_keys`; the
+default :meth:`delta` applies ΔW through the layer's own transform, so forward, mixed batches (grouped rows),
+merge/unmerge and save/load all work. A low-rank method also returns its factors from :meth:`low_rank` and
+:meth:`factors_from_tensors` and gets the gathered mixed-batch kernel.
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ from torch import nn
 
 class Method:
     name: str = ""
+    config_class: type = None  # set by register()
+    flags: dict = {}  # set by register()
     #: host-layer kinds this method supports (see layers.KINDS)
     layer_kinds: frozenset = frozenset({"linear", "conv1d", "conv2d", "embedding"})
     #: ΔW can be folded into the base weight
@@ -22,18 +33,64 @@ class Method:
     #: ``low_rank`` returns factors (ΔW = scale·B·A): mixed batches use the gathered kernel
     low_rank_form: bool = False
 
+    @property
+    def description(self) -> str:
+        """One line: the first line of the method class's docstring."""
+        doc = (type(self).__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
     def make_config(self, **fields):
-        """A config that builds this method (what ``LoraConfig(...).method`` resolves back to this name)."""
-        from ..config import LoraConfig
-        return LoraConfig(**fields)
+        """A config of this method (the registered config class with this method's flags)."""
+        return self.config_class(**{**fields, **self.flags})
 
-    def create(self, host: nn.Module, cfg, r: int, alpha: float) -> nn.Module:
-        """Build the adapter's parameters for one host layer."""
+    # ---- building ---------------------------------------------------------------------------------------------
+    def create_shared(self, cfg, targets: list) -> nn.Module | None:
+        """Model-level tensors shared by all layers of one adapter (VeRA's projections), or None.
+
+        ``targets``: (module name, host layer) pairs the adapter will be created on. Parameters are trained
+        with the adapter; buffers are frozen. Saved once, under :meth:`shared_keys`."""
+        return None
+
+    def create(self, host: nn.Module, cfg, module_name: str, shared: nn.Module | None) -> nn.Module:
+        """Build the adapter's parameters (and frozen buffers) for one host layer."""
         raise NotImplementedError
 
+    def needs_calibration(self, cfg) -> bool:
+        """:meth:`init` needs activations: ``add_adapter(..., calibration=batches)`` must provide them."""
+        return False
+
+    def changes_base(self, cfg) -> bool:
+        """:meth:`init` changes the base weight (PiSSA, OLoRA): the model records the initial adapter so that
+        saving can write a delta against the original base, and deleting the adapter restores the base."""
+        return False
+
+    def init(self, adapter: nn.Module, host: nn.Module, cfg, activations: torch.Tensor | None) -> None:
+        """The initialisation stage, after every layer's adapter exists. ``activations``: (rows, fan_in) inputs of
+        this layer over the calibration batches, when :meth:`needs_calibration`. May write the base weight."""
+
+    def undo_init(self, initial: dict, adapter: nn.Module, host: nn.Module, cfg) -> None:
+        """Restore the base weight that :meth:`init` changed, given the adapter's tensors right after init."""
+        raise NotImplementedError
+
+    def to_original_base(self, now: dict, initial: dict, cfg) -> dict:
+        """On-disk tensors of an adapter that applies to the original base (before :meth:`init` changed it)."""
+        raise NotImplementedError
+
+    def original_base_config(self, cfg):
+        """The config saved with :meth:`to_original_base`'s tensors."""
+        raise NotImplementedError
+
+    def on_step(self, layers: list, shared: nn.Module | None, cfg, step: int, total: int) -> None:
+        """Called by the trainer after each optimizer step (rank budgets, rank sampling). ``layers``: (module
+        name, host, adapter) triples of this adapter."""
+
+    # ---- forward ----------------------------------------------------------------------------------------------
     def delta(self, adapter: nn.Module, host: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """What the adapter adds to the host's current output ``base_out`` for input ``x``."""
-        raise NotImplementedError
+        """What the adapter adds to the host's current output ``base_out`` for input ``x``. Default: ΔW applied
+        through the layer's own transform (exact for every linear-in-W layer kind)."""
+        dw = self.delta_weight(adapter, host)
+        xin = x.to(dw.dtype) if x.is_floating_point() else x
+        return host.kind.apply_weight(host.base_layer, xin, dw).to(base_out.dtype)
 
     def add_delta(self, adapter: nn.Module, host: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out + delta(...)``; methods may fuse the two (one pass over the output instead of three)."""
@@ -57,28 +114,53 @@ class Method:
         return None
 
     def merge(self, adapter: nn.Module, host: nn.Module):
-        """Returns (merged weight, token for unmerge)."""
+        """Returns (merged weight in the base layout, token for unmerge)."""
         return host.dense_weight() + self.delta_weight(adapter, host), None
 
     def unmerge(self, adapter: nn.Module, host: nn.Module, token) -> torch.Tensor:
         return host.dense_weight() - self.delta_weight(adapter, host)
 
     def param_groups(self, adapter: nn.Module) -> dict[str, list[str]]:
-        """Parameter names of the adapter by role, so bi-level recipes can place groups at levels."""
+        """Parameter names of the adapter by role, so bi-level recipes and the trainer can place groups."""
         return {"weights": [n for n, _ in adapter.named_parameters()], "architecture": []}
 
-    def peft_keys(self, host: nn.Module) -> dict[str, str]:
-        """PEFT checkpoint key suffix -> adapter parameter name."""
+    # ---- on disk ----------------------------------------------------------------------------------------------
+    def peft_keys(self, kind: str) -> dict[str, str]:
+        """PEFT checkpoint key suffix -> adapter attribute (a parameter or buffer) for a layer of ``kind``."""
         raise NotImplementedError
 
+    def shared_keys(self, cfg) -> dict[str, str]:
+        """Full checkpoint key -> attribute of the :meth:`create_shared` module (e.g. ``base_model.vera_A``)."""
+        return {}
+
     def to_peft(self, adapter: nn.Module, host: nn.Module) -> dict[str, torch.Tensor]:
-        return {k: getattr(adapter, a).detach() for k, a in self.peft_keys(host).items()}
+        return {k: getattr(adapter, a).detach() for k, a in self.peft_keys(host.kind.name).items()}
 
     def peft_shape(self, adapter: nn.Module, host: nn.Module, attr: str) -> tuple:
         """The shape a tensor has on disk (PEFT's layout)."""
         return tuple(getattr(adapter, attr).shape)
 
     def from_peft(self, adapter: nn.Module, host: nn.Module, attr: str, tensor: torch.Tensor) -> None:
-        param = getattr(adapter, attr)
+        target = getattr(adapter, attr)
         with torch.no_grad():
-            param.copy_(tensor.reshape(param.shape).to(param.dtype))
+            target.copy_(tensor.reshape(target.shape).to(target.dtype))
+
+    # ---- plain tensors (no model): the adapter reader, merging, serving --------------------------------------
+    def factors_from_tensors(self, tensors: dict, cfg, module_name: str, kind: str,
+                             shared: dict) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, scale) in the (out, fan_in) view from one layer's on-disk tensors (by attribute), or None."""
+        return None
+
+    def rank_from_shapes(self, shapes: dict) -> int | None:
+        """A layer's rank from its tensors' shapes (attribute -> shape), for header-only inspection."""
+        return None
+
+    def delta_weight_from_tensors(self, tensors: dict, cfg, module_name: str, kind: str, shared: dict,
+                                  base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense ΔW in the (out, fan_in) view from one layer's on-disk tensors. ``base_weight`` (same view) for
+        methods whose ΔW depends on it (DoRA)."""
+        f = self.factors_from_tensors(tensors, cfg, module_name, kind, shared)
+        if f is None:
+            raise NotImplementedError(f"method '{self.name}' does not compute ΔW from tensors")
+        A, B, scale = f
+        return (B.float() @ A.float()) * scale

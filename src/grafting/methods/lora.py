@@ -1,19 +1,156 @@
-"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv:2106.09685), with rsLoRA scaling.
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv:2106.09685), with rsLoRA scaling and PiSSA / OLoRA inits.
 
 Eq. (3) of the LoRA paper: h = W0 x + ΔW x = W0 x + (α/r)·B A x, with A ∈ R^{r×k}, B ∈ R^{d×r}, B = 0 at init
 so training starts from the base model. rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732) replaces α/r by
 α/√r so that the update's scale stays stable as r grows.
+
+Inits that change the base weight (both as in peft, so adapters move between the libraries):
+- PiSSA (Meng et al., 2024, arXiv:2404.02948, Sec. 3): W = U S Vᵀ; A = √S_r V_rᵀ, B = U_r √S_r (S_r divided by
+  the scale first), and the base becomes the residual W − s·B A.
+- OLoRA (Büyükakyüz, 2024, arXiv:2406.01775, Sec. 3): W = Q R; B = Q[:, :r], A = R[:r], base W − s·B A.
+A save writes a delta against the *original* base (peft's conversion: ΔW = s(BA − B₀A₀) = s[B, −B₀][A; A₀],
+rank 2r and α doubled, init ``True``) unless ``save_adapter(..., convert_init=False)``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import AdapterConfig, pattern_value
 from ..registry import register
 from .base import Method
+
+BIAS_MODES = ("none", "all", "lora_only")
+#: init_lora_weights values grafting builds; "pissa" and "olora" change the base weight (see module docstring)
+INIT_MODES = (True, False, "gaussian", "kaiming", "pissa", "olora")
+BASE_CHANGING_INITS = ("pissa", "olora")
+# inits that only shape the starting point of training: a saved adapter holds its trained factors in full and
+# the base is untouched, so it loads as plain LoRA
+_LOAD_AS_PLAIN = ("eva", "orthogonal", "lora_ga", "mica")
+
+_PEFT_IGNORED = {
+    "alora_invocation_tokens": (None,),
+    "arrow_config": (None,),
+    "corda_config": (None,),
+    "ensure_weight_tying": (False, None),
+    "eva_config": (None,),
+    "kasa_config": (None,),
+    "layer_replication": (None,),
+    "loftq_config": ({}, None),
+    "lora_bias": (False, None),
+    "lora_ga_config": (None,),
+    "megatron_config": (None,),
+    "megatron_core": None,
+    "monteclora_config": (None,),
+    "qalora_group_size": None,
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "use_bdlora": (None, False),
+    "use_qalora": (False, None),
+    "velora_config": (None,),
+}
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """Configuration of a LoRA-family adapter (LoRA, rsLoRA, DoRA).
+
+    r: rank. lora_alpha: scale numerator (> 0); ``scaling = lora_alpha / r`` (or ``/ sqrt(r)`` with
+    ``use_rslora``). rank_pattern / alpha_pattern: per-module overrides, keys matched like PEFT (regex searched at
+    the end of the module name). bias: ``none``, ``all`` or ``lora_only``. init_lora_weights: ``True`` /
+    ``"kaiming"`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``"pissa"`` / ``"olora"``
+    (factors from the base weight's SVD / QR, base replaced by the residual), ``False`` (random non-zero B: the
+    adapter changes the output from the start; for tests).
+    """
+
+    peft_type = "LORA"
+    peft_ignored = _PEFT_IGNORED
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: Any = True
+    fan_in_fan_out: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+    def check(self, bad) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise bad("r", "a positive integer", self.r)
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise bad("lora_alpha", "a positive number (0 makes an adapter that never changes the output)",
+                      self.lora_alpha)
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0.0 <= self.lora_dropout < 1.0:
+            raise bad("lora_dropout", "a number in [0, 1)", self.lora_dropout)
+        if self.bias not in BIAS_MODES:
+            raise bad("bias", f"one of {BIAS_MODES}", self.bias)
+        for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, flag), bool):
+                raise bad(flag, "true or false", getattr(self, flag))
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.lower() in ("true", "false"):
+            raise bad("init_lora_weights", "the boolean true/false, not a string", init)
+        if not any(init is m or (isinstance(m, str) and init == m) for m in INIT_MODES):
+            import difflib
+            close = difflib.get_close_matches(str(init), [str(m) for m in INIT_MODES], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise bad("init_lora_weights", f"one of {INIT_MODES}{hint}", init)
+        if init in BASE_CHANGING_INITS and self.use_dora:
+            raise bad("init_lora_weights", f"not {init!r} with use_dora (the magnitude would describe the residual "
+                      "base, and no conversion to the original base exists)", init)
+        if init in BASE_CHANGING_INITS and self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+            raise bad("init_lora_weights", f"not {init!r} with use_rslora and rank/alpha patterns (peft cannot "
+                      "convert such an adapter to the original base either)", init)
+        for name, pattern, kind in (("rank_pattern", self.rank_pattern, int),
+                                    ("alpha_pattern", self.alpha_pattern, (int, float))):
+            if not isinstance(pattern, dict):
+                raise bad(name, "a mapping of module-name pattern to value", pattern)
+            for key, value in pattern.items():
+                if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                    raise bad(f"{name}[{key!r}]", "a positive number", value)
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """The rank and alpha for one module, after rank_pattern / alpha_pattern (PEFT's matching rule)."""
+        return (pattern_value(self.rank_pattern, module_name, self.r),
+                pattern_value(self.alpha_pattern, module_name, self.lora_alpha))
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / (r ** 0.5) if self.use_rslora else alpha / r
+
+    def to_peft_dict(self) -> dict:
+        d = super().to_peft_dict()
+        d["lora_bias"] = False
+        if d["init_lora_weights"] == "kaiming":
+            d["init_lora_weights"] = True
+        return d
+
+    @classmethod
+    def from_peft_dict(cls, d, where="adapter_config.json"):
+        if isinstance(d, dict):
+            init = d.get("init_lora_weights")
+            if isinstance(init, str) and init.lower() in _LOAD_AS_PLAIN:
+                d = {**d, "init_lora_weights": True}  # its trained factors are complete; the base is untouched
+            elif isinstance(init, str) and init not in INIT_MODES:
+                raise _unsupported_init(init, where)
+        return super().from_peft_dict(d, where)
+
+
+def _unsupported_init(init: str, where: str):
+    from ..errors import GraftingError
+    return GraftingError(
+        f"{where}: field 'init_lora_weights' = {init!r}: this init changes the base weights in a way grafting does "
+        "not reproduce (corda, loftq, randomized 'pissa_niter_*'), so loading the adapter onto the original base "
+        "would give wrong outputs. Save it from peft with path_initial_model_for_weight_conversion (a plain LoRA "
+        "against the original base) and load that.")
 
 
 class LoraAdapter(nn.Module):
@@ -32,7 +169,7 @@ class LoraAdapter(nn.Module):
 
 
 def init_factors(adapter: LoraAdapter, init, kind_name: str) -> None:
-    """PEFT's initialisations. Embeddings invert the roles (A = 0, B random) as PEFT does."""
+    """PEFT's random initialisations. Embeddings invert the roles (A = 0, B random) as PEFT does."""
     A, B = adapter.lora_A, adapter.lora_B
     with torch.no_grad():
         if kind_name == "embedding":
@@ -58,13 +195,34 @@ def factor_dtype(host) -> torch.dtype:
     return w.dtype if w.is_floating_point() else torch.float32
 
 
-def create_lora(host, cfg, r: int, alpha: float) -> LoraAdapter:
+def create_lora(host, cfg, module_name: str) -> LoraAdapter:
+    r, alpha = cfg.rank_and_alpha(module_name)
     a_shape, b_shape = host.kind.factor_shapes(host.base_layer, r)
     w = host.dense_weight()
     adapter = LoraAdapter(a_shape, b_shape, r, alpha, cfg.scaling(r, alpha), cfg.lora_dropout,
                           factor_dtype(host), w.device)
     init_factors(adapter, cfg.init_lora_weights, host.kind.name)
     return adapter
+
+
+def decompose_init(adapter: LoraAdapter, host, init: str) -> None:
+    """PiSSA / OLoRA: factors from the base weight, base replaced by the residual W − s·B A (peft's code path)."""
+    from ..errors import GraftingError
+    if host.kind.name not in ("linear", "conv1d"):
+        raise GraftingError(f"init_lora_weights={init!r} supports linear layers, not {host.kind.name}")
+    w = host.kind.to_out_in(host.dense_weight()).to(torch.float32)
+    r, s = adapter.r, adapter.scaling
+    if init == "pissa":
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        Sr = S[:r] / s
+        A, B = torch.diag(Sr.sqrt()) @ Vh[:r], U[:, :r] @ torch.diag(Sr.sqrt())
+    else:
+        Q, R = torch.linalg.qr(w)
+        A, B = R[:r], Q[:, :r]
+    with torch.no_grad():
+        adapter.lora_A.copy_(A)
+        adapter.lora_B.copy_(B)
+        host.write_weight(host.kind.from_out_in(w - s * (B @ A), host.dense_weight()))
 
 
 def lowrank_out(adapter: LoraAdapter, host, x: torch.Tensor) -> torch.Tensor:
@@ -106,18 +264,51 @@ def lora_factors(adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor, floa
     return A, B, adapter.scaling
 
 
-def peft_lora_keys(host) -> dict[str, str]:
-    if host.kind.name == "embedding":
+def peft_lora_keys(kind: str) -> dict[str, str]:
+    if kind == "embedding":
         return {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
     return {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
 
 
-@register("lora")
+def lora_factors_from_tensors(tensors: dict, cfg, module_name: str):
+    A, B = tensors["lora_A"], tensors["lora_B"]
+    r = A.shape[0]
+    _, alpha = cfg.rank_and_alpha(module_name)
+    return A.reshape(r, -1), B.reshape(B.shape[0], -1), cfg.scaling(r, alpha)
+
+
+@register("lora", config=LoraConfig)
 class Lora(Method):
+    """Low-rank update W + (α/r)·B A (rsLoRA: α/√r; PiSSA / OLoRA inits)."""
+
     low_rank_form = True
 
-    def create(self, host, cfg, r, alpha):
-        return create_lora(host, cfg, r, alpha)
+    def create(self, host, cfg, module_name, shared):
+        return create_lora(host, cfg, module_name)
+
+    def changes_base(self, cfg):
+        return cfg.init_lora_weights in BASE_CHANGING_INITS
+
+    def init(self, adapter, host, cfg, activations):
+        if cfg.init_lora_weights in BASE_CHANGING_INITS:
+            decompose_init(adapter, host, cfg.init_lora_weights)
+
+    def undo_init(self, initial, adapter, host, cfg):
+        A0, B0 = initial["lora_A"], initial["lora_B"]
+        w = host.dense_weight()
+        restored = host.kind.to_out_in(w).to(torch.float32) + adapter.scaling * (B0.float() @ A0.float())
+        host.write_weight(host.kind.from_out_in(restored, w))
+
+    def to_original_base(self, now, initial, cfg):
+        return {"lora_A": torch.cat([now["lora_A"], initial["lora_A"]], 0),
+                "lora_B": torch.cat([now["lora_B"], -initial["lora_B"]], 1)}
+
+    def original_base_config(self, cfg):
+        import dataclasses
+        factor = 2 ** 0.5 if cfg.use_rslora else 2  # keeps α/r (α/√r) when r doubles
+        return dataclasses.replace(cfg, init_lora_weights=True, r=2 * cfg.r, lora_alpha=cfg.lora_alpha * factor,
+                                   rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
+                                   alpha_pattern={k: 2 * v for k, v in cfg.alpha_pattern.items()})
 
     def delta(self, adapter, host, x, base_out):
         return lowrank_out(adapter, host, x).to(base_out.dtype)
@@ -138,5 +329,11 @@ class Lora(Method):
     def low_rank(self, adapter):
         return lora_factors(adapter)
 
-    def peft_keys(self, host):
-        return peft_lora_keys(host)
+    def peft_keys(self, kind):
+        return peft_lora_keys(kind)
+
+    def factors_from_tensors(self, tensors, cfg, module_name, kind, shared):
+        return lora_factors_from_tensors(tensors, cfg, module_name)
+
+    def rank_from_shapes(self, shapes):
+        return shapes["lora_A"][0] if "lora_A" in shapes else None

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import LoraConfig
+from ..config import AdapterConfig, config_from_fields
 from ..errors import GraftingError
 
 
@@ -96,9 +96,10 @@ class Recipe(_Strict):
 
     @field_validator("adapter")
     @classmethod
-    def _adapter_is_a_lora_config(cls, v):
+    def _adapter_is_a_method_config(cls, v):
+        # adapter.method names a registered method (default lora); the other keys are that config's fields
         try:
-            LoraConfig.from_peft_dict({**v, "peft_type": "LORA"}, where="adapter")
+            config_from_fields(v, where="adapter")
         except GraftingError as e:
             raise ValueError(str(e)) from None
         return v
@@ -109,8 +110,10 @@ class Recipe(_Strict):
             self.train.metric = "perplexity"
         return self
 
-    def lora_config(self) -> LoraConfig:
-        return LoraConfig.from_peft_dict({**self.adapter, "peft_type": "LORA"}, where="adapter")
+    def adapter_config(self) -> AdapterConfig:
+        return config_from_fields(self.adapter, where="adapter")
+
+    lora_config = adapter_config
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -1,0 +1,157 @@
+"""The mixed-batch store as serving will keep it: buckets, in-place growth, content hashes, per-call routing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import grafting as gf
+from test_model import Net, tiny_gpt2
+
+
+def lora(r=4, **kw):
+    return gf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kw)
+
+
+def single(model, name, x):
+    if name is None:
+        with model.disabled():
+            return model(x)
+    model.set_active(name)
+    return model(x)
+
+
+def assert_rows_match(model, x, names):
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        for i, name in enumerate(names):
+            torch.testing.assert_close(mixed[i], single(model, name, x)[i], atol=1e-5, rtol=1e-4)
+
+
+def stack_of(model):
+    return dict(model.hosts())["layers.0.q_proj"]._stack
+
+
+def test_ranks_in_other_buckets_never_reallocate_or_pad_existing_slots():
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), lora(4))
+    model.add_adapter("b", lora(4))
+    x = torch.randn(3, 8)
+    assert_rows_match(model, x, ["default", "b", None])
+    small = stack_of(model).buckets[4]
+    small_A = small.A_t
+    model.add_adapter("big", lora(12))  # bucket 16: a new bucket, the rank-4 one is not touched
+    assert_rows_match(model, torch.randn(4, 8), ["big", "default", None, "b"])
+    assert stack_of(model).buckets[4].A_t is small_A and small_A.shape[-1] == 4
+    assert stack_of(model).buckets[16].A_t.shape[-1] == 16
+
+
+def test_reserve_preallocates_so_loading_adapters_reallocates_nothing():
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), lora(4))
+    model.reserve(adapters=8, rank=8)
+    stack = stack_of(model)
+    A_before = stack.buckets[8].A_t
+    assert A_before.shape[0] == 9  # 8 adapters + the zero slot
+    for i in range(6):
+        model.add_adapter(f"a{i}", lora(8))
+    assert_rows_match(model, torch.randn(7, 8), ["a0", "a1", "a2", "a3", "a4", "a5", None])
+    assert stack.buckets[8].A_t is A_before
+
+
+def test_same_name_reloaded_with_other_weights_never_serves_stale_factors(tmp_path):
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), lora(4))
+    model.add_adapter("b", lora(4))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        first = model(x, adapter_names=["b", None])
+    hash_before = model.content_hash("b")
+    other = gf.adapt(Net(), lora(4))  # same shapes, other weights
+    other.save_adapter(tmp_path / "b2")
+    model.delete_adapter("b")
+    model.load_adapter(tmp_path / "b2", name="b")  # same name, same slot, fresh parameters
+    assert model.content_hash("b") != hash_before
+    assert_rows_match(model, x, ["b", None])
+    with torch.no_grad():
+        assert not torch.allclose(model(x, adapter_names=["b", None])[0], first[0])
+
+
+def test_content_hash_is_what_would_be_saved(tmp_path):
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), lora(4))
+    model.save_adapter(tmp_path / "a")
+    loaded = gf.load(Net(), tmp_path / "a")
+    assert loaded.content_hash("default") == model.content_hash("default")
+    with torch.no_grad():
+        dict(loaded.hosts())["layers.0.q_proj"].adapters["default"].lora_B.add_(1.0)
+    assert loaded.content_hash("default") != model.content_hash("default")  # in-place edit: a new hash
+
+
+def test_concurrent_callers_with_different_routings():
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), lora(4))
+    model.add_adapter("b", lora(2))
+    model.eval()
+    x = torch.randn(4, 8)
+    routings = [["default", "b", None, "b"], ["b", None, "default", "default"], [None, None, "b", "default"]]
+    with torch.no_grad():
+        expected = [model(x, adapter_names=r) for r in routings]
+        with model.disabled():
+            base_out = model(x)
+    errors, barrier = [], threading.Barrier(4)
+
+    def caller(i):
+        try:
+            barrier.wait(timeout=30)
+            with torch.no_grad():
+                for _ in range(20):
+                    if i == 3:
+                        with model.disabled():  # disabled() in one thread is not seen by the others
+                            torch.testing.assert_close(model(x), base_out)
+                        continue
+                    torch.testing.assert_close(model(x, adapter_names=routings[i]), expected[i])
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("gen_kwargs", [{"num_beams": 2}, {"do_sample": True, "num_return_sequences": 2},
+                                        {"num_beams": 2, "num_return_sequences": 2}])
+def test_generate_expands_adapter_names_for_beams_and_return_sequences(gen_kwargs):
+    base = tiny_gpt2()
+    model = gf.adapt(base, gf.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+    model.add_adapter("b", gf.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    common = dict(max_new_tokens=4, pad_token_id=0, **gen_kwargs)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        mixed = model.generate(input_ids=ids, adapter_names=["b", None], **common)
+        per_row = []
+        for i, name in enumerate(["b", None]):
+            torch.manual_seed(0)
+            if name is None:
+                with model.disabled():
+                    per_row.append(model.generate(input_ids=ids[i:i + 1], **common))
+            else:
+                model.set_active(name)
+                per_row.append(model.generate(input_ids=ids[i:i + 1], **common))
+    k = gen_kwargs.get("num_return_sequences", 1)
+    assert mixed.shape[0] == 2 * k
+    if not gen_kwargs.get("do_sample"):  # sampling draws differ between a batch of 2 and of 1
+        torch.testing.assert_close(mixed, torch.cat(per_row))
+
+
+def test_forward_with_wrong_row_count_is_an_error():
+    model = gf.adapt(Net(), lora(4))
+    with pytest.raises(gf.GraftingError, match="2 entries but the batch has 4 rows"):
+        with torch.no_grad():
+            model(torch.randn(4, 8), adapter_names=["default", None])
