@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save
 
 from ..errors import GraftingError
+from ..layers import stores_plain_weight
 from ..registry import get_method
 from .atomic import atomic_dir
 from .reader import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterReader, read_config, weights_file
@@ -25,6 +26,7 @@ __all__ = ["CONFIG_NAME", "PREFIX", "WEIGHTS_NAME", "adapter_tensors", "inspect_
            "read_config", "read_shapes", "read_tensors", "save_adapter", "weights_file"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_PEFT_EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES
 
 
 def _slots(model, name: str) -> dict:
@@ -66,7 +68,10 @@ def _peft_aliases(model, name: str) -> dict:
     target, peft saves the full embedding matrix too (it may have been resized), which then replaces the base's."""
     out = {}
     for module_name, host in model.hosts():
-        if host.kind.name == "embedding" and name in host.adapters:
+        # peft also saves the full weight of embedding-like targets (embeddings, and lm_head by name, tied or
+        # not) in case the vocabulary was resized; it is the base's own weight, so it is read into the base
+        if name in host.adapters and (host.kind.name == "embedding" or module_name.split(".")[-1] in _PEFT_EMBEDDING_NAMES) \
+                and stores_plain_weight(host.base_layer):
             w = host.base_layer.weight
             out[f"{PREFIX}{module_name}.base_layer.weight"] = (host.base_layer, "weight", tuple(w.shape), None, None)
     if getattr(model.peft_config[name], "bias", "none") == "all":
