@@ -73,6 +73,24 @@ def test_jsonl_rows_labels_and_where(tmp_path):
     assert by_where[f"{val}:3"]["label"] == 0
 
 
+def test_a_label_only_in_validation_is_an_error(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", labelled(6, ("pos", "neg")))
+    val = write_jsonl(tmp_path / "val.jsonl", labelled(2, ("neg", "pos")) + [{"text": "hmm", "label": "mid"}])
+    with pytest.raises(GraftingError) as e:
+        load_splits(DataSpec(train=train, validation=val), "seq_cls")
+    msg = str(e.value)
+    assert f"data.validation '{val}': label(s) 'mid' (first at {val}:3) do not occur in data.train '{train}'" in msg
+    assert "(its labels: neg, pos)" in msg
+    ints = write_jsonl(tmp_path / "ints.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(4)])
+    val_ints = write_jsonl(tmp_path / "val_ints.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 2}])
+    with pytest.raises(GraftingError, match=r"label\(s\) '2' \(first at .*val_ints.jsonl:2\)"):
+        load_splits(DataSpec(train=ints, validation=val_ints), "seq_cls")
+    # data.labels names every class: a class seen only in validation is then the user's choice
+    s = load_splits(DataSpec(train=train, validation=val, labels=["neg", "mid", "pos"]), "seq_cls")
+    assert s.label_names == ["neg", "mid", "pos"]
+    assert [r["label"] for r in s.validation if r["text"] == "hmm"] == [1]
+
+
 def test_jsonl_errors_name_file_line_and_problem(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [
         {"text": "fine", "label": "pos"},
