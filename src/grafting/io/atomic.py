@@ -98,13 +98,13 @@ def _carry_over(path: Path, tmp: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             if f.is_dir():
                 shutil.copytree(f, tmp / f.name)
-            else:
-                try:
-                    os.link(f, tmp / f.name)
-                except FileNotFoundError:
+                continue
+            try:
+                os.link(f, tmp / f.name)
+            except OSError as e:
+                if isinstance(e, FileNotFoundError):
                     raise
-                except OSError:
-                    shutil.copy2(f, tmp / f.name)
+                shutil.copy2(f, tmp / f.name)  # e.g. a filesystem without hard links
 
 
 def _install(tmp: Path, path: Path) -> None:
