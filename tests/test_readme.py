@@ -40,12 +40,14 @@ def argv(step: str) -> list[str]:
     raise AssertionError(f"unexpected README step {step!r}")
 
 
-def test_demo_command_runs():
+def test_demo_command_runs(tmp_path):
     demo = commands()[0]
     steps = [s.strip() for s in demo.split("&&") if not s.strip().startswith("pip ")]
     assert steps, "the demo command runs something after installing"
+    # as on a fresh checkout: graft train refuses an output_dir left by an earlier run (runs/ in the repo)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
     for step in steps:
-        r = subprocess.run(argv(step), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(argv(step), cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{step}\n{r.stdout}\n{r.stderr}"
     assert "method" in r.stdout and "lora" in r.stdout  # the last step inspects the trained adapter
 

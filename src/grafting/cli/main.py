@@ -87,9 +87,12 @@ def cmd_methods(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from ..train import require_extra
+
+    require_extra()  # before trainer's imports: pydantic missing would otherwise be a ModuleNotFoundError
     from ..train.trainer import format_summary, run
 
-    result = run(args.recipe, resume=args.resume, overrides=args.overrides)
+    result = run(args.recipe, resume=args.resume, overrides=args.overrides, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(format_summary(result, result.best["metric"]))
     return 0
@@ -113,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML (see examples/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields, e.g. train.max_steps=20")
     p.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoint if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a non-empty output_dir, replacing the earlier run's files")
     p.set_defaults(func=cmd_train)
     return parser
 

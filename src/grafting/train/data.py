@@ -60,7 +60,9 @@ def load_splits(spec: DataSpec, task: str) -> Splits:
 
     label_names = None
     if task == "seq_cls":
-        label_names = _label_names(train + (validation or []), spec, fixed_names)
+        label_names = _label_names(train, spec, fixed_names)
+        if validation is not None:
+            _validation_labels_are_trained(validation, label_names, spec)
         if fixed_names is not None and spec.labels is not None:
             # for a packaged set, data.labels chooses (and orders) the classes to train on
             train = [r for r in train if r["label"] in label_names]
@@ -270,6 +272,21 @@ def _label_names(rows: list[dict], spec: DataSpec, fixed: list[str] | None) -> l
         raise GraftingError(f"data: only one label ({', '.join(names)}) found; classification needs at least "
                             "two (check data.label_field or data.labels)")
     return names
+
+
+def _validation_labels_are_trained(validation: list[dict], names: list[str], spec: DataSpec) -> None:
+    # collecting names from both files would silently add an output the head never trains on
+    if spec.labels is not None:
+        return  # data.labels names every class and each row was already checked against it
+    known, first = set(names), {}
+    for r in validation:
+        if str(r["label"]) not in known:
+            first.setdefault(str(r["label"]), r["_where"])
+    if first:
+        shown = ", ".join(f"{label!r} (first at {where})" for label, where in first.items())
+        raise GraftingError(f"data.validation '{spec.validation}': label(s) {shown} do not occur in data.train "
+                            f"'{spec.train}' (its labels: {', '.join(names)}); a class the model never trains on "
+                            "cannot be learned: add training rows for it, or set data.labels to list every class")
 
 
 def _index_labels(rows: list[dict], names: list[str], spec: DataSpec) -> None:

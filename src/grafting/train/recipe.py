@@ -6,6 +6,7 @@ Validated with pydantic at the edge: unknown keys are errors with a did-you-mean
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -15,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..config import AdapterConfig, config_from_fields
 from ..errors import GraftingError
+
+
+# the first metric of each task is its default
+METRICS = {"seq_cls": ("accuracy", "f1", "loss"), "causal_lm": ("perplexity", "loss")}
 
 
 class _Strict(BaseModel):
@@ -58,9 +63,17 @@ class OptimSpec(_Strict):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float = Field(1e-8, gt=0)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     head_lr: Optional[float] = Field(None, gt=0, description="learning rate for modules_to_save (default: lr)")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, v):
+        # AdamW divides by (1 - beta**step): beta >= 1 gives inf/nan weights, not an error
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got [{v[0]}, {v[1]}]")
+        return v
 
 
 class ScheduleSpec(_Strict):
@@ -78,7 +91,8 @@ class TrainSpec(_Strict):
     eval_batch_size: int = Field(64, ge=1)
     save_every: Optional[int] = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
-    metric: Literal["accuracy", "f1", "loss", "perplexity"] = "accuracy"
+    metric: Optional[Literal["accuracy", "f1", "loss", "perplexity"]] = Field(
+        None, description="default: accuracy for seq_cls, perplexity for causal_lm")
     early_stopping_patience: Optional[int] = Field(None, ge=1)
     seed: int = 0
     bf16: bool = False
@@ -106,8 +120,16 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _metric_fits_task(self):
-        if self.model.task == "causal_lm" and self.train.metric in ("accuracy", "f1"):
-            self.train.metric = "perplexity"
+        allowed = METRICS[self.model.task]
+        if self.train.metric is None:
+            self.train.metric = allowed[0]
+        elif self.train.metric not in allowed:
+            # caught here, not when the final evaluation has no such score and the run is lost
+            raise ValueError(f"train.metric '{self.train.metric}' is not measured for model.task "
+                             f"'{self.model.task}' (expected one of {', '.join(allowed)})")
+        if self.model.num_labels is not None and self.model.task != "seq_cls":
+            raise ValueError(f"model.num_labels is for model.task 'seq_cls' (this recipe's task is "
+                             f"'{self.model.task}'); remove it")
         return self
 
     def adapter_config(self) -> AdapterConfig:
@@ -136,9 +158,15 @@ def _explain(e: ValidationError, where: str) -> GraftingError:
             close = difflib.get_close_matches(str(loc[-1]), _known_keys(Recipe, loc), n=1)
             hint = f" (did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?)" if close else ""
             lines.append(f"unknown key '{dotted}'{hint}")
+        elif not loc and err["type"] == "value_error":  # a check across sections names its own fields
+            lines.append(str(err["ctx"]["error"]))
         else:
             lines.append(f"'{dotted}': {err['msg']}")
     return GraftingError(f"{where}: invalid recipe:\n  " + "\n  ".join(lines))
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -153,7 +181,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise GraftingError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise GraftingError(f"override '{item}': the value is not valid YAML ({_one_line(e)}); "
+                                "quote it if it is meant as text") from None
     return raw
 
 
@@ -165,16 +197,21 @@ def load_recipe(source: Union[str, Path, dict, Recipe], overrides: Optional[list
     where = "recipe"
     if isinstance(source, (str, Path)):
         where = str(source)
+        if Path(source).is_dir():
+            raise GraftingError(f"{source}: is a directory; a recipe is a YAML file (see examples/)")
         try:
-            raw = yaml.safe_load(Path(source).read_text())
+            raw = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise GraftingError(f"{source}: recipe file not found") from None
+        except UnicodeDecodeError as e:
+            raise GraftingError(f"{source}: not UTF-8 text (byte {e.start}: {e.reason}); save the recipe "
+                                "as UTF-8") from None
         except yaml.YAMLError as e:
             raise GraftingError(f"{source}: not valid YAML ({e})") from None
         if not isinstance(raw, dict):
             raise GraftingError(f"{source}: a recipe is a YAML mapping with model, adapter, data, ... sections")
     else:
-        raw = dict(source)
+        raw = copy.deepcopy(dict(source))  # overrides write into nested sections: never the caller's
     raw = apply_overrides(raw, overrides or [])
     try:
         return Recipe.model_validate(raw)

@@ -10,6 +10,7 @@ consumes one global batch, split the same way across micro-steps and ranks, so 2
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -136,15 +137,63 @@ def _autocast(enabled: bool):
     return contextlib.nullcontext
 
 
-def run(recipe, resume: bool = False, overrides: list[str] | None = None) -> TrainResult:
+LOCK = ".graft-train.lock"
+
+
+def claim_output_dir(out_dir: Path, resume: bool, overwrite: bool):
+    """Lock ``out_dir`` for this run (the returned file; closing it releases the lock) and refuse to mix a
+    new run into an earlier one's files unless told to continue it (resume) or replace it (overwrite)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GraftingError(f"output_dir '{out_dir}': exists and is not a directory; choose another output_dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(out_dir / LOCK, "a")
+    except OSError as e:
+        raise GraftingError(f"output_dir '{out_dir}': cannot be created or written ({e.strerror})") from None
+    try:
+        # two runs in one directory would interleave metrics.jsonl and overwrite each other's checkpoints
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise GraftingError(f"output_dir '{out_dir}': another graft train is running there (it holds {LOCK}); "
+                            "wait for it or choose another output_dir") from None
+    held = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK)
+    if held and not (resume or overwrite):
+        fh.close()
+        shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+        raise GraftingError(f"output_dir '{out_dir}': not empty (holds {shown}); pass --resume to continue its "
+                            "checkpoint or --overwrite to replace its files (in Python: resume=True / "
+                            "overwrite=True), or choose another output_dir")
+    return fh
+
+
+def run(recipe, resume: bool = False, overrides: list[str] | None = None, overwrite: bool = False) -> TrainResult:
+    """Train as the recipe says. ``resume``: continue ``<output_dir>/checkpoint``; ``overwrite``: a new run
+    may replace the files of an earlier one in ``output_dir`` (otherwise a non-empty output_dir is refused)."""
+    from . import require_extra
+    require_extra()
     recipe = load_recipe(recipe, overrides)
-    t, task = recipe.train, recipe.model.task
     world, rank = _dist()
+    lock = claim_output_dir(Path(recipe.output_dir), resume, overwrite) if rank == 0 else None
+    try:
+        return _run(recipe, resume, world, rank)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
+    t, task = recipe.train, recipe.model.task
     main = rank == 0
     out_dir = Path(recipe.output_dir)
     torch.manual_seed(t.seed)
 
     splits = load_splits(recipe.data, task)
+    if recipe.model.num_labels is not None and splits.label_names and \
+            recipe.model.num_labels != len(splits.label_names):
+        raise GraftingError(f"model.num_labels: {recipe.model.num_labels}, but the data has "
+                            f"{len(splits.label_names)} labels ({', '.join(splits.label_names)}); set it to "
+                            f"{len(splits.label_names)} or leave it out (it is inferred from the data)")
     num_labels = recipe.model.num_labels or (len(splits.label_names) if splits.label_names else None)
     tokenizer, base = load_model(recipe.model.path, task, num_labels, splits.label_names)
     train_rows = encode(splits.train, tokenizer, task, recipe.data)
@@ -276,6 +325,8 @@ def run(recipe, resume: bool = False, overrides: list[str] | None = None) -> Tra
     if bar is not None:
         bar.close()
 
+    if main:  # before the final evaluation: a failure there must not lose the trained adapter
+        model.save_adapter(out_dir / "adapter", name=ADAPTER)
     after = evaluate(model, val_rows, task, pad_id, t.eval_batch_size, autocast, lm)
     log({"kind": "eval", "step": state["step"], **after})
     if improved(t.metric, after[t.metric], state["best"]):
@@ -285,7 +336,6 @@ def run(recipe, resume: bool = False, overrides: list[str] | None = None) -> Tra
     state["elapsed"] = time.perf_counter() - start
     save_ckpt()
     if main:
-        model.save_adapter(out_dir / "adapter", name=ADAPTER)
         from .plots import write_curves
         write_curves(state["history"], out_dir, t.metric)
     result = TrainResult(before=state["before"], after=after, steps=state["step"], wall_time=state["elapsed"],
