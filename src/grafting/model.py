@@ -7,18 +7,17 @@ It is an ``nn.Module`` that holds the base model (so ``.to()``, ``.eval()``, ``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
-import json
 import re
 from typing import Iterable, Iterator
 
-import torch
 from torch import nn
 
 from .batching import RowRouting, Routing, bucket_of
 from .config import AdapterConfig
 from .errors import GraftingError
+from .hashing import content_hashes
+from .init_stage import run_init
 from .inject import ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates, replace_module
 from .layers import HostLayer
 from .registry import get_method, method_for_config
@@ -76,7 +75,7 @@ class AdaptedModel(nn.Module):
             if name is not None and name not in self.peft_config:
                 raise GraftingError(f"adapter_names names unknown adapter '{name}'; loaded: {self.adapter_names()}")
         device = next(self.base_model.parameters()).device
-        hashes = {n: self.content_hash(n) for n in set(adapter_names) if n is not None}
+        hashes = content_hashes(self, sorted({n for n in adapter_names if n is not None}))
         rows = RowRouting.build(list(adapter_names), self._routing.slot_of, hashes, device, expandable)
         token = self._routing._rows.set(rows)
         try:
@@ -88,33 +87,7 @@ class AdaptedModel(nn.Module):
         """SHA-256 of the adapter's config and tensors (what ``save_adapter`` would write). Mixed-batch stacks key
         on it, so a name reloaded with other weights never serves stale factors; cached on tensor versions."""
         self._require(name)
-        key = self._version_key(name)
-        hit = self._hashes.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        from .io.peft_format import adapter_tensors
-        h = hashlib.sha256(json.dumps(self.peft_config[name].to_peft_dict(), sort_keys=True, default=str).encode())
-        for k, t in sorted(adapter_tensors(self, name).items()):
-            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        self._hashes[name] = (key, h.hexdigest())
-        return self._hashes[name][1]
-
-    def _version_key(self, name: str) -> tuple:
-        out = []
-        modules = [h.adapters[name] for _, h in self.hosts() if name in h.adapters]
-        modules += [s.copies[name] for _, s in self.saved_modules() if name in s.copies]
-        if name in self.shared_tensors:
-            modules.append(self.shared_tensors[name])
-        for m in modules:
-            out.append(m.__dict__.get("_graft_uid"))
-            todo = [m]
-            while todo:  # a manual walk: named_parameters() is slow enough to show on every forward
-                mod = todo.pop()
-                out.extend((id(t), t._version) for t in (*mod._parameters.values(), *mod._buffers.values())
-                           if t is not None)
-                todo.extend(c for c in mod._modules.values() if c is not None)
-        return tuple(out)
+        return content_hashes(self, [name])[name]
 
     # ---- adapters ---------------------------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -185,7 +158,7 @@ class AdaptedModel(nn.Module):
                 for _, saved in find_modules_to_save(self.base_model, present, self._routing,
                                                      required=[m for m in to_save if m not in optional]):
                     saved.add(name)
-            self._run_init(name, method, config, hosts, calibration)
+            run_init(self, name, method, config, hosts, calibration)
         except Exception:
             for host in created:
                 host.remove(name)
@@ -208,68 +181,6 @@ class AdaptedModel(nn.Module):
                     saved.copies[name].requires_grad_(False)
             if name in self.shared_tensors:
                 self.shared_tensors[name].requires_grad_(False)
-
-    def _run_init(self, name, method, config, hosts, calibration) -> None:
-        """The init stage: after every layer exists, each adapter may read its layer's activations over the
-        calibration batches and the base weight, and may change the base weight (then recorded for save/delete)."""
-        activations = self._collect_activations(hosts, calibration) if method.needs_calibration(config) else {}
-        changes = method.changes_base(config)
-        if changes:
-            for module_name, host in hosts:
-                why = host.can_write_weight()
-                if why is not None:
-                    raise GraftingError(f"module '{module_name}': this init rewrites the base weight, but {why}")
-        done = []
-        try:
-            for module_name, host in hosts:
-                method.init(host.adapters[name], host, config, activations.get(module_name))
-                done.append((module_name, host))
-                if changes:
-                    adapter = host.adapters[name]
-                    self._initial.setdefault(name, {})[module_name] = {
-                        attr: getattr(adapter, attr).detach().clone()
-                        for attr in method.peft_keys(host.kind.name).values()}
-        except Exception:
-            for module_name, host in done:
-                if changes:
-                    method.undo_init(self._initial[name][module_name], host.adapters[name], host, config)
-            self._initial.pop(name, None)
-            raise
-
-    @torch.no_grad()
-    def _collect_activations(self, hosts, calibration, max_rows: int = 65536) -> dict:
-        """Inputs seen by each target layer's base over the calibration batches, as (rows, fan_in) tensors."""
-        seen: dict = {n: [] for n, _ in hosts}
-        handles = []
-        for module_name, host in hosts:
-            def hook(_module, args, module_name=module_name):
-                x = args[0]
-                if x.is_floating_point() and sum(t.shape[0] for t in seen[module_name]) < max_rows:
-                    seen[module_name].append(x.detach().reshape(-1, x.shape[-1]).float())
-            handles.append(host.base_layer.register_forward_pre_hook(hook))
-        count = 0
-        try:
-            token = self._routing._enabled.set(False)
-            try:
-                for batch in calibration:
-                    count += 1
-                    if isinstance(batch, dict):
-                        self.base_model(**batch)
-                    elif isinstance(batch, (tuple, list)):
-                        self.base_model(*batch)
-                    else:
-                        self.base_model(batch)
-            finally:
-                self._routing._enabled.reset(token)
-        finally:
-            for h in handles:
-                h.remove()
-        if count == 0:
-            raise GraftingError("calibration: no batches given")
-        missing = [n for n, xs in seen.items() if not xs]
-        if missing:
-            raise GraftingError(f"calibration: the batches never reached modules {missing[:5]}")
-        return {n: torch.cat(xs)[:max_rows] for n, xs in seen.items()}
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)

@@ -51,3 +51,33 @@ def test_inspect_error_is_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("graft: error:") and "adapter_config.json" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_methods_lists_every_registered_method_with_its_fields(capsys):
+    import dataclasses
+
+    import toy_method  # noqa: F401  (a plug-in registered from outside the package is listed too)
+    assert main(["methods", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(gf.method_names()) and {"lora", "dora", "toy-shared"} <= set(rows)
+    for name, row in rows.items():
+        cls = gf.get_method(name).config_class
+        own = {f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(gf.AdapterConfig)}
+        assert {f["name"] for f in row["fields"]} == own - set(row["flags"])
+        assert row["peft_type"] == cls.peft_type and row["description"]
+    assert rows["dora"]["flags"] == {"use_dora": True}
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    assert "toy-shared" in text and "exact_norm=False" in text
+
+
+def test_inspect_a_plug_in_adapter_with_shared_tensors(tmp_path, capsys):
+    from toy_method import ToySharedConfig
+    model = gf.adapt(make_toy("linear"), ToySharedConfig(target_modules=["target"]))
+    model.save_adapter(tmp_path / "t")
+    assert main(["inspect", str(tmp_path / "t"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "toy-shared" and info["targets"] == ["target"]
+    assert info["shared_tensors"] == ["base_model.toy_P"] and info["ranks"] == []
+    assert main(["inspect", str(tmp_path / "t")]) == 0
+    assert "toy-shared" in capsys.readouterr().out

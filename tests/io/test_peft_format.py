@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 
 import grafting as gf
 from conftest import make_toy, randomize
-from grafting.io import atomic, peft_format
 
 CFG = dict(r=4, lora_alpha=8, target_modules=["target"])
 

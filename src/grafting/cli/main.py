@@ -26,14 +26,16 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    ranks = ", ".join(map(str, info["ranks"])) or str(info["r"])
+    ranks = ", ".join(map(str, info["ranks"])) or (str(info["r"]) if info["r"] is not None else "-")
     rows = [
         ("path", info["path"]),
-        ("method", info["method"] + (" (rsLoRA scaling)" if info["use_rslora"] else "")),
+        ("method", info["method"] + (" (rsLoRA scaling)" if info["use_rslora"] else "")
+         + f" [{info['peft_type']}]"),
         ("rank(s)", ranks),
-        ("lora_alpha", info["lora_alpha"]),
+        ("lora_alpha", info["lora_alpha"] if info["lora_alpha"] is not None else "-"),
         ("target_modules", info["target_modules"]),
         ("adapted layers", f"{len(info['targets'])}"),
+        ("shared tensors", ", ".join(info["shared_tensors"]) or "-"),
         ("modules_to_save", ", ".join(info["modules_to_save"]) or "-"),
         ("parameters", f"{info['parameters']:,}"),
         ("dtypes", ", ".join(info["dtypes"])),

@@ -151,7 +151,7 @@ def fill_adapter(model, path, name: str) -> None:
     _fill(model, name, model.peft_config[name], reader.read_all(), reader.file)
 
 
-def _fill(model, name: str, config: LoraConfig, tensors: dict, f: Path) -> None:
+def _fill(model, name: str, config, tensors: dict, f: Path) -> None:
     slots = _slots(model, name)
     missing = sorted(set(slots) - set(tensors))
     aliases = _peft_aliases(model, name)

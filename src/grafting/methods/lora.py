@@ -139,7 +139,7 @@ class LoraConfig(AdapterConfig):
             init = d.get("init_lora_weights")
             if isinstance(init, str) and init.lower() in _LOAD_AS_PLAIN:
                 d = {**d, "init_lora_weights": True}  # its trained factors are complete; the base is untouched
-            elif isinstance(init, str) and init not in INIT_MODES:
+            elif isinstance(init, str) and (init.lower() in ("corda", "loftq") or init.startswith("pissa_niter_")):
                 raise _unsupported_init(init, where)
         return super().from_peft_dict(d, where)
 

@@ -66,6 +66,16 @@ class OptimSpec(_Strict):
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     head_lr: Optional[float] = Field(None, gt=0, description="learning rate for modules_to_save (default: lr)")
+    group_lr: dict[str, float] = Field(default_factory=dict, description="learning rate per parameter role "
+                                       "(weights, architecture, saved, shared, bias); default: lr")
+
+    @field_validator("group_lr")
+    @classmethod
+    def _group_lr_positive(cls, v):
+        bad = {k: x for k, x in v.items() if not x > 0}
+        if bad:
+            raise ValueError(f"learning rates must be > 0, got {bad}")
+        return v
 
     @field_validator("betas")
     @classmethod
@@ -134,8 +144,6 @@ class Recipe(_Strict):
 
     def adapter_config(self) -> AdapterConfig:
         return config_from_fields(self.adapter, where="adapter")
-
-    lora_config = adapter_config
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -28,6 +28,7 @@ from .data import collate, encode, load_splits
 from .lm_loss import head_is_plain, hidden_and_head, linear_cross_entropy
 from .metrics import classification_metrics, improved, lm_metrics
 from .models import load_model
+from .optim import build_optimizer, set_lr
 from .recipe import Recipe, load_recipe
 
 ADAPTER = "default"
@@ -203,7 +204,7 @@ def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
                             "both must be non-empty")
     pad_id = tokenizer.pad_token_id
 
-    cfg = recipe.lora_config()
+    cfg = recipe.adapter_config()
     if task == "seq_cls" and cfg.task_type is None:
         cfg.task_type = "SEQ_CLS"  # the classification head trains in full, as in peft
     if cfg.base_model_name_or_path is None:
@@ -220,13 +221,8 @@ def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
                          attention_mask=probe["attention_mask"]):
             lm = model.base_model
     summary = model.trainable_summary()
-    head = [p for _, s in model.saved_modules() for p in s.copies[ADAPTER].parameters()] if cfg.modules_to_save or cfg.task_type else []
-    head_ids = {id(p) for p in head}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    groups = [{"params": rest}] + ([{"params": head, "lr": recipe.optim.head_lr or recipe.optim.lr}] if head else [])
     o = recipe.optim
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    head_ratio = (o.head_lr or o.lr) / o.lr
+    optimizer, lr_ratios = build_optimizer(model, ADAPTER, o)  # one group per parameter role
     runner = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     global_batch = t.batch_size * t.grad_accum * world
@@ -274,9 +270,7 @@ def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
     while state["step"] < total and not stop:
         step = state["step"]
         lr = lr_at(step, total, recipe)
-        optimizer.param_groups[0]["lr"] = lr
-        if head:
-            optimizer.param_groups[1]["lr"] = lr * head_ratio
+        set_lr(optimizer, lr, lr_ratios)
         indices = step_indices(len(train_rows), global_batch, step, t.seed)
         norm = _count([train_rows[i] for i in indices], task)  # the global step's examples or target tokens
         step_loss = 0.0
@@ -290,10 +284,11 @@ def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
             step_loss += loss_sum.item()
             state["tokens"] += int(batch["attention_mask"].sum())
         if o.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], o.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], o.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step = step + 1
+        model.on_step(step, total)  # methods' per-step hooks (rank budgets, rank sampling)
         if world > 1:
             total_loss = torch.tensor([step_loss])
             torch.distributed.all_reduce(total_loss)

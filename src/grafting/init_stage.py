@@ -1,0 +1,76 @@
+"""The init stage: after every layer's adapter exists, each method may read its layer's base weight and the
+activations it saw over a few calibration batches (EVA, CorDA), and may change the base weight (PiSSA, OLoRA).
+
+A base-changing init is recorded: the adapter's tensors right after init are kept on the model
+(``model._initial``), so that ``save_adapter`` can write a delta against the original base and
+``delete_adapter`` can put the original back (``Method.to_original_base`` / ``Method.undo_init``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import GraftingError
+
+
+def run_init(model, name, method, config, hosts, calibration) -> None:
+    """The init stage: after every layer exists, each adapter may read its layer's activations over the
+    calibration batches and the base weight, and may change the base weight (then recorded for save/delete)."""
+    activations = collect_activations(model, hosts, calibration) if method.needs_calibration(config) else {}
+    changes = method.changes_base(config)
+    if changes:
+        for module_name, host in hosts:
+            why = host.can_write_weight()
+            if why is not None:
+                raise GraftingError(f"module '{module_name}': this init rewrites the base weight, but {why}")
+    done = []
+    try:
+        for module_name, host in hosts:
+            method.init(host.adapters[name], host, config, activations.get(module_name))
+            done.append((module_name, host))
+            if changes:
+                adapter = host.adapters[name]
+                model._initial.setdefault(name, {})[module_name] = {
+                    attr: getattr(adapter, attr).detach().clone()
+                    for attr in method.peft_keys(host.kind.name).values()}
+    except Exception:
+        for module_name, host in done:
+            if changes:
+                method.undo_init(model._initial[name][module_name], host.adapters[name], host, config)
+        model._initial.pop(name, None)
+        raise
+
+@torch.no_grad()
+def collect_activations(model, hosts, calibration, max_rows: int = 65536) -> dict:
+    """Inputs seen by each target layer's base over the calibration batches, as (rows, fan_in) tensors."""
+    seen: dict = {n: [] for n, _ in hosts}
+    handles = []
+    for module_name, host in hosts:
+        def hook(_module, args, module_name=module_name):
+            x = args[0]
+            if x.is_floating_point() and sum(t.shape[0] for t in seen[module_name]) < max_rows:
+                seen[module_name].append(x.detach().reshape(-1, x.shape[-1]).float())
+        handles.append(host.base_layer.register_forward_pre_hook(hook))
+    count = 0
+    try:
+        token = model._routing._enabled.set(False)
+        try:
+            for batch in calibration:
+                count += 1
+                if isinstance(batch, dict):
+                    model.base_model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model.base_model(*batch)
+                else:
+                    model.base_model(batch)
+        finally:
+            model._routing._enabled.reset(token)
+    finally:
+        for h in handles:
+            h.remove()
+    if count == 0:
+        raise GraftingError("calibration: no batches given")
+    missing = [n for n, xs in seen.items() if not xs]
+    if missing:
+        raise GraftingError(f"calibration: the batches never reached modules {missing[:5]}")
+    return {n: torch.cat(xs)[:max_rows] for n, xs in seen.items()}
