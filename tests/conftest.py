@@ -67,3 +67,16 @@ def randomize(model: nn.Module, scale: float = 0.3) -> None:
                     p.mul_(1.0 + scale * torch.rand_like(p))
                 else:
                     p.copy_(torch.randn_like(p) * scale)
+
+
+def assert_rows_match(model, x, names, atol=1e-5, rtol=1e-4) -> None:
+    """Each row of a mixed batch equals the same row run with that adapter alone (None: the base)."""
+    mixed = model(x, adapter_names=names)
+    for i, name in enumerate(names):
+        if name is None:
+            with model.disabled():
+                single = model(x)
+        else:
+            model.set_active(name)
+            single = model(x)
+        torch.testing.assert_close(mixed[i], single[i], atol=atol, rtol=rtol)

@@ -8,26 +8,17 @@ import pytest
 import torch
 
 import grafting as gf
+from conftest import assert_rows_match as _rows_match
 from test_model import Net, tiny_gpt2
-
-
-def lora(r=4, **kw):
-    return gf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kw)
-
-
-def single(model, name, x):
-    if name is None:
-        with model.disabled():
-            return model(x)
-    model.set_active(name)
-    return model(x)
 
 
 def assert_rows_match(model, x, names):
     with torch.no_grad():
-        mixed = model(x, adapter_names=names)
-        for i, name in enumerate(names):
-            torch.testing.assert_close(mixed[i], single(model, name, x)[i], atol=1e-5, rtol=1e-4)
+        _rows_match(model, x, names)
+
+
+def lora(r=4, **kw):
+    return gf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kw)
 
 
 def stack_of(model):

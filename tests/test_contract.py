@@ -14,7 +14,7 @@ import torch
 
 import grafting as gf
 import toy_method  # noqa: F401  (registers "toy-shared")
-from conftest import KINDS, make_toy, randomize
+from conftest import KINDS, assert_rows_match, make_toy, randomize
 
 CASES = [(m, k) for m in gf.method_names() for k in KINDS if k in gf.get_method(m).layer_kinds]
 
@@ -97,15 +97,7 @@ def test_mixed_batch_rows_equal_single_adapter(method, kind, grad, names):
     model.add_adapter("other", config_for(method))
     randomize(model)
     with torch.set_grad_enabled(grad):
-        mixed = model(x, adapter_names=names)
-        for i, name in enumerate(names):
-            if name is None:
-                with model.disabled():
-                    single = model(x)
-            else:
-                model.set_active(name)
-                single = model(x)
-            torch.testing.assert_close(mixed[i], single[i], atol=1e-5, rtol=1e-4)
+        assert_rows_match(model, x, names)
 
 
 @pytest.mark.parametrize("method,kind", CASES)

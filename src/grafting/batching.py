@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .autodiff import transforms_active
 from .errors import GraftingError
 
 MIN_BUCKET = 4  # 16-byte aligned fp32 rows
@@ -236,8 +237,11 @@ class LowRankStack:
 
 
 def _needs_grad(host, names) -> bool:
-    from .autodiff import tracking_derivatives
-    return tracking_derivatives(*(p for n in names for p in host.adapters[n].parameters()))
+    if transforms_active():
+        return True
+    if not torch.is_grad_enabled():  # checked before touching parameters: this runs on every layer
+        return False
+    return any(p.requires_grad for n in names for p in host.adapters[n].parameters())
 
 
 def _dropout_active(host, names) -> bool:

@@ -11,7 +11,6 @@ import hashlib
 import json
 
 import torch
-from torch import nn
 
 
 def content_hashes(model, names) -> dict:
@@ -33,28 +32,24 @@ def content_hashes(model, names) -> dict:
 
 
 def version_keys(model, names) -> dict:
-    """Per adapter: uids and (id, version) of every tensor it owns, in one walk over the model."""
-    modules: dict = {n: [] for n in names}
-    for _, h in model.hosts():
-        for n in names:
-            a = h.adapters._modules.get(n)
-            if a is not None:
-                modules[n].append(a)
-    for _, s in model.saved_modules():
-        for n in names:
-            if n in s.copies:
-                modules[n].append(s.copies[n])
+    """Per adapter: uids and (id, version, storage) of every tensor it owns. Runs on every mixed forward, so the
+    modules owning each adapter's tensors are listed once per change of the model's adapters, not per call."""
+    owners = model.__dict__.setdefault("_owners", {})
+    out = {}
     for n in names:
-        if n in model.shared_tensors:
-            modules[n].append(model.shared_tensors[n])
-    return {n: tuple(tensor_versions(m) for m in ms) for n, ms in modules.items()}
+        hit = owners.get(n)
+        if hit is None or hit[0] != model._structure:
+            hit = owners[n] = (model._structure, _owning_modules(model, n))
+        mods = hit[1]
+        out[n] = (tuple([m.__dict__.get("_graft_uid") for m in mods]),
+                  tuple([(id(t), t._version, t.data_ptr()) for m in mods
+                         for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]))
+    return out
 
 
-def tensor_versions(module: nn.Module) -> tuple:
-    """The module's uid and (id, version) of every parameter and buffer below it."""
-    out, todo = [module.__dict__.get("_graft_uid")], [module]
-    while todo:  # a manual walk: named_parameters() is slow enough to show on every forward
-        m = todo.pop()
-        out.extend((id(t), t._version) for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
-        todo.extend(c for c in m._modules.values() if c is not None)
-    return tuple(out)
+def _owning_modules(model, name) -> list:
+    roots = [h.adapters[name] for _, h in model.hosts() if name in h.adapters]
+    roots += [s.copies[name] for _, s in model.saved_modules() if name in s.copies]
+    if name in model.shared_tensors:
+        roots.append(model.shared_tensors[name])
+    return [m for root in roots for m in root.modules() if m._parameters or m._buffers or m is root]

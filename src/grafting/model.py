@@ -44,6 +44,7 @@ class AdaptedModel(nn.Module):
         self._frozen: set = set()  # adapters loaded for inference only (is_trainable=False)
         self._initial: dict = {}  # adapter -> {module: tensors right after an init that changed the base}
         self._hashes: dict = {}  # adapter -> (version key, content hash)
+        self._structure = 0  # bumped whenever adapters are added or removed (keys cached per-adapter lookups)
         if config is not None:
             self.add_adapter(adapter_name, config, calibration=calibration)
             self.set_active(adapter_name)
@@ -168,6 +169,7 @@ class AdaptedModel(nn.Module):
                     del saved.copies[name]
             raise
         self.peft_config[name] = config
+        self._structure += 1
         low_rank = ranks and all(r is not None for r in ranks)
         self._routing.assign_slot(name, max(ranks) if low_rank else None)
         if not self._routing.active:
@@ -199,6 +201,7 @@ class AdaptedModel(nn.Module):
         if name in self.shared_tensors:
             del self.shared_tensors[name]
         del self.peft_config[name]
+        self._structure += 1
         self._initial.pop(name, None)
         self._hashes.pop(name, None)
         self._frozen.discard(name)
@@ -351,6 +354,7 @@ class AdaptedModel(nn.Module):
         for p in base.parameters():
             p.requires_grad_(True)
         self.peft_config.clear()
+        self._structure += 1
         self._routing.active = ()
         return base
 
