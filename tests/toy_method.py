@@ -10,6 +10,7 @@ init). ΔW has full rank, so mixed batches take the grouped fallback. The whole 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -87,3 +88,29 @@ class Toy(gf.Method):
 
     def delta_weight_from_tensors(self, tensors, cfg, module_name, kind, shared, base_weight=None):
         return toy_delta(tensors["toy_d"], tensors["toy_mask"], shared["toy_P"], cfg.scale)
+
+
+@contextlib.contextmanager
+def step_recorder(name: str):
+    """Register (for the block) a LoRA method whose ``on_step`` appends (step, total, [module names]) to a list;
+    yields (its config class, that list)."""
+    from grafting.methods.lora import Lora
+    from grafting.registry import unregister
+
+    calls: list = []
+
+    @dataclass
+    class StepConfig(gf.LoraConfig):
+        peft_type = "GRAFT_TEST_STEPS"
+
+    @gf.register(name, config=StepConfig)
+    class Steps(Lora):
+        """Test only: records the trainer's per-step calls."""
+
+        def on_step(self, layers, shared, cfg, step, total):
+            calls.append((step, total, sorted(module for module, _, _ in layers)))
+
+    try:
+        yield StepConfig, calls
+    finally:
+        unregister(name)

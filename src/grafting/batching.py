@@ -142,6 +142,13 @@ class _Bucket:
     def capacity(self) -> int:
         return self.A_t.shape[0]
 
+    def clear(self, slot: int) -> None:
+        """Slot ``slot`` back to "no adapter": zero factors, output factor 1."""
+        with torch.inference_mode(False):
+            self.A_t[slot].zero_()
+            self.B_t[slot].zero_()
+            self.g[slot].fill_(1.0)
+
     def grow(self, capacity: int) -> None:
         old = (self.A_t, self.B_t, self.g)
         with torch.inference_mode(False):
@@ -192,12 +199,7 @@ class LowRankStack:
     def free(self, name: str) -> None:
         entry = self.keys.pop(name, None)
         if entry is not None:
-            b, slot, _ = entry
-            bucket = self.buckets[b]
-            with torch.inference_mode(False):
-                bucket.A_t[slot].zero_()
-                bucket.B_t[slot].zero_()
-                bucket.g[slot].fill_(1.0)
+            self.buckets[entry[0]].clear(entry[1])
             self.version += 1
 
     @torch.no_grad()
@@ -216,17 +218,14 @@ class LowRankStack:
             for name, key in stale:
                 old = self.keys.pop(name, None)
                 if old is not None and old[:2] != key[:2]:  # moved to another slot: clear the old one
-                    self.buckets[old[0]].A_t[old[1]].zero_()
-                    self.buckets[old[0]].B_t[old[1]].zero_()
-                    self.buckets[old[0]].g[old[1]].fill_(1.0)
+                    self.buckets[old[0]].clear(old[1])
                 A, B, scale = host.methods[name].low_rank(host.adapters[name])
                 b, slot, _ = key
                 if b not in self.buckets or self.buckets[b].capacity <= slot:
                     current = self.buckets[b].capacity if b in self.buckets else 0
                     self.reserve(b, max(slot + 1, 2 * current, 2))
                 bucket, r = self.buckets[b], A.shape[0]
-                bucket.A_t[slot].zero_()
-                bucket.B_t[slot].zero_()
+                bucket.clear(slot)
                 bucket.A_t[slot, :, :r] = A.t().to(self.dtype)
                 bucket.B_t[slot, :r] = (B.t() * scale).to(self.dtype)
                 g = host.methods[name].output_scale(host.adapters[name], host)

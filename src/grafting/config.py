@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
 from .errors import GraftingError
@@ -214,4 +214,4 @@ def pattern_value(pattern: dict, module_name: str, default):
     return default
 
 
-__all__ = ["AdapterConfig", "config_from_fields", "config_from_peft_dict", "pattern_value", "field"]
+__all__ = ["AdapterConfig", "config_from_fields", "config_from_peft_dict", "pattern_value"]

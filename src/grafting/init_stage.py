@@ -40,6 +40,7 @@ def run_init(model, name, method, config, hosts, calibration) -> None:
         model._initial.pop(name, None)
         raise
 
+
 @torch.no_grad()
 def collect_activations(model, hosts, calibration, max_rows: int = 65536) -> dict:
     """Inputs seen by each target layer's base over the calibration batches, as (rows, fan_in) tensors."""
@@ -52,20 +53,18 @@ def collect_activations(model, hosts, calibration, max_rows: int = 65536) -> dic
                 seen[module_name].append(x.detach().reshape(-1, x.shape[-1]).float())
         handles.append(host.base_layer.register_forward_pre_hook(hook))
     count = 0
+    token = model._routing._enabled.set(False)  # the base alone: activations of the layer the adapter wraps
     try:
-        token = model._routing._enabled.set(False)
-        try:
-            for batch in calibration:
-                count += 1
-                if isinstance(batch, dict):
-                    model.base_model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model.base_model(*batch)
-                else:
-                    model.base_model(batch)
-        finally:
-            model._routing._enabled.reset(token)
+        for batch in calibration:
+            count += 1
+            if isinstance(batch, dict):
+                model.base_model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model.base_model(*batch)
+            else:
+                model.base_model(batch)
     finally:
+        model._routing._enabled.reset(token)
         for h in handles:
             h.remove()
     if count == 0:

@@ -18,7 +18,8 @@ from .config import AdapterConfig
 from .errors import GraftingError
 from .hashing import content_hashes
 from .init_stage import run_init
-from .inject import ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates, replace_module
+from .inject import (ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates, name_matches,
+                     replace_module)
 from .layers import HostLayer
 from .registry import get_method, method_for_config
 
@@ -129,8 +130,10 @@ class AdaptedModel(nn.Module):
             raise GraftingError(f"method '{method.name}' initialises from activations: pass "
                                 "add_adapter(..., calibration=batches)")
         to_save = list(config.modules_to_save or [])
-        heads = [h for h in _TASK_HEADS.get(config.task_type or "", ()) if h not in to_save
-                 and any(n == h or n.endswith("." + h) for n, _ in self.base_model.named_modules())]
+        module_names = [n for n, _ in self.base_model.named_modules()]
+        exists = lambda m: any(name_matches([m], n) for n in module_names)  # noqa: E731
+        task_heads = _TASK_HEADS.get(config.task_type or "", ())
+        heads = [h for h in task_heads if h not in to_save and exists(h)]
         targets = find_targets(self.base_model, config, to_save + heads)
         created, ranks = [], []
         try:
@@ -153,17 +156,16 @@ class AdaptedModel(nn.Module):
                 ranks.append(None if factors is None else factors[0].shape[0])
             if to_save or heads:
                 # peft writes every task head name of the task type (classifier and score); one is enough
-                optional = _TASK_HEADS.get(config.task_type or "", ())
-                present = [m for m in to_save + heads if m not in optional
-                           or any(n == m or n.endswith("." + m) for n, _ in self.base_model.named_modules())]
+                present = [m for m in to_save + heads if m not in task_heads or exists(m)]
                 for _, saved in find_modules_to_save(self.base_model, present, self._routing,
-                                                     required=[m for m in to_save if m not in optional]):
+                                                     required=[m for m in to_save if m not in task_heads]):
                     saved.add(name)
             run_init(self, name, method, config, hosts, calibration)
         except Exception:
             for host in created:
                 host.remove(name)
-            self.shared_tensors.pop(name, None) if name in self.shared_tensors else None
+            if name in self.shared_tensors:
+                del self.shared_tensors[name]
             for _, saved in self.saved_modules():
                 if name in saved.copies:
                     del saved.copies[name]

@@ -159,24 +159,9 @@ def test_data_aware_init_reads_each_layer_s_activations():
 
 
 def test_per_step_hooks_see_the_adapter_s_layers():
-    from dataclasses import dataclass
+    from toy_method import step_recorder
 
-    from grafting.methods.lora import Lora
-
-    calls = []
-
-    @dataclass
-    class CountingConfig(gf.LoraConfig):
-        peft_type = "GRAFT_TEST_COUNT"
-
-    @gf.register("test-count", config=CountingConfig)
-    class Counting(Lora):
-        """Test only: records on_step calls."""
-
-        def on_step(self, layers, shared, cfg, step, total):
-            calls.append((step, total, sorted(name for name, _, _ in layers)))
-
-    try:
+    with step_recorder("test-count") as (CountingConfig, calls):
         model = gf.adapt(Net(), CountingConfig(target_modules=["v_proj"]))
         model.add_adapter("plain", gf.LoraConfig(target_modules=["q_proj"]))
         model.on_step(3, 10)
@@ -184,5 +169,3 @@ def test_per_step_hooks_see_the_adapter_s_layers():
         model.set_active("plain")
         model.on_step(4, 10)
         assert len(calls) == 1  # only active adapters' methods run
-    finally:
-        unregister("test-count")

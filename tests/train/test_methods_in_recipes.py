@@ -4,15 +4,12 @@ parameter roles and calls the methods' per-step hooks."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 import yaml
 
 import grafting as gf
 from conftest import write_recipe
-from grafting.methods.lora import Lora
-from grafting.registry import unregister
 from grafting.train import load_recipe, train
 from grafting.train import optim as optim_module
 
@@ -82,25 +79,12 @@ def test_group_lr_for_a_role_the_adapter_lacks_is_refused_before_training(tmp_pa
 
 
 def test_trainer_calls_per_step_hooks(tmp_path, tiny_model_dir, jsonl_data):
-    calls = []
+    from toy_method import step_recorder
 
-    @dataclass
-    class StepConfig(gf.LoraConfig):
-        peft_type = "GRAFT_TEST_STEPS"
-
-    @gf.register("test-steps", config=StepConfig)
-    class Steps(Lora):
-        """Test only: records the trainer's per-step calls."""
-
-        def on_step(self, layers, shared, cfg, step, total):
-            calls.append((step, total, len(layers)))
-
-    try:
+    with step_recorder("test-steps") as (_, calls):
         r = with_adapter(write_recipe(tmp_path / "r.yaml", tiny_model_dir, *jsonl_data, tmp_path / "out",
                                       max_steps=3), method="test-steps")
         train(r)
-    finally:
-        unregister("test-steps")
-    assert calls == [(1, 3, 4), (2, 3, 4), (3, 3, 4)]
+    assert [(step, total, len(layers)) for step, total, layers in calls] == [(1, 3, 4), (2, 3, 4), (3, 3, 4)]
     saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "GRAFT_TEST_STEPS"
