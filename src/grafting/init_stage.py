@@ -8,9 +8,32 @@ A base-changing init is recorded: the adapter's tensors right after init are kep
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from .errors import GraftingError
+
+
+_FILLING = contextvars.ContextVar("grafting_filling_from_disk", default=False)
+
+
+@contextlib.contextmanager
+def filling_from_disk():
+    """Adapters created inside are filled from a saved file right after: every tensor the file holds will be
+    overwritten, so a method may skip drawing random initial values for those (loading 100 adapters spent
+    half its time on random numbers it then discarded)."""
+    token = _FILLING.set(True)
+    try:
+        yield
+    finally:
+        _FILLING.reset(token)
+
+
+def random_init_wanted() -> bool:
+    """False while an adapter is being created only to be filled from disk (see ``filling_from_disk``)."""
+    return not _FILLING.get()
 
 
 def run_init(model, name, method, config, hosts, calibration) -> None:

@@ -130,9 +130,11 @@ class AdaptedModel(nn.Module):
             raise GraftingError(f"method '{method.name}' initialises from activations: pass "
                                 "add_adapter(..., calibration=batches)")
         to_save = list(config.modules_to_save or [])
-        module_names = [n for n, _ in self.base_model.named_modules()]
-        exists = lambda m: any(name_matches([m], n) for n in module_names)  # noqa: E731
         task_heads = _TASK_HEADS.get(config.task_type or "", ())
+        # the base's own modules (not adapters' insides, which grow with every adapter loaded), listed only when
+        # a name must be checked
+        module_names = [n for n, _ in iter_candidates(self.base_model)] if to_save or task_heads else []
+        exists = lambda m: any(name_matches([m], n) for n in module_names)  # noqa: E731
         heads = [h for h in task_heads if h not in to_save and exists(h)]
         targets = find_targets(self.base_model, config, to_save + heads)
         created, ranks = [], []

@@ -150,3 +150,21 @@ def test_save_over_existing_directory_keeps_other_files(saved):
     assert (saved / "README.md").read_text() == "notes"
     torch.testing.assert_close(load_file(saved / "adapter_model.safetensors")["base_model.model.target.lora_B.weight"],
                                dict(model.hosts())["target"].adapters["default"].lora_B.detach())
+
+
+def test_loading_draws_no_random_init(saved):
+    # every factor is overwritten from the file, so loading must not spend time drawing (and discarding) random
+    # values: the global generator is where it was, and the loaded factors are the saved ones exactly
+    base = make_toy("linear")
+    torch.manual_seed(123)
+    model = gf.load(base, saved)
+    after_load = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(after_load, torch.rand(4))
+    on_disk = load_file(saved / "adapter_model.safetensors")
+    host = model.base_model.target
+    assert torch.equal(host.adapters["default"].lora_A, on_disk["base_model.model.target.lora_A.weight"])
+    assert torch.equal(host.adapters["default"].lora_B, on_disk["base_model.model.target.lora_B.weight"])
+    # a new adapter still starts from peft's init (A random, B zero)
+    model.add_adapter("fresh", gf.LoraConfig(**CFG))
+    assert host.adapters["fresh"].lora_A.abs().sum() > 0 and not host.adapters["fresh"].lora_B.any()

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save
 
 from ..errors import GraftingError
+from ..init_stage import filling_from_disk
 from ..layers import stores_plain_weight
 from ..registry import get_method
 from .atomic import atomic_dir
@@ -135,7 +136,8 @@ def load_adapter(model, path, name: str) -> None:
     reader = AdapterReader(path)
     config = reader.config
     try:
-        model.add_adapter(name, config)
+        with filling_from_disk():
+            model.add_adapter(name, config)
     except GraftingError as e:
         raise GraftingError(f"{path / CONFIG_NAME}: {e}") from None
     try:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, pattern_value
+from ..init_stage import random_init_wanted
 from ..registry import register
 from .base import Method
 
@@ -158,7 +159,7 @@ class LoraAdapter(nn.Module):
                  dropout: float, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=device))
         self.r = r
         self.lora_alpha = lora_alpha
         self.scaling = scaling
@@ -201,7 +202,8 @@ def create_lora(host, cfg, module_name: str) -> LoraAdapter:
     w = host.dense_weight()
     adapter = LoraAdapter(a_shape, b_shape, r, alpha, cfg.scaling(r, alpha), cfg.lora_dropout,
                           factor_dtype(host), w.device)
-    init_factors(adapter, cfg.init_lora_weights, host.kind.name)
+    if random_init_wanted():  # loading overwrites every factor: no random numbers for it to discard
+        init_factors(adapter, cfg.init_lora_weights, host.kind.name)
     return adapter
 
 
