@@ -1,0 +1,213 @@
+"""The bi-level Engine: levels, alternation, outer steps through the inner problem, and its guards.
+
+The ridge problem of test_hypergrad.py (closed-form hypergradient) checks that an outer step applies exactly the
+hypergradient at the inner optimum; the rest uses small adapted models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import grafting as gf
+from grafting.blo import Engine, Level, NonFiniteHypergradient, fused_attention_has_double_backward
+from grafting.errors import GraftingError
+from test_hypergrad import F64, closed_form, inner_value, make_data, outer_value, w_star
+
+
+class Ridge(nn.Module):
+    def __init__(self, data):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(data.d, dtype=F64))
+        self.lam = nn.Parameter(data.lam.clone())
+
+
+def ridge_engine(method, data, warmup=0, unroll=1, inner_lr=0.2, outer_lr=1e-3, **kw):
+    m = Ridge(data)
+    inner = Level("inner", [m.w], lambda b: inner_value(data, m.w, m.lam), [None],
+                  torch.optim.SGD([m.w], lr=inner_lr), module=m)
+    outer = Level("outer", [m.lam], lambda b: outer_value(data, m.w), [None], torch.optim.SGD([m.lam], lr=outer_lr))
+    return m, Engine([inner, outer], hypergradient=method, warmup=warmup, unroll=unroll, **kw)
+
+
+@pytest.mark.parametrize("method", ["cg", "neumann"])
+def test_outer_step_applies_the_closed_form_hypergradient(method):
+    data = make_data()
+    # a long warm-up puts w at w*(λ); the outer SGD step then moves λ by lr x the hypergradient
+    m, engine = ridge_engine(method, data, warmup=400, iters=60, alpha=0.2)
+    lam0 = m.lam.detach().clone()
+    engine.step()
+    assert torch.allclose(m.w.detach(), w_star(data, lam0), atol=1e-10)  # one more inner step: still there
+    applied = (lam0 - m.lam.detach()) / 1e-3
+    expected = closed_form(data, lam0)
+    assert (applied - expected).norm() / expected.norm() < 1e-4
+
+
+def test_unrolled_outer_step_is_reverse_mode_through_the_inner_steps():
+    data = make_data()
+    m, engine = ridge_engine("unrolled", data, unroll=3, inner_lr=0.1)
+    w0, lam0 = m.w.detach().clone(), m.lam.detach().clone().requires_grad_(True)
+    w = w0.clone().requires_grad_(True)
+    for _ in range(3):  # the same three SGD steps, written out
+        (g,) = torch.autograd.grad(inner_value(data, w, lam0), w, create_graph=True)
+        w = w - 0.1 * g
+    (expected,) = torch.autograd.grad(outer_value(data, w), lam0)
+    summary = engine.step()
+    applied = (lam0.detach() - m.lam.detach()) / 1e-3
+    assert torch.allclose(applied, expected, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(m.w.detach(), w.detach(), rtol=1e-12)  # the inner level took those same steps
+    assert engine.inner.steps == 3 and summary["step"] == 1
+
+
+def test_alternation_warmup_and_logging():
+    data = make_data()
+    entries = []
+    m, engine = ridge_engine("darts", data, warmup=4, unroll=2, log=entries.append)
+    engine.run(3)
+    levels = [e["level"] for e in entries]
+    assert levels == ["inner"] * 4 + ["inner", "inner", "outer"] * 3
+    assert engine.inner.steps == 10 and engine.outer.steps == 3 == engine.step_count
+    assert all("hypergrad_norm" in e for e in entries if e["level"] == "outer")
+
+
+def test_outer_training_lowers_the_validation_loss():
+    data = make_data()
+    m, engine = ridge_engine("cg", data, warmup=200, unroll=5, outer_lr=0.5, iters=20)
+    engine.step()
+    first = outer_value(data, m.w).item()
+    engine.run(30)
+    assert outer_value(data, m.w).item() < first - 1e-3
+
+
+def tiny_dora(seed=0):
+    """A frozen base MLP with a DoRA adapter: directions at the inner level, magnitudes at the outer."""
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = gf.adapt(base, gf.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], use_dora=True,
+                                         init_lora_weights=False))
+    groups = model.param_groups("default")
+    return model, groups["weights"], groups["architecture"]
+
+
+def test_frozen_base_never_changes_at_either_level():
+    model, weights, arch = tiny_dora()
+    frozen = [p for n, p in model.named_parameters() if "base_layer" in n]
+    before = [p.detach().clone() for p in frozen]
+    arch0 = [p.detach().clone() for p in arch]
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    xv, yv = torch.randn(16, 6), torch.randn(16, 3)
+    for method in ("first_order", "darts", "neumann", "cg", "unrolled"):
+        inner = Level("inner", weights, lambda b: ((model(x) - y) ** 2).mean(), [None],
+                      torch.optim.AdamW(weights, lr=1e-2), module=model)
+        outer = Level("outer", arch, lambda b: ((model(xv) - yv) ** 2).mean(), [None], torch.optim.AdamW(arch, lr=1e-2))
+        Engine([inner, outer], hypergradient=method, unroll=2, frozen=frozen).run(2)
+        assert all(torch.equal(b, p) for b, p in zip(before, frozen)), method
+        assert all(p.grad is None for p in frozen), method
+    assert any(not torch.equal(a, p) for a, p in zip(arch0, arch))
+
+
+def test_nan_hypergradient_names_level_and_step():
+    data = make_data()
+    m, engine = ridge_engine("cg", data)
+    engine.run(2)
+    engine.outer.loss = lambda b: outer_value(data, m.w) * torch.sqrt(m.lam[0] - 1e9)  # nan from the outer level
+    with pytest.raises(NonFiniteHypergradient, match=r"level 'outer', outer step 3"):
+        engine.step()
+
+
+def test_nan_inner_loss_names_level_and_step():
+    data = make_data()
+    m, engine = ridge_engine("darts", data)
+    engine.run(1)
+    engine.inner.loss = lambda b: inner_value(data, m.w, m.lam) * float("nan")
+    with pytest.raises(GraftingError, match=r"level 'inner', step 2: the loss is nan"):
+        engine.step()
+
+
+def test_bad_setups_are_refused():
+    data = make_data()
+    m = Ridge(data)
+    other = nn.Parameter(torch.zeros(2))
+
+    def level(name, params, opt_params=None, **kw):
+        return Level(name, params, lambda b: inner_value(data, m.w, m.lam), [None],
+                     torch.optim.SGD(opt_params or params, lr=0.1), **kw)
+
+    with pytest.raises(GraftingError, match="unknown hypergradient 'newton'"):
+        Engine([level("i", [m.w]), level("o", [m.lam])], hypergradient="newton")
+    with pytest.raises(GraftingError, match="3 levels"):
+        Engine([level("i", [m.w]), level("o", [m.lam]), level("x", [other])])
+    with pytest.raises(GraftingError, match="both level 'i' and level 'o'"):
+        Engine([level("i", [m.w]), level("o", [m.w, m.lam])])
+    with pytest.raises(GraftingError, match="optimizer must hold exactly"):
+        Engine([level("i", [m.w], [m.w, other]), level("o", [m.lam])])
+    with pytest.raises(GraftingError, match="frozen tensor #0 is also trained by level 'o'"):
+        Engine([level("i", [m.w]), level("o", [m.lam])], frozen=[m.lam])
+    with pytest.raises(GraftingError, match="give the inner Level its module="):
+        Engine([level("i", [m.w]), level("o", [m.lam])], hypergradient="unrolled")
+    with pytest.raises(GraftingError, match="yields no batches"):
+        Engine([Level("i", [m.w], lambda b: m.w.sum(), [], torch.optim.SGD([m.w], lr=0.1)),
+                level("o", [m.lam])]).step()
+
+
+class CausalAttention(nn.Module):
+    """nanoGPT's attention: the fused kernel, called with is_causal and no mask (its CPU kernel is flash)."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(d, dim=2))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+def attention_engine(method):
+    torch.manual_seed(0)
+    model = gf.adapt(CausalAttention().requires_grad_(False),
+                     gf.LoraConfig(r=2, target_modules=["qkv"], use_dora=True, init_lora_weights=False))
+    groups = model.param_groups("default")
+    x, xv = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    inner = Level("inner", groups["weights"], lambda b: model(x).square().mean(), [None],
+                  torch.optim.SGD(groups["weights"], lr=1e-2))
+    outer = Level("outer", groups["architecture"], lambda b: (model(xv) - xv).square().mean(), [None],
+                  torch.optim.SGD(groups["architecture"], lr=1e-2))
+    return Engine([inner, outer], hypergradient=method, iters=2), groups["architecture"]
+
+
+def fused_kernel_lacks_double_backward() -> bool:
+    q = torch.randn(1, 1, 3, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+                               .square().sum(), q, create_graph=True)
+    try:
+        torch.autograd.grad(g.sum(), q)
+    except RuntimeError:
+        return True
+    return False
+
+
+def test_attention_without_double_backward_runs_in_math_mode():
+    assert fused_attention_has_double_backward() == (not fused_kernel_lacks_double_backward())
+    engine, arch = attention_engine("cg")
+    before = [p.detach().clone() for p in arch]
+    summary = engine.step()
+    assert summary["hypergrad_norm"] > 0 and torch.isfinite(torch.tensor(summary["hypergrad_norm"]))
+    assert any(not torch.equal(b, p) for b, p in zip(before, arch))
+
+
+def test_an_op_without_double_backward_gets_a_clear_error(monkeypatch):
+    if not fused_kernel_lacks_double_backward():
+        pytest.skip("this PyTorch build's fused attention has a double backward")
+    import grafting.blo.engine as engine_module
+    # the probe is told the fused kernel is fine, so the engine does not switch to math attention: the real
+    # kernel's missing derivative must come out as a message, not as torch's RuntimeError
+    monkeypatch.setattr(engine_module, "fused_attention_has_double_backward", lambda: True)
+    with pytest.raises(GraftingError, match="needs second derivatives, but .*attention.* has no double "
+                                            "backward.*use hypergradient 'darts' or 'first_order'"):
+        attention_engine("cg")[0].step()
+    attention_engine("darts")[0].step()  # darts needs no second derivative: the same model runs
