@@ -11,6 +11,7 @@ import itertools
 import re
 from typing import Iterable, Iterator
 
+import torch
 from torch import nn
 
 from .batching import RowRouting, Routing, bucket_of
@@ -304,6 +305,23 @@ class AdaptedModel(nn.Module):
             method.on_step(layers, self.shared_tensors[n] if n in self.shared_tensors else None,
                            self.peft_config[n], step, total)
 
+    def regularizer(self, name: str | None = None):
+        """The methods' training penalties for adapter ``name`` (default: the active ones), summed; a zero
+        tensor when no method has one. Trainers add it to the loss of the level that trains the weights."""
+        total = None
+        for n in (self._routing.active if name is None else (name,)):
+            self._require(n)
+            method = get_method(self.peft_config[n].method)
+            layers = [(m, h, h.adapters[n]) for m, h in self.hosts() if n in h.adapters]
+            term = method.regularizer(layers, self.shared_tensors[n] if n in self.shared_tensors else None,
+                                      self.peft_config[n])
+            if term is not None:
+                total = term if total is None else total + term
+        if total is None:
+            p = next(iter(self.parameters()), None)
+            return torch.zeros((), device=None if p is None else p.device)
+        return total
+
     def reserve(self, adapters: int, rank: int) -> None:
         """Preallocate mixed-batch room for ``adapters`` low-rank adapters of rank <= ``rank`` in every layer,
         so loading them later never reallocates the stacks (serving keeps a fixed budget this way)."""
@@ -363,13 +381,16 @@ class AdaptedModel(nn.Module):
         return base
 
     # ---- I/O --------------------------------------------------------------------------------------------------
-    def save_adapter(self, path, name: str | None = None, convert_init: bool = True) -> None:
+    def save_adapter(self, path, name: str | None = None, convert_init: bool = True, export: bool = True) -> None:
         """Write adapter ``name`` in PEFT's format. After an init that changed the base weight (PiSSA, OLoRA),
         the saved adapter applies to the *original* base (peft's conversion) unless ``convert_init=False``,
-        which writes the adapter against the changed base with its init recorded (peft's native form)."""
+        which writes the adapter against the changed base with its init recorded (peft's native form).
+        Training-time methods (AutoLoRA, BiLoRA, BiDoRA) are written as the standard method they export to
+        (plain LoRA / DoRA, same outputs) unless ``export=False``, which keeps their own form (grafting reads
+        it back; checkpoints use it)."""
         from .io.peft_format import save_adapter
         save_adapter(self, path, name or (self._routing.active[0] if self._routing.active else "default"),
-                     convert_init=convert_init)
+                     convert_init=convert_init, export=export)
 
     def load_adapter(self, path, name: str = "default", is_trainable: bool = False) -> None:
         from .io.peft_format import load_adapter

@@ -84,11 +84,13 @@ def _peft_aliases(model, name: str) -> dict:
     return out
 
 
-def adapter_tensors(model, name: str, convert_init: bool = False) -> dict[str, torch.Tensor]:
+def adapter_tensors(model, name: str, convert_init: bool = False, export: bool = False) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys (what ``save_adapter`` writes). ``convert_init``: after an init
-    that changed the base, tensors that apply to the original base instead (see ``Method.to_original_base``)."""
+    that changed the base, tensors that apply to the original base instead (see ``Method.to_original_base``).
+    ``export``: as the standard method the adapter's method exports to (``Method.export_config``), if any."""
     tensors = {}
     initial = model._initial.get(name) if convert_init else None
+    cfg = model.peft_config[name]
     for module_name, host in model.hosts():
         if name in host.adapters:
             method, adapter = host.methods[name], host.adapters[name]
@@ -96,8 +98,15 @@ def adapter_tensors(model, name: str, convert_init: bool = False) -> dict[str, t
             if initial is not None:
                 keys = method.peft_keys(host.kind.name)
                 now = {keys[k]: v for k, v in layer.items()}
-                converted = method.to_original_base(now, initial[module_name], model.peft_config[name])
+                converted = method.to_original_base(now, initial[module_name], cfg)
                 layer = {k: converted[a] for k, a in keys.items()}
+            exported = method.export_config(cfg) if export else None
+            if exported is not None:
+                keys = method.peft_keys(host.kind.name)
+                now = {keys[k]: v for k, v in layer.items()}
+                converted = method.export_tensors(now, cfg, module_name)
+                target = get_method(exported.method)
+                layer = {k: converted[a] for k, a in target.peft_keys(host.kind.name).items()}
             for suffix, t in layer.items():
                 tensors[f"{PREFIX}{module_name}.{suffix}"] = t
     for key, (module, attr, _, method, _) in _slots(model, name).items():
@@ -106,17 +115,20 @@ def adapter_tensors(model, name: str, convert_init: bool = False) -> dict[str, t
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def save_adapter(model, path, name: str, convert_init: bool = True) -> None:
+def save_adapter(model, path, name: str, convert_init: bool = True, export: bool = True) -> None:
     if name not in model.peft_config:
         raise GraftingError(f"no adapter named '{name}'; loaded: {model.adapter_names()}")
     cfg = model.peft_config[name]
     convert = convert_init and name in model._initial
     if convert:
         cfg = get_method(cfg.method).original_base_config(cfg)
+    exported = get_method(cfg.method).export_config(cfg) if export else None
+    if exported is not None:
+        cfg = exported
     config = cfg.to_peft_dict()
     if config.get("base_model_name_or_path") is None:
         config["base_model_name_or_path"] = getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
-    tensors = adapter_tensors(model, name, convert_init=convert)
+    tensors = adapter_tensors(model, name, convert_init=convert, export=export)
     with atomic_dir(path) as tmp:
         (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

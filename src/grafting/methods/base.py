@@ -80,9 +80,25 @@ class Method:
         """The config saved with :meth:`to_original_base`'s tensors."""
         raise NotImplementedError
 
+    def export_config(self, cfg):
+        """The config of the standard method this adapter is saved as, or None (saved as itself). Training-time
+        methods (AutoLoRA, BiLoRA, BiDoRA) export as plain LoRA / DoRA, so peft and any PEFT-compatible
+        server load their output; ``save_adapter(..., export=False)`` keeps the native form (checkpoints)."""
+        return None
+
+    def export_tensors(self, now: dict, cfg, module_name: str) -> dict:
+        """One layer's tensors (attribute -> tensor, as :meth:`peft_keys` names them) as the exported method's
+        attributes, exactly the same ΔW."""
+        raise NotImplementedError
+
     def on_step(self, layers: list, shared: nn.Module | None, cfg, step: int, total: int) -> None:
         """Called by the trainer after each optimizer step (rank budgets, rank sampling). ``layers``: (module
         name, host, adapter) triples of this adapter."""
+
+    def regularizer(self, layers: list, shared: nn.Module | None, cfg) -> torch.Tensor | None:
+        """A penalty the training loss adds for this adapter (BiLoRA's and BiDoRA's orthogonality terms, weighted
+        by the config), or None. ``layers``: (module name, host, adapter) triples, as for :meth:`on_step`."""
+        return None
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def delta(self, adapter: nn.Module, host: nn.Module, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

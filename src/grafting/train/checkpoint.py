@@ -51,7 +51,7 @@ def save_checkpoint(path: Path, model, adapter_name: str, optimizer, state: dict
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {**state, "optimizer": optim_meta, "adapter_name": adapter_name}
     with atomic_dir(path) as tmp:
-        model.save_adapter(tmp / "adapter", name=adapter_name)
+        model.save_adapter(tmp / "adapter", name=adapter_name, export=False)
         (tmp / STATE_TENSORS).write_bytes(save(tensors))
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1))
 
