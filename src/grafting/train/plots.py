@@ -38,3 +38,61 @@ def write_curves(history: list[dict], out_dir: Path, metric: str) -> list[Path]:
         atomic_write_bytes(out_dir / fname, buf.getvalue())
         written.append(out_dir / fname)
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from ..io.atomic import atomic_write_bytes
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def write_bilevel_curves(history: list[dict], out_dir: Path) -> Path:
+    """Both levels' losses against inner steps (outer steps sit at the inner step they followed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    inner = [h for h in history if h["kind"] == "inner"]
+    outer_at, seen = [], 0
+    for h in history:
+        if h["kind"] == "inner":
+            seen = h["step"]
+        elif h["kind"] == "outer":
+            outer_at.append((seen, h["loss"]))
+    if inner:
+        ax.plot([h["step"] for h in inner], [h["loss"] for h in inner], label="inner loss (training rows)", alpha=0.8)
+    if outer_at:
+        ax.plot([s for s, _ in outer_at], [v for _, v in outer_at], label="outer loss (outer rows)", alpha=0.8)
+    ax.set_xlabel("inner optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out_dir / "bilevel.png")
+
+
+def write_rank_plot(ranks: dict[str, int], r: int, path: Path) -> Path:
+    """AutoLoRA: the rank found for each layer (bars), against the searched maximum r."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(ranks)
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names)), 4), dpi=100)
+    ax.bar(range(len(names)), [ranks[n] for n in names])
+    ax.axhline(r, color="grey", linestyle="--", label=f"searched r = {r}")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("rank kept")
+    ax.legend()
+    return _save(fig, path)

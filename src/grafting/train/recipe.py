@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -109,6 +110,29 @@ class TrainSpec(_Strict):
     progress: bool = True
 
 
+class BilevelSpec(_Strict):
+    """Bi-level training (docs/bilevel.md): the adapter's weights train on the training rows, its architecture
+    parameters (AutoLoRA's selection weights, BiLoRA's singular values, DoRA / BiDoRA magnitudes) on the outer
+    rows through the hypergradient."""
+
+    hypergradient: Literal["first_order", "darts", "neumann", "cg", "unrolled"] = "darts"
+    unroll: int = Field(1, ge=1, description="inner steps per outer step")
+    warmup_steps: int = Field(0, ge=0, description="inner-only steps before the first outer step")
+    outer_lr: float = Field(1e-2, gt=0)
+    outer_optim: Literal["adamw", "sgd"] = "adamw"
+    outer_weight_decay: float = Field(0.0, ge=0)
+    outer_data: Literal["split", "validation"] = Field(
+        "split", description="split: a held-out part of the training rows (outer_fraction); validation: "
+                             "data.validation (then the reported validation scores are not held out)")
+    outer_fraction: float = Field(0.2, gt=0, lt=1)
+    outer_batch_size: Optional[int] = Field(None, ge=1, description="default: train.batch_size")
+    retrain_steps: Optional[int] = Field(None, ge=1, description="AutoLoRA: steps of the final plain-LoRA "
+                                         "retraining at the found ranks (default: as many as the search took)")
+    iters: int = Field(5, ge=1, description="Neumann terms / CG iterations")
+    alpha: Optional[float] = Field(None, gt=0, description="DARTS / Neumann / unrolled step; default: inner lr")
+    eps: float = Field(0.01, gt=0, description="DARTS finite-difference radius")
+
+
 class Recipe(_Strict):
     model: ModelSpec
     adapter: dict[str, Any]
@@ -116,6 +140,7 @@ class Recipe(_Strict):
     optim: OptimSpec = Field(default_factory=OptimSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    bilevel: Optional[BilevelSpec] = None
     output_dir: str = "runs/grafting"
 
     @field_validator("adapter")
@@ -150,6 +175,8 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None) if field else None
+        inner = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        ann = inner[0] if inner else ann  # Optional[Section]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
         else:

@@ -177,6 +177,9 @@ def run(recipe, resume: bool = False, overrides: list[str] | None = None, overwr
     world, rank = _dist()
     lock = claim_output_dir(Path(recipe.output_dir), resume, overwrite) if rank == 0 else None
     try:
+        if recipe.bilevel is not None:
+            from .bilevel import run_bilevel
+            return run_bilevel(recipe, resume, world, rank)
         return _run(recipe, resume, world, rank)
     finally:
         if lock is not None:
