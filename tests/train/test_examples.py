@@ -15,6 +15,10 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SHORT = {
     "minilm_tweets.yaml": ["data.max_train_samples=64", "data.max_eval_samples=32", "train.max_steps=3",
                            "train.batch_size=8", "train.eval_every=2"],
+    "minilm_tweets_autolora.yaml": ["data.max_train_samples=64", "data.max_eval_samples=32", "train.max_steps=2",
+                                    "train.batch_size=8", "bilevel.retrain_steps=2"],
+    "minilm_tweets_bidora.yaml": ["data.max_train_samples=64", "data.max_eval_samples=32", "train.max_steps=2",
+                                  "train.batch_size=8"],
     # a 135M-parameter model costs seconds per token batch on 2 CPU cores: two tiny steps prove the recipe runs
     "smollm2_chat.yaml": ["data.max_train_samples=8", "data.max_eval_samples=4", "data.max_length=48",
                           "train.max_steps=2", "train.batch_size=2", "train.eval_batch_size=4"],
@@ -36,5 +40,6 @@ def test_example_recipe_runs(name, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "before" in r.stdout and "after" in r.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 2 or name != "smollm2_chat.yaml"
+    assert summary["steps"] == {"smollm2_chat.yaml": 2, "minilm_tweets_autolora.yaml": 4,
+                                "minilm_tweets_bidora.yaml": 2}.get(name, summary["steps"])
     assert 0 < summary["after"]["loss"] < 20 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
