@@ -283,7 +283,9 @@ def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
             sync = micro == t.grad_accum - 1 or world == 1
             with (contextlib.nullcontext() if sync else runner.no_sync()), autocast():
                 loss_sum, _ = batch_loss(runner, batch, task, lm)
-                (loss_sum * world / norm).backward()  # DDP averages over ranks: scale back to the global mean
+                # DDP averages over ranks: scale back to the global mean; a method's penalty (BiLoRA's
+                # orthogonality term) once per optimizer step
+                (loss_sum * world / norm + model.regularizer(ADAPTER) / t.grad_accum).backward()
             step_loss += loss_sum.item()
             state["tokens"] += int(batch["attention_mask"].sum())
         if o.max_grad_norm:
