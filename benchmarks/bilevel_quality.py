@@ -31,6 +31,8 @@ from grafting.train import train  # noqa: E402
 METHODS = {
     "lora": {"method": "lora"},
     "dora": {"method": "dora"},
+    # control: DoRA with its magnitudes at the bi-level methods' outer learning rate, trained jointly
+    "dora-outer-lr": {"method": "dora"},
     "autolora": {"method": "autolora"},
     "bilora": {"method": "bilora"},
     "bidora": {"method": "bidora"},
@@ -54,6 +56,8 @@ def recipe(task: str, method: str, seed: int, steps: int, n_train: int, n_eval: 
                   "metric": "accuracy"},
         "output_dir": str(out),
     }
+    if method == "dora-outer-lr":
+        r["optim"]["group_lr"] = {"architecture": args.outer_lr}
     if method in ("autolora", "bilora", "bidora"):
         r["bilevel"] = {"hypergradient": args.hypergradient, "unroll": 1, "outer_lr": args.outer_lr,
                         "outer_fraction": args.outer_fraction, "retrain_steps": steps}
@@ -71,7 +75,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: one seed, few steps, small data")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--tasks", nargs="+", default=["tweets"], choices=sorted(TASKS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "dora-outer-lr"],
+                    choices=list(METHODS))
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--train-samples", type=int, default=1600)
     ap.add_argument("--eval-samples", type=int, default=400)
