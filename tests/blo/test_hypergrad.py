@@ -392,3 +392,16 @@ def test_non_finite_error_survives_pickling():
     err = NonFiniteHypergradient("cg hypergradient for outer tensor 2 is not finite", method="cg", index=2)
     back = pickle.loads(pickle.dumps(err))
     assert (str(back), back.method, back.index) == (str(err), "cg", 2)
+
+
+def test_cg_says_when_non_positive_curvature_leaves_only_the_first_order_term():
+    # a concave inner loss: H is negative definite, so CG cannot take a step; the result must be the first-order
+    # one, and the user must be told rather than handed it silently
+    w = torch.ones(3, dtype=F64, requires_grad=True)
+    lam = torch.tensor([0.5, -0.2, 0.1], dtype=F64, requires_grad=True)
+    inner = lambda: -(w ** 2).sum() + (lam * w).sum()  # noqa: E731
+    outer = lambda: (w ** 2).sum() + (lam ** 2).sum()  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="non-positive curvature"):
+        (g,) = hypergradient(outer, inner, [w], [lam], method="cg", iters=5)
+    (first,) = hypergradient(outer, inner, [w], [lam], method="first_order")
+    assert torch.equal(g, first)

@@ -27,6 +27,7 @@ a caller's optimizers see only what they put there themselves.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -164,6 +165,12 @@ def _cg(hvp: Callable[[Tensors], Tensors], g: Tensors, iters: int) -> Tensors:
             # H is not positive definite along p (not at a minimum, or a flat direction): further steps would
             # move away from the solution, so stop with the best estimate so far (truncated CG, as in Newton-CG).
             # A nan curvature does not stop: it must reach the result, where the finiteness check reports it.
+            if not any(bool(t.any()) for t in x):  # nothing solved: the result is silently first-order
+                warnings.warn("hypergradient 'cg': the inner Hessian has non-positive curvature along "
+                              "∂L_outer/∂w (the inner parameters are not near a minimum), so CG stopped before "
+                              "its first step and the hypergradient is the first-order one; train the inner level "
+                              "longer first (warmup_steps, unroll) or use 'darts' or 'neumann'", RuntimeWarning,
+                              stacklevel=4)
             break
         step = rr / curvature
         x = [a + step * b for a, b in zip(x, p)]
