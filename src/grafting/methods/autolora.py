@@ -56,9 +56,14 @@ def selection_weights(adapter: nn.Module) -> torch.Tensor:
     return torch.softmax(adapter.rank_logits, dim=0)
 
 
-def _gated_b(adapter: nn.Module, logits: torch.Tensor | None = None) -> torch.Tensor:
-    alpha = torch.softmax(adapter.rank_logits if logits is None else logits, dim=0)
-    return adapter.lora_B * (alpha * alpha.shape[0]).to(adapter.lora_B.dtype)
+def gated_b(B: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """B with column j scaled by r·α_j: ΔW = s·gated_b·A (uniform weights give B itself)."""
+    alpha = torch.softmax(logits.float(), dim=0)
+    return B * (alpha * alpha.shape[0]).to(B.dtype)
+
+
+def _gated_b(adapter: nn.Module) -> torch.Tensor:
+    return gated_b(adapter.lora_B, adapter.rank_logits)
 
 
 def kept_components(adapter: nn.Module, threshold: float | None = None) -> list[int]:
@@ -110,15 +115,13 @@ class AutoLora(Method):
         return LoraConfig(**{**fields, "use_dora": False})
 
     def export_tensors(self, now, cfg, module_name):
-        gated = now["lora_B"] * (torch.softmax(now["rank_logits"].float(), 0) * now["rank_logits"].numel()
-                                 ).to(now["lora_B"].dtype)
-        return {"lora_A": now["lora_A"], "lora_B": gated}
+        return {"lora_A": now["lora_A"], "lora_B": gated_b(now["lora_B"], now["rank_logits"].reshape(-1))}
 
     def factors_from_tensors(self, tensors, cfg, module_name, kind, shared):
         _, alpha = cfg.rank_and_alpha(module_name)
         A = tensors["lora_A"]
         r = A.shape[0]
-        B = tensors["lora_B"] * (torch.softmax(tensors["rank_logits"].float(), 0) * r).to(tensors["lora_B"].dtype)
+        B = gated_b(tensors["lora_B"], tensors["rank_logits"].reshape(-1))
         return A, B, cfg.scaling(r, alpha)
 
     def rank_from_shapes(self, shapes):

@@ -24,9 +24,7 @@ from ..blo import Engine, Level
 from ..config import config_from_fields
 from ..errors import GraftingError
 from ..io.atomic import atomic_write_bytes
-from .data import collate, encode, load_splits
-from .lm_loss import head_is_plain
-from .models import load_model
+from .data import collate
 from .recipe import Recipe
 
 ADAPTER = "default"
@@ -59,7 +57,8 @@ def _optimizer(kind: str, params: list, lr: float, weight_decay: float, betas=(0
 
 
 def run_bilevel(recipe: Recipe, resume: bool, world: int, rank: int):
-    from .trainer import TrainResult, batch_loss, evaluate, lr_at, _autocast
+    from .trainer import (TrainResult, _autocast, adapter_config_for, batch_loss, evaluate, load_data_and_model,
+                          lr_at, plain_lm)
     if world > 1:
         raise GraftingError("bilevel: runs in one process; launch it without torchrun")
     if resume:
@@ -67,11 +66,7 @@ def run_bilevel(recipe: Recipe, resume: bool, world: int, rank: int):
     b, t, task = recipe.bilevel, recipe.train, recipe.model.task
     out_dir = Path(recipe.output_dir)
     torch.manual_seed(t.seed)
-    splits = load_splits(recipe.data, task)
-    num_labels = recipe.model.num_labels or (len(splits.label_names) if splits.label_names else None)
-    tokenizer, base = load_model(recipe.model.path, task, num_labels, splits.label_names)
-    rows = encode(splits.train, tokenizer, task, recipe.data)
-    val_rows = encode(splits.validation, tokenizer, task, recipe.data)
+    tokenizer, base, rows, val_rows = load_data_and_model(recipe)
     if b.outer_data == "validation":
         train_rows, outer_rows = rows, val_rows
     else:
@@ -84,15 +79,8 @@ def run_bilevel(recipe: Recipe, resume: bool, world: int, rank: int):
         raise GraftingError(f"bilevel: the outer split has {len(outer_rows)} rows and the inner {len(train_rows)}; "
                             f"each needs at least one batch (bilevel.outer_batch_size {outer_bs}, train.batch_size "
                             f"{t.batch_size}): raise bilevel.outer_fraction, add data or lower the batch sizes")
-    if not val_rows:
-        raise GraftingError("recipe data: no validation rows remain")
     pad_id = tokenizer.pad_token_id
-
-    cfg = recipe.adapter_config()
-    if task == "seq_cls" and cfg.task_type is None:
-        cfg.task_type = "SEQ_CLS"
-    if cfg.base_model_name_or_path is None:
-        cfg.base_model_name_or_path = recipe.model.path
+    cfg = adapter_config_for(recipe)
     torch.manual_seed(t.seed)
     model = adapt(base, cfg, ADAPTER)
     model.train()
@@ -103,12 +91,7 @@ def run_bilevel(recipe: Recipe, resume: bool, world: int, rank: int):
                             "the outer level; use method autolora, bilora or bidora (or dora), or remove the "
                             "bilevel section")
     inner_params = [p for role, ps in roles.items() if role != "architecture" for p in ps]
-    lm = None
-    if task != "seq_cls":
-        probe = collate(train_rows[:2], pad_id, task)
-        if head_is_plain(model, model.base_model, input_ids=probe["input_ids"],
-                         attention_mask=probe["attention_mask"]):
-            lm = model.base_model
+    lm = plain_lm(model, train_rows, pad_id, task)
     autocast = _autocast(t.bf16)
 
     def mean_loss(batch):

@@ -186,12 +186,9 @@ def run(recipe, resume: bool = False, overrides: list[str] | None = None, overwr
             lock.close()
 
 
-def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
-    t, task = recipe.train, recipe.model.task
-    main = rank == 0
-    out_dir = Path(recipe.output_dir)
-    torch.manual_seed(t.seed)
-
+def load_data_and_model(recipe: Recipe):
+    """(tokenizer, base model, training rows, validation rows) as the recipe says, both splits non-empty."""
+    task = recipe.model.task
     splits = load_splits(recipe.data, task)
     if recipe.model.num_labels is not None and splits.label_names and \
             recipe.model.num_labels != len(splits.label_names):
@@ -205,24 +202,44 @@ def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
     if not train_rows or not val_rows:
         raise GraftingError(f"recipe data: {len(train_rows)} training and {len(val_rows)} validation rows remain; "
                             "both must be non-empty")
-    pad_id = tokenizer.pad_token_id
+    return tokenizer, base, train_rows, val_rows
 
+
+def adapter_config_for(recipe: Recipe):
+    """The recipe's adapter config with the trainer's defaults: the task head trains in full (as in peft)."""
     cfg = recipe.adapter_config()
-    if task == "seq_cls" and cfg.task_type is None:
-        cfg.task_type = "SEQ_CLS"  # the classification head trains in full, as in peft
+    if recipe.model.task == "seq_cls" and cfg.task_type is None:
+        cfg.task_type = "SEQ_CLS"
     if cfg.base_model_name_or_path is None:
         cfg.base_model_name_or_path = recipe.model.path
+    return cfg
+
+
+def plain_lm(model, rows: list[dict], pad_id: int, task: str):
+    """The causal LM inside ``model`` when its logits are head(hidden), so the loss can skip the full logits
+    tensor (lm_loss.head_is_plain); None otherwise and for classification."""
+    if task == "seq_cls":
+        return None
+    probe = collate(rows[:2], pad_id, task)
+    ok = head_is_plain(model, model.base_model, input_ids=probe["input_ids"], attention_mask=probe["attention_mask"])
+    return model.base_model if ok else None
+
+
+def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
+    t, task = recipe.train, recipe.model.task
+    main = rank == 0
+    out_dir = Path(recipe.output_dir)
+    torch.manual_seed(t.seed)
+
+    tokenizer, base, train_rows, val_rows = load_data_and_model(recipe)
+    pad_id = tokenizer.pad_token_id
+    cfg = adapter_config_for(recipe)
     torch.manual_seed(t.seed)
     model = adapt(base, cfg, ADAPTER)
     if recipe.model.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    lm = None  # causal LMs whose logits are head(hidden): the loss skips the full logits tensor
-    if task != "seq_cls":
-        probe = collate(train_rows[:2], pad_id, task)
-        if head_is_plain(model, model.base_model, input_ids=probe["input_ids"],
-                         attention_mask=probe["attention_mask"]):
-            lm = model.base_model
+    lm = plain_lm(model, train_rows, pad_id, task)
     summary = model.trainable_summary()
     o = recipe.optim
     optimizer, lr_ratios = build_optimizer(model, ADAPTER, o)  # one group per parameter role
