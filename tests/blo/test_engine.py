@@ -13,7 +13,7 @@ from torch import nn
 import grafting as gf
 from grafting.blo import Engine, Level, NonFiniteHypergradient, fused_attention_has_double_backward
 from grafting.errors import GraftingError
-from test_hypergrad import F64, closed_form, inner_value, make_data, outer_value, w_star
+from test_hypergrad import F64, closed_form, inner_value, make_data, outer_value, setup, w_star
 
 
 class Ridge(nn.Module):
@@ -78,6 +78,107 @@ def test_outer_training_lowers_the_validation_loss():
     first = outer_value(data, m.w).item()
     engine.run(30)
     assert outer_value(data, m.w).item() < first - 1e-3
+
+
+def test_darts_step_is_dartss_equation_with_the_real_inner_step_as_the_virtual_one():
+    """unroll=2 with SGD at ξ: one plain inner step, then the last inner step at w (its backward also gives
+    ∇_λ L_in(w)), the outer gradient at the stepped w' = w − ξ∇_w L_in(w), and the forward difference from w
+    along u = ∇_w' L_out. For ridge ∇_λ L_in = e^λ ⊙ w², so that difference is exactly e^λ ⊙ (2wu + ε̂u²)."""
+    data = make_data()
+    xi, eps = 0.05, 0.5
+    m, engine = ridge_engine("darts", data, unroll=2, inner_lr=xi, outer_lr=1e-3, eps=eps)
+    engine.run(3)  # away from the start, still away from w*
+    lam0 = m.lam.detach().clone().requires_grad_(True)
+    w = m.w.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(inner_value(data, w, lam0), w)
+    w = (w - xi * g).detach().requires_grad_(True)  # the plain inner step
+    (g,) = torch.autograd.grad(inner_value(data, w, lam0), w)
+    w_next = (w - xi * g).detach().requires_grad_(True)
+    u, = torch.autograd.grad(outer_value(data, w_next), w_next)
+    r = eps / u.norm()
+    e = torch.exp(lam0.detach())
+    expected = -xi * e * (2 * w.detach() * u + r * u ** 2)  # the outer loss does not read λ: no direct term
+    summary = engine.step()
+    applied = (lam0.detach() - m.lam.detach()) / 1e-3
+    torch.testing.assert_close(applied, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(m.w.detach(), w_next.detach(), rtol=1e-12, atol=1e-14)  # the inner level stepped
+    assert engine.inner.steps == 8 and summary["step"] == 4
+    # with a small radius it is DARTS' central difference (hypergradient(method="darts")) from the same point
+    m2, small = ridge_engine("darts", data, unroll=2, inner_lr=xi, outer_lr=1e-3, eps=1e-4)
+    small.run(3)
+    small.inner_step()
+    w_fn, lam_fn = nn.Parameter(m2.w.detach().clone()), nn.Parameter(m2.lam.detach().clone())
+    (central,) = gf.blo.hypergradient(lambda: outer_value(data, w_fn), lambda: inner_value(data, w_fn, lam_fn),
+                                      [w_fn], [lam_fn], method="darts", alpha=xi, eps=1e-4)
+    small.unroll = 1
+    small.step()
+    assert ((lam_fn.detach() - m2.lam.detach()) / 1e-3 - central).norm() / central.norm() < 1e-3
+
+
+def test_a_levels_regularizer_trains_it_and_is_left_out_of_the_finite_difference():
+    data = make_data()
+    calls = []
+
+    def penalty(w):
+        calls.append(1)
+        return 0.3 * (w ** 4).sum()
+
+    for method, per_step in (("darts", 1), ("neumann", 2), ("first_order", 1)):
+        m, engine = ridge_engine(method, data, inner_lr=0.05, iters=3, alpha=0.05)
+        engine.inner.regularizer = lambda m=m: penalty(m.w)
+        w = m.w.detach().clone().requires_grad_(True)
+        calls.clear()
+        engine.step()
+        # the inner step descended loss + regularizer; the hypergradient passes added it only where they need ∇_w
+        (g,) = torch.autograd.grad(inner_value(data, w, m.lam.detach()) + 0.3 * (w ** 4).sum(), w)
+        torch.testing.assert_close(m.w.detach(), (w - 0.05 * g).detach(), rtol=1e-12, atol=1e-14)
+        assert len(calls) == per_step, method
+
+
+def test_darts_finite_difference_replays_the_inner_steps_random_draws():
+    """With dropout in the inner loss, ∇_λ L_in at w and at w + ε̂u must see one mask, else their difference
+    divided by ε̂ is noise. With k the dropout-scaled mask, L_in = ‖Xw − y‖²/n + Σ e^λ (k ⊙ w)², so the
+    difference is exactly e^λ k² (2wu + ε̂u²) for the mask the inner step drew, whatever the outer loss draws."""
+    data = make_data(d=40)
+    xi, eps = 0.05, 0.5
+    m = Ridge(data)
+    masks = []
+
+    def inner_loss(b):
+        keep = torch.nn.functional.dropout(torch.ones(data.d, dtype=F64), 0.5)
+        masks.append(keep)
+        return ((data.X @ m.w - data.y) ** 2).sum() / data.n + (torch.exp(m.lam) * (keep * m.w) ** 2).sum()
+
+    def outer_loss(b):
+        torch.rand(7)  # the outer pass draws too; the replay must not depend on it
+        return outer_value(data, m.w)
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        m.w.normal_()
+    inner = Level("inner", [m.w], inner_loss, [None], torch.optim.SGD([m.w], lr=xi))
+    outer = Level("outer", [m.lam], outer_loss, [None], torch.optim.SGD([m.lam], lr=1e-3))
+    w0, lam0 = m.w.detach().clone(), m.lam.detach().clone()
+    Engine([inner, outer], hypergradient="darts", eps=eps).step()
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1])
+    w1 = m.w.detach().clone().requires_grad_(True)
+    (u,) = torch.autograd.grad(outer_value(data, w1), w1)
+    k = masks[0]
+    expected = -xi * torch.exp(lam0) * k ** 2 * (2 * w0 * u + (eps / u.norm()) * u ** 2)
+    torch.testing.assert_close((lam0 - m.lam.detach()) / 1e-3, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_functional_darts_evaluates_both_points_with_one_set_of_random_draws():
+    data, w, lam, outer, _ = setup(make_data(d=40))
+    masks = []
+
+    def inner():
+        keep = torch.nn.functional.dropout(torch.ones(data.d, dtype=F64), 0.5)
+        masks.append(keep)
+        return inner_value(data, w * keep, lam)
+
+    gf.blo.hypergradient(outer, inner, [w], [lam], method="darts", alpha=0.1)
+    assert len(masks) == 3 and torch.equal(masks[1], masks[2])  # virtual step, then w+ and w- with one mask
 
 
 def tiny_dora(seed=0):

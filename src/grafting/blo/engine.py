@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GraftingError
-from .hypergrad import METHODS, NonFiniteHypergradient, hypergradient, unrolled_hypergradient
+from .hypergrad import METHODS, NonFiniteHypergradient, hypergradient, outer_grad_at, unrolled_hypergradient
 
 ENGINE_METHODS = (*METHODS, "unrolled")
 SECOND_ORDER = ("neumann", "cg", "unrolled")
@@ -44,7 +44,10 @@ class Level:
     from one batch of ``data``, an iterable that is iterated again when exhausted (one pass = one epoch);
     ``optimizer`` over exactly ``params``; ``scheduler`` (optional) is stepped after each optimizer step.
     ``module``: the model the loss runs, needed only by the ``unrolled`` hypergradient (the loss is then
-    re-run with the unrolled inner values in place of the parameters)."""
+    re-run with the unrolled inner values in place of the parameters). ``regularizer()``: an optional
+    batch-free term of this level's loss that reads only this level's own parameters (BiLoRA's orthogonality,
+    BiDoRA's direction penalty); the level trains on ``loss(batch) + regularizer()``, and the engine skips it
+    where only another level's gradient is wanted (DARTS' finite-difference pass), where it contributes zero."""
 
     name: str
     params: list
@@ -54,6 +57,13 @@ class Level:
     scheduler: Any = None
     max_grad_norm: float | None = None
     module: nn.Module | None = None
+    regularizer: Callable[[], torch.Tensor | None] | None = None
+
+    def total(self, batch) -> torch.Tensor:
+        """The loss this level trains on: ``loss(batch)`` plus its regularizer."""
+        loss = self.loss(batch)
+        extra = self.regularizer() if self.regularizer is not None else None
+        return loss if extra is None else loss + extra
 
     def __post_init__(self):
         self.params = list(self.params)
@@ -143,7 +153,7 @@ class Engine:
     def inner_step(self) -> float:
         level = self.inner
         batch = level.next_batch()
-        loss = _finite(level.loss(batch), level.name, level.steps + 1, "loss")
+        loss = _finite(level.total(batch), level.name, level.steps + 1, "loss")
         grads = torch.autograd.grad(loss, level.params, allow_unused=True)
         level.apply([torch.zeros_like(p) if g is None else g for p, g in zip(level.params, grads)])
         self.log({"level": level.name, "step": level.steps, "loss": loss.item()})
@@ -156,19 +166,21 @@ class Engine:
             self.inner_step()
         if self.method == "unrolled":
             return self._unrolled_step()
+        if self.method == "darts":
+            return self._darts_step()
         inner_losses = [self.inner_step() for _ in range(self.unroll)]
         inner_batch, outer_batch = self._last_inner, self.outer.next_batch()
         outer_value = {}
 
         def outer_loss():
-            loss = self.outer.loss(outer_batch)
+            loss = self.outer.total(outer_batch)
             outer_value.setdefault("loss", loss.detach())
             return loss
 
         alpha = self.alpha or _lr(self.inner.optimizer)
         with self._second_order():
             try:
-                grads = hypergradient(outer_loss, lambda: self.inner.loss(inner_batch), self.inner.params,
+                grads = hypergradient(outer_loss, lambda: self.inner.total(inner_batch), self.inner.params,
                                       self.outer.params, method=self.method, iters=self.iters, alpha=alpha,
                                       eps=self.eps)
             except NonFiniteHypergradient as e:
@@ -182,7 +194,7 @@ class Engine:
         batches = [inner.next_batch() for _ in range(self.unroll)]
         outer_batch = self.outer.next_batch()
         seen = iter(batches)
-        call = _WithValues(inner.module, inner.loss)
+        call = _WithValues(inner.module, inner.total)
         names = _names_of(inner.module, inner.params, inner.name)
         outer_value = {}
 
@@ -190,7 +202,7 @@ class Engine:
             return call.run(dict(zip(names, ws)), next(seen))
 
         def outer_loss(ws):
-            loss = call.run(dict(zip(names, ws)), outer_batch, self.outer.loss)
+            loss = call.run(dict(zip(names, ws)), outer_batch, self.outer.total)
             outer_value["loss"] = loss.detach()
             return loss
 
@@ -205,12 +217,58 @@ class Engine:
         # the inner level then takes the same steps with its own optimizer on the same batches
         inner_losses = []
         for batch in batches:
-            loss = _finite(inner.loss(batch), inner.name, start + len(inner_losses), "loss")
+            loss = _finite(inner.total(batch), inner.name, start + len(inner_losses), "loss")
             g = torch.autograd.grad(loss, inner.params, allow_unused=True)
             inner.apply([torch.zeros_like(p) if x is None else x for p, x in zip(inner.params, g)])
             inner_losses.append(loss.item())
             self.log({"level": inner.name, "step": inner.steps, "loss": loss.item()})
         return self._outer_update(grads, outer_value["loss"], inner_losses)
+
+    def _darts_step(self) -> dict:
+        """DARTS (arXiv 1806.09055, Alg. 1 and eq. 7-8) at the cost of two passes beyond the inner step.
+
+        The last inner step's backward also yields ∇_λ L_in(w, λ), and the step itself moves w to w', which
+        stands in for DARTS' virtual step w − ξ∇_w L_in (exactly it for SGD at learning rate ξ; for Adam, the
+        step the level really takes, as Betty does). Then ∂L_out/∂w' and ∂L_out/∂λ at w' (one pass), and the
+        mixed term ∂²L_in/∂λ∂w · u, u = ∂L_out/∂w', by a forward difference from w (one pass, λ-gradient
+        only, same batch and random draws as the inner step): [∇_λ L_in(w + ε̂u) − ∇_λ L_in(w)] / ε̂ with
+        ε̂ = eps/‖u‖. A central difference (:func:`~grafting.blo.hypergradient` with ``method="darts"``) costs
+        one pass more for an O(ε̂²) instead of O(ε̂) truncation error; DARTS' ε̂ is small enough that the
+        difference is below the noise of a minibatch."""
+        inner, outer = self.inner, self.outer
+        inner_losses = [self.inner_step() for _ in range(self.unroll - 1)]
+        batch, start = inner.next_batch(), [w.detach().clone() for w in inner.params]
+        rng = torch.get_rng_state()
+        loss = _finite(inner.total(batch), inner.name, inner.steps + 1, "loss")
+        grads = _filled(torch.autograd.grad(loss, inner.params + outer.params, allow_unused=True),
+                        inner.params + outer.params)
+        center = grads[len(inner.params):]
+        inner.apply(grads[:len(inner.params)])
+        self.log({"level": inner.name, "step": inner.steps, "loss": loss.item()})
+        inner_losses.append(loss.item())
+        out_loss = _finite(outer.total(outer.next_batch()), outer.name, self.step_count + 1, "loss")
+        grads = _filled(torch.autograd.grad(out_loss, inner.params + outer.params, allow_unused=True),
+                        inner.params + outer.params)
+        u, direct = grads[:len(inner.params)], grads[len(inner.params):]
+        norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in u))
+        result = direct
+        if norm > 0.0:
+            radius = self.eps / norm
+            xi = self.alpha or _lr(inner.optimizer)
+            stepped = [w.detach().clone() for w in inner.params]
+            try:
+                plus = outer_grad_at(lambda: inner.loss(batch), inner.params, outer.params, start, u, radius, rng)
+            finally:
+                with torch.no_grad():
+                    for w, w1 in zip(inner.params, stepped):
+                        w.copy_(w1)
+            result = [d - xi * (a - c) / radius for d, a, c in zip(direct, plus, center)]
+        for i, g in enumerate(result):
+            if not bool(torch.isfinite(g).all()):
+                raise self._nonfinite(NonFiniteHypergradient(
+                    f"darts hypergradient for outer tensor {i} (shape {tuple(g.shape)}) is not finite; check the "
+                    "losses for nan/inf", "darts", i)) from None
+        return self._outer_update(result, out_loss.detach(), inner_losses)
 
     def _outer_update(self, grads: list, outer_loss: torch.Tensor, inner_losses: list) -> dict:
         self.step_count += 1
@@ -274,6 +332,10 @@ def _names_of(module: nn.Module, params: list, level: str) -> list[str]:
     if missing:
         raise GraftingError(f"level '{level}': parameter #{missing[0]} is not a parameter of the level's module")
     return [names[id(p)] for p in params]
+
+
+def _filled(grads, like: list) -> list:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
 
 
 def _lr(optimizer: torch.optim.Optimizer) -> float:

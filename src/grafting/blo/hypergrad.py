@@ -205,21 +205,34 @@ def _darts(outer_loss: Callable[[], torch.Tensor], inner_loss: Callable[[], torc
             return direct
         radius = eps / norm
 
-        def mixed_at(sign: float) -> Tensors:
-            with torch.no_grad():
-                for w, w0, d in zip(inner, saved, g):
-                    w.copy_(w0 + (sign * radius) * d)
-            loss = _scalar(inner_loss(), "inner_loss")
-            if not loss.requires_grad:
-                return [torch.zeros_like(o) for o in outer]
-            return _fill(torch.autograd.grad(loss, outer, allow_unused=True), outer)
-
-        plus, minus = mixed_at(1.0), mixed_at(-1.0)
+        # Both points see the same random draws (dropout masks): the difference is then of one function, not
+        # of two samples whose noise the division by 2ε̂ would blow up.
+        rng = torch.get_rng_state()
+        plus = outer_grad_at(inner_loss, inner, outer, saved, g, radius, rng)
+        minus = outer_grad_at(inner_loss, inner, outer, saved, g, -radius, rng)
         return [d - xi * (a - b) / (2.0 * radius) for d, a, b in zip(direct, plus, minus)]
     finally:
         with torch.no_grad():
             for w, w0 in zip(inner, saved):
                 w.copy_(w0)
+
+
+def outer_grad_at(inner_loss: Callable[[], torch.Tensor], inner: Tensors, outer: Tensors, at: Tensors,
+                  direction: Tensors, radius: float, rng_state: torch.Tensor | None = None) -> Tensors:
+    """∇_λ L_in(w, λ) at w = at + radius·direction, written into the inner tensors (the caller restores them).
+
+    ``rng_state`` (from ``torch.get_rng_state()``) replays the random draws of another evaluation, so that two
+    such gradients differ only through w; the generator continues afterwards as if this call had not run."""
+    with torch.no_grad():
+        for w, w0, d in zip(inner, at, direction):
+            w.copy_(w0 + radius * d)
+    with torch.random.fork_rng(devices=[], enabled=rng_state is not None):
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
+        loss = _scalar(inner_loss(), "inner_loss")
+        if not loss.requires_grad:
+            return [torch.zeros_like(o) for o in outer]
+        return _fill(torch.autograd.grad(loss, outer, allow_unused=True), outer)
 
 
 # ---------------------------------------------------------------- helpers

@@ -104,9 +104,9 @@ def run_bilevel(recipe: Recipe, resume: bool, world: int, rank: int):
     inner_opt = _optimizer("adamw", inner_params, o.lr, o.weight_decay, o.betas, o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(inner_opt, lambda step: lr_at(min(step, total - 1), total, recipe) / o.lr)
     outer_opt = _optimizer(b.outer_optim, outer_params, b.outer_lr, b.outer_weight_decay)
-    inner = Level("inner", inner_params, lambda batch: mean_loss(batch) + model.regularizer(ADAPTER),
+    inner = Level("inner", inner_params, mean_loss,
                   _Stream(batches(train_rows, t.batch_size, pad_id, task, t.seed)), inner_opt, sched,
-                  max_grad_norm=o.max_grad_norm, module=model)
+                  max_grad_norm=o.max_grad_norm, module=model, regularizer=lambda: model.regularizer(ADAPTER))
     outer = Level("outer", outer_params, mean_loss,
                   _Stream(batches(outer_rows, outer_bs, pad_id, task, t.seed + 1)), outer_opt)
     history: list[dict] = []
