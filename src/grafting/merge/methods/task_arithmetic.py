@@ -1,0 +1,75 @@
+"""task_arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", arXiv 2212.04089), and the merge
+every method of its family shares.
+
+Task arithmetic, Sec. 2 of the paper: a task vector is τ_i = θ_i − θ_base, and adding task vectors edits the base,
+θ = θ_base + λ Σ_i w_i τ_i. TIES, DARE, Model Breadcrumbs and DELLA are this sum with two changes, which
+:func:`merge_task_vectors` takes as arguments: each τ_i is first trimmed (:mod:`grafting.merge.sparsify`), and an
+optional sign election keeps, per entry, only the task vectors that agree with the elected sign.
+
+The arithmetic is mergekit's ``GeneralizedTaskArithmeticMerge``, so a shared config gives the same tensors:
+- trim τ_i, then weight it by w_i; the sign election sees the weighted vectors;
+- ``normalize`` divides by the weights of the contributing models: with an election, per entry, the weights of
+  the models that agree (TIES's disjoint mean; a divisor of exactly 0 becomes 1); without, Σ_i w_i (left at 1
+  when |Σ w_i| < 1e-8, so opposite weights that cancel do not blow up);
+- then λ scales the merged task vector and it is added to the base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from ..base import DENSITY, INT8_MASK, LAMBDA, NORMALIZE, RESCALE, WEIGHT, ModelTensor, TensorGroup, merge_method
+from ..sparsify import elect_sign
+
+Trim = Callable[[torch.Tensor, ModelTensor], torch.Tensor]
+
+
+def merge_task_vectors(group: TensorGroup, params: dict, *, trim: Trim | None = None,
+                       elect: str | None = None) -> torch.Tensor:
+    """θ_base + λ · Σ_i w_i trim(τ_i) [· elected] / divisor, as the module docstring describes.
+
+    ``trim(tau, model)`` sparsifies one model's task vector (it may read ``model.params``); ``elect`` is
+    ``"sum"`` / ``"count"`` (see :func:`~grafting.merge.sparsify.elect_sign`) or None for no sign election.
+    ``params`` needs ``lambda`` and ``normalize``."""
+    if not group.models:
+        return group.base.clone()
+    # One fresh stacked buffer: the in-place steps below never touch the inputs.
+    deltas = torch.stack([trim(tau, m) if trim else tau for m, tau in group.task_vectors()])
+    weights = torch.tensor([m.params["weight"] for m in group.models], dtype=deltas.dtype, device=deltas.device)
+    weights = weights.view(-1, *([1] * (deltas.dim() - 1)))
+    deltas.mul_(weights)
+    if elect is not None:
+        agree = elect_sign(deltas, elect)
+        merged = deltas.mul_(agree).sum(dim=0)
+        divisor = (weights * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        merged = deltas.sum(dim=0)
+        divisor = float(weights.sum())
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+    if params["normalize"]:
+        merged = merged / divisor
+    return group.base + params["lambda"] * merged
+
+
+@merge_method(
+    "task_arithmetic",
+    params=[WEIGHT,
+            replace(DENSITY, doc="accepted as mergekit does; task_arithmetic trims nothing"),
+            LAMBDA,
+            replace(NORMALIZE, default=False),
+            replace(RESCALE, default=False, doc="accepted as mergekit does; task_arithmetic trims nothing"),
+            INT8_MASK],
+    needs_base=True,
+    paper="Ilharco et al., arXiv 2212.04089, Sec. 2",
+    summary="base + λ Σ w_i τ_i (divided by Σ w_i with normalize)",
+)
+def task_arithmetic(group: TensorGroup, params: dict) -> torch.Tensor:
+    """θ_base + λ Σ_i w_i τ_i (Ilharco et al., Sec. 2); ``normalize`` (default off, as mergekit) divides by
+    Σ_i w_i. mergekit declares ``density``, ``rescale`` and ``int8_mask`` for every method of the family, this
+    one included, and ignores them here; grafting accepts them likewise so mergekit configs run unchanged."""
+    return merge_task_vectors(group, params)
