@@ -4,8 +4,8 @@ Question: does grafting's streaming merge stay within (N + 2) x the largest tens
 it at least as fast as mergekit, on the same config? The model is a Llama-architecture causal LM built from a
 config with random weights (12 layers x 768, vocabulary 32,000, untied head, fp32: 134 M parameters, 536 MB);
 the N fine-tuned checkpoints are the base plus independent Gaussian perturbations (ties needs a base). Each
-merge runs in a fresh child process (so peak RSS is the merge's own: ``ru_maxrss`` of that process, which
-counts resident file-backed pages of memory-mapped inputs too), one after the other, mergekit and grafting
+merge runs in a fresh child process (so peak RSS is the merge's own: VmHWM of that process, which counts
+resident file-backed pages of memory-mapped inputs too), one after the other, mergekit and grafting
 alternating; the same YAML is given to both (`mergekit.merge.run_merge` with its default options on CPU, and
 `grafting.merge.merge`). The outputs are compared tensor by tensor (TIES is deterministic). Checkpoints are
 written once to --workdir and reused. Prints a table and, last, one JSON object.
@@ -34,7 +34,7 @@ QUICK = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_at
 MB = 1024 * 1024
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 tool, config_path, out = sys.argv[1:4]
 t0 = time.perf_counter()
 if tool == "mergekit":
@@ -48,7 +48,9 @@ else:
     from grafting.merge import merge
     merge(config_path, out, seed=0, progress=False, copy_tokenizer=False)
 seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": seconds, "peak_rss_mb": hwm / 1024}))
 """
 
 
