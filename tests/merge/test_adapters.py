@@ -238,3 +238,20 @@ def test_extracting_an_adapter_recovers_a_low_rank_fine_tune(tmp_path):
     assert set(low.ranks.values()) == {1} and all(e < 0.99 for e in low.energy.values())
     with pytest.raises(GraftingError, match="exactly one of rank"):
         extract_adapter(open_input(base_dir), open_input(tuned_dir), tmp_path / "x", rank=2, energy=0.5)
+
+
+def test_graft_extract_writes_the_adapter(tmp_path, capsys):
+    from grafting.cli.main import main
+    base = tiny_llama(2)
+    base_dir = save_model(base, tmp_path / "base")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.q_proj.weight += 0.1 * torch.randn(32, 1) @ torch.randn(1, 32)
+    tuned_dir = save_model(tuned, tmp_path / "tuned")
+    assert main(["extract", str(base_dir), str(tuned_dir), str(tmp_path / "ex"), "--rank", "1", "--no-progress"]) == 0
+    assert "extracted 1 modules" in capsys.readouterr().out
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tuned(ids).logits
+    torch.testing.assert_close(peft_logits(base, tmp_path / "ex", ids), want, rtol=1e-4, atol=1e-4)
+    assert main(["extract", str(base_dir), str(tmp_path / "nope"), str(tmp_path / "ex2"), "--rank", "1"]) == 2

@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a non-empty output_dir, replacing the earlier run's files")
     p.set_defaults(func=cmd_train)
-    from .merge import register as register_merge
+    from .merge import register as register_merge, register_extract
     register_merge(sub)
+    register_extract(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgb]?)b?\s*$", re.IGNORECASE)
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
@@ -91,4 +92,40 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-__all__ = ["register", "cmd_merge", "methods_epilog", "parse_size"]
+def cmd_extract(args) -> int:
+    from ..merge import extract_adapter, open_input
+
+    base, tuned = open_input(args.base), open_input(args.finetuned)
+    base_dir = args.base if Path(args.base).is_dir() else None
+    res = extract_adapter(base, tuned, args.output_dir, rank=args.rank, energy=args.energy,
+                          targets=args.targets, base_dir=base_dir, progress=not args.no_progress)
+    ranks = sorted(res.ranks.values())
+    print(f"extracted {len(res.ranks)} modules into {res.output}: ranks {ranks[0]}-{ranks[-1]}, energy kept "
+          f"mean {sum(res.energy.values()) / len(res.energy):.4f}, lowest {min(res.energy.values()):.4f}")
+    if res.not_captured:
+        worst = max(res.not_captured, key=res.not_captured.get)
+        print(f"not captured (not linear weights): {len(res.not_captured)} changed tensors, largest relative "
+              f"change {res.not_captured[worst]:.2e} ({worst})")
+    return 0
+
+
+def register_extract(subparsers) -> argparse.ArgumentParser:
+    """Add ``extract`` (a LoRA adapter from a fine-tuned model's weight deltas) to ``graft``."""
+    p = subparsers.add_parser(
+        "extract", help="extract a LoRA adapter from a fine-tuned model (truncated SVD of the weight deltas)",
+        description="Factor each linear weight's delta (fine-tuned - base) by a truncated SVD into a PEFT LoRA\n"
+                    "adapter that peft loads onto the base. Changed tensors that are not linear weights are\n"
+                    "reported, not silently dropped.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", help="the base model (directory or .safetensors)")
+    p.add_argument("finetuned", help="the fine-tuned model, same architecture")
+    p.add_argument("output_dir", help="where the adapter goes")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="components per layer")
+    how.add_argument("--energy", type=float, help="per layer, the fewest components keeping this fraction of ||dW||^2")
+    p.add_argument("--targets", nargs="+", help="module-name suffixes to extract (default: every linear layer)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_extract)
+    return p
+
+
+__all__ = ["register", "register_extract", "cmd_merge", "cmd_extract", "methods_epilog", "parse_size"]
