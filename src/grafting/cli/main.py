@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .merge import register as register_merge, register_extract
     register_merge(sub)
     register_extract(sub)
+    from .compress import register as register_compress
+    register_compress(sub)
     return parser
 
 
