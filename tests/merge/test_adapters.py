@@ -255,3 +255,34 @@ def test_graft_extract_writes_the_adapter(tmp_path, capsys):
         want = tuned(ids).logits
     torch.testing.assert_close(peft_logits(base, tmp_path / "ex", ids), want, rtol=1e-4, atol=1e-4)
     assert main(["extract", str(base_dir), str(tmp_path / "nope"), str(tmp_path / "ex2"), "--rank", "1"]) == 2
+
+
+def test_conv_and_half_precision_adapters_merge(tmp_path):
+    """Where peft's SVD merge fails (Conv2d layers, fp16 adapters): both paths work and peft loads the result."""
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    deltas = []
+    for i, r in enumerate((2, 3)):
+        d = peft_adapter(base, tmp_path / f"c{i}", 10 + i, r=r, lora_alpha=r, target_modules=["0", "2"])
+        f = tmp_path / f"c{i}" / "adapter_model.safetensors"
+        save_file({k: v.half() for k, v in load_file(str(f)).items()}, str(f))  # stored in half precision
+        m = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / f"c{i}"))
+        deltas.append({n.replace("base_model.model.", ""): mod.get_delta_weight("default").detach()
+                       for n, mod in m.named_modules() if isinstance(mod, peft.tuners.lora.LoraLayer)})
+        assert set(deltas[-1]) == set(d)
+    x = torch.randn(2, 3, 9, 9)
+
+    def run(adapter):
+        m = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
+        with torch.no_grad():
+            return m(x)
+    merge_adapters([tmp_path / "c0", tmp_path / "c1"], "task_arithmetic", tmp_path / "ta",
+                   params=[{"weight": 0.5}, {"weight": 2.0}])
+    want = with_deltas(base, {k: 0.5 * deltas[0][k] + 2.0 * deltas[1][k] for k in deltas[0]})
+    with torch.no_grad():
+        torch.testing.assert_close(run(tmp_path / "ta"), want(x), rtol=1e-4, atol=1e-4)
+    res = merge_adapters([tmp_path / "c0", tmp_path / "c1"], "ties", tmp_path / "ties",
+                         params=[{"weight": 1.0, "density": 0.6}, {"weight": 1.0, "density": 0.6}], rank=2)
+    assert set(res.ranks.values()) == {2} and all(0 < e < 1 for e in res.energy.values())
+    assert torch.isfinite(run(tmp_path / "ties")).all()
