@@ -261,8 +261,6 @@ def test_inputs_must_agree_before_any_merging(zoo, tmp_path):
 
 
 def test_seed_drives_random_methods(zoo, tmp_path):
-    if "dare_ties" not in merge_methods():
-        pytest.skip("dare_ties is not registered")
     cfg = {"merge_method": "dare_ties", "base_model": str(zoo / "gpt2_base"),
            "parameters": {"weight": 0.5, "density": 0.5},
            "models": [{"model": str(zoo / "gpt2_a")}, {"model": str(zoo / "gpt2_b")}]}

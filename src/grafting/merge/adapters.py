@@ -21,7 +21,6 @@ weight, so those need ``base``.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,18 +32,13 @@ from ..errors import GraftingError
 from ..io.atomic import atomic_dir
 from ..io.reader import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterReader
 from .base import ModelTensor, TensorGroup, get_merge_method, tensor_generator
+from .io import layer_index as layer_of
 
 EXACT_METHODS = ("linear", "task_arithmetic")
-LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)\.")
 
 
 def is_adapter_dir(path) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
-
-
-def layer_of(name: str) -> int | None:
-    m = LAYER_INDEX.search("." + name)
-    return int(m.group(1)) if m else None
 
 
 class AdapterInput:
@@ -177,7 +171,7 @@ def merge_adapters(adapters: list, method: str, output_dir, *, params: list[dict
         else:
             dw = _weight_space(readers, module, spec, mparams, gparams, base, layer, num_layers, seed)
             summed = sum(readers[i].layer_tensors(module)["lora_A"].shape[0] for i in holders)
-            A, B, ranks[module], kept[module] = _truncated(dw, rank, energy, summed)
+            A, B, ranks[module], kept[module] = truncated_svd(dw, rank, energy, summed)
         shape_a, shape_b = (readers[holders[0]].layer_tensors(module)[k].shape for k in ("lora_A", "lora_B"))
         tensors[f"{PREFIX}{module}.lora_A.weight"] = A.reshape(A.shape[0], *shape_a[1:]).contiguous()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = B.reshape(B.shape[0], B.shape[1], *shape_b[2:]).contiguous()
@@ -243,7 +237,7 @@ def _weight_space(readers, module, spec, mparams, gparams, base, layer, num_laye
     return spec(group, gparams).float() - zero
 
 
-def _truncated(dw: torch.Tensor, rank: int | None, energy: float | None, default_rank: int):
+def truncated_svd(dw: torch.Tensor, rank: int | None, energy: float | None, default_rank: int):
     u, s, vh = torch.linalg.svd(dw, full_matrices=False)
     power = s.double().pow(2)
     total = float(power.sum())
@@ -263,14 +257,20 @@ def _truncated(dw: torch.Tensor, rank: int | None, energy: float | None, default
 
 
 def _write(first: AdapterReader, modules, ranks: dict, tensors: dict, output_dir, fan_in_fan_out: bool) -> None:
+    cfg = first.config
+    write_lora_adapter(output_dir, tensors, ranks, fan_in_fan_out, task_type=getattr(cfg, "task_type", None),
+                       base_model=getattr(cfg, "base_model_name_or_path", None))
+
+
+def write_lora_adapter(output_dir, tensors: dict, ranks: dict, fan_in_fan_out: bool, task_type=None,
+                       base_model=None) -> None:
+    """A PEFT LoRA adapter with scaling 1 at every module (lora_alpha = rank, per-module ranks as patterns)."""
     top = max(ranks.values()) if ranks else 1
     pattern = {m: r for m, r in ranks.items() if r != top}
-    cfg = first.config
     config = {
-        "peft_type": "LORA", "task_type": getattr(cfg, "task_type", None),
-        "base_model_name_or_path": getattr(cfg, "base_model_name_or_path", None),
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
         "r": top, "lora_alpha": top, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-        "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": fan_in_fan_out, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": None, "inference_mode": True,
     }

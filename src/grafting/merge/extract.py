@@ -10,16 +10,13 @@ Inputs stream tensor by tensor: memory is about three copies of the largest weig
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
-
 from ..errors import GraftingError
-from ..io.atomic import atomic_dir
-from ..io.reader import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from ..io.reader import PREFIX
+from .adapters import truncated_svd, write_lora_adapter
 
 NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "norm", "ln_")
 
@@ -107,33 +104,17 @@ def extract_adapter(base, finetuned, output_dir, *, rank: int | None = None, ene
         if kinds[name] == "conv1d":
             dw = dw.t()
         module = name[: -len(".weight")]
-        u, s, vh = torch.linalg.svd(dw, full_matrices=False)
-        power = s.double().pow(2)
-        if energy is not None:
-            cum = torch.cumsum(power, 0) / power.sum()
-            k = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=cum.dtype)).item()) + 1
-        else:
-            k = rank
-        k = max(1, min(k, s.numel()))
-        root = s[:k].sqrt()
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = (root[:, None] * vh[:k]).contiguous()
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = (u[:, :k] * root[None, :]).contiguous()
-        ranks[module], kept[module] = k, float(power[:k].sum() / power.sum())
+        A, B, k, share = truncated_svd(dw, rank, energy, 1)
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = A.contiguous()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = B.contiguous()
+        ranks[module], kept[module] = k, share
     if not ranks:
         raise GraftingError("extract_adapter: no linear weight differs between the models; nothing to extract")
     result.ranks, result.energy = ranks, kept
-    top = max(ranks.values())
-    pattern = {m: r for m, r in ranks.items() if r != top}
     fan = {kinds[m + ".weight"] == "conv1d" for m in ranks}
     if len(fan) > 1:
         raise GraftingError("extract_adapter: the model mixes Linear and Conv1D layers; extract each kind with "
                             "targets= separately (a PEFT adapter has one fan_in_fan_out)")
-    config = {"peft_type": "LORA", "task_type": None, "r": top, "lora_alpha": top, "rank_pattern": pattern,
-              "alpha_pattern": dict(pattern), "target_modules": sorted(ranks), "lora_dropout": 0.0,
-              "bias": "none", "fan_in_fan_out": fan.pop(), "use_rslora": False, "use_dora": False,
-              "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
-              "base_model_name_or_path": str(base_dir) if base_dir is not None else None}
-    with atomic_dir(output_dir) as tmp:
-        (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_lora_adapter(output_dir, tensors, ranks, fan.pop(),
+                       base_model=str(base_dir) if base_dir is not None else None)
     return result

@@ -142,7 +142,7 @@ def _listed_inputs(bound) -> list[Path]:
 
 def _merge_into_adapter(cfg, bound, out: Path, seed: int, progress: bool, start: float) -> MergeResult:
     """Adapters in, one adapter out (see :func:`grafting.merge.adapters.merge_adapters`)."""
-    from .adapters import layer_of, merge_adapters
+    from .adapters import merge_adapters
 
     inputs = _listed_inputs(bound)
     # with a base_model the donor is it (for methods without a base role too)
@@ -150,11 +150,11 @@ def _merge_into_adapter(cfg, bound, out: Path, seed: int, progress: bool, start:
     n_layers = num_layers(base.config) if base is not None else None
     if n_layers is None:  # no base config: the depth of the stack is what the adapters themselves adapt
         from ..io.reader import AdapterReader
-        seen = [layer_of(m + ".") for p in inputs for m in AdapterReader(p).modules()]
+        seen = [layer_index(m + ".") for p in inputs for m in AdapterReader(p).modules()]
         n_layers = max([x for x in seen if x is not None], default=-1) + 1 or None
 
     def resolve(name: str):
-        layer = layer_of(name)
+        layer = layer_index(name)
         t = layer / (n_layers - 1) if layer is not None and n_layers and n_layers > 1 else 0.0
         return ([bound.model_params(i, name, t) for i in range(len(inputs))], bound.global_params(name, t))
 
