@@ -227,3 +227,40 @@ def test_sign_election_matches_mergekit(method):
     deltas[deltas.abs() < 0.3] = 0  # trimmed entries
     deltas[:, 0, 0] = torch.tensor([1.0, -1.0, 0.5, -0.5])  # an exact tie
     assert torch.equal(elect_sign(deltas, method), get_mask(deltas, method=method))
+
+
+# --- the memory-light top-k -----------------------------------------------------------------------------------
+
+def _stable_top_k(x, k):
+    keep = torch.zeros(x.numel(), dtype=torch.bool)
+    keep[torch.argsort(x.abs().reshape(-1), descending=True, stable=True)[:k]] = True
+    return x * keep.reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_top_k_is_the_stable_sorts_set_even_with_many_ties(dtype, monkeypatch):
+    import grafting.merge.sparsify as sp
+
+    g = torch.Generator().manual_seed(0)
+    # magnitudes from a handful of values, both signs, zeros: the cut falls inside a run of equal magnitudes
+    x = (torch.randint(-4, 5, (37, 11), generator=g) * 0.25).to(dtype)
+    for slice_len in (1 << 20, 16, 5):  # one slice, and the cut's ties spread over many slices
+        monkeypatch.setattr(sp, "SLICE", slice_len)
+        for k in (1, 2, 50, 200, 406, 407):
+            density = k / x.numel()
+            got = trim_magnitude(x, density)
+            assert torch.equal(got, _stable_top_k(x, max(1, int(density * x.numel())))), (slice_len, k)
+            y = x.clone()
+            assert trim_magnitude(y, density, inplace=True) is y and torch.equal(y, got)
+
+
+def test_top_k_threshold_on_wide_ranges_of_magnitude():
+    from grafting.merge.sparsify import top_k_threshold
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5000, generator=g) * torch.logspace(-30, 30, 5000)
+    for k in (1, 17, 2500, 4999, 5000):
+        bits, greater = top_k_threshold(x, k)
+        value = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+        assert value == torch.sort(x.abs(), descending=True).values[k - 1]
+        assert greater == int((x.abs() > value).sum())

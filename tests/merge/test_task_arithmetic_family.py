@@ -242,3 +242,32 @@ def test_ties_worked_example_matches_mergekit():
     for weights in ((1.0, 1.0), (3.0, 1.0)):
         mp = [{"weight": w, "density": 0.5} for w in weights]
         torch.testing.assert_close(run("ties", BASE, models, mp), mergekit_run("ties", BASE, models, mp))
+
+
+# --- memory: the driver's owned groups ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_an_owned_group_gives_the_same_merge_in_place(method, monkeypatch):
+    """The driver hands over tensors read for this call alone; the family then works in them (the result is the
+    first model's buffer), slice by slice; slices of 7 entries make every tensor span several."""
+    import grafting.merge.methods.task_arithmetic as ta
+    import grafting.merge.sparsify as sp
+
+    base, models = inputs((6, 9), 3, seed=11)
+    mp = model_params(method, 3)
+    m = get_merge_method(method)
+    filled = [{p.name: p.default for p in m.model_params() if not p.required} | dict(x) for x in mp]
+    params = {p.name: p.default for p in m.global_params()} | {"lambda": 0.8}
+    seed = 3 if method in RANDOM else None
+    expected = m(group(base, models, filled, seed), params)
+    monkeypatch.setattr(ta, "SLICE", 7)
+    monkeypatch.setattr(sp, "SLICE", 7)
+    owned = group(base.clone(), [t.clone() for t in models], filled, seed)
+    owned.owned = True
+    first = owned.models[0].tensor
+    out = m(owned, params)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    if method not in RANDOM and not method.startswith("breadcrumbs"):  # those trims allocate their masks
+        assert out.data_ptr() == first.data_ptr()
+    with pytest.raises(GraftingError, match="already taken"):
+        owned.take_task_vectors()

@@ -65,7 +65,9 @@ class TensorGroup:
     has no ``base_model``. ``layer`` / ``num_layers``: the transformer block the tensor belongs to (None for
     embeddings, norms, heads outside the stack); ``t`` = layer / (num_layers - 1) in [0, 1] is where mergekit
     evaluates parameter gradients. ``generator``: seeded from the merge's seed and the tensor name, so a
-    random method (DARE, DELLA) gives the same result whatever order tensors are merged in."""
+    random method (DARE, DELLA) gives the same result whatever order tensors are merged in. ``owned``: the
+    tensors were read for this call alone (the driver's case), so :meth:`take_task_vectors` may turn them into
+    task vectors in place instead of allocating N more tensors; a group built by hand is not owned."""
 
     name: str
     models: list[ModelTensor]
@@ -73,6 +75,8 @@ class TensorGroup:
     layer: int | None = None
     num_layers: int | None = None
     generator: torch.Generator | None = None
+    owned: bool = False
+    _taken: bool = field(default=False, repr=False)
 
     @property
     def t(self) -> float:
@@ -86,6 +90,21 @@ class TensorGroup:
             raise GraftingError(f"{self.name}: task vectors need a base_model")
         for m in self.models:
             yield m, m.tensor - self.base
+
+    def take_task_vectors(self) -> list[torch.Tensor]:
+        """τ_i for every model as tensors the caller may modify in place.
+
+        When the group is ``owned`` each θ_i is overwritten by τ_i (no new memory) and ``models[i].tensor`` holds
+        the task vector afterwards; otherwise each τ_i is a new tensor. Either way it can be taken once."""
+        if self.base is None:
+            raise GraftingError(f"{self.name}: task vectors need a base_model")
+        if self._taken:
+            raise GraftingError(f"{self.name}: the task vectors were already taken")
+        self._taken = True
+        if self.owned:
+            return [m.tensor.sub_(self.base) if m.tensor is not self.base else torch.zeros_like(self.base)
+                    for m in self.models]
+        return [m.tensor - self.base for m in self.models]
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:

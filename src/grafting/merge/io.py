@@ -6,8 +6,7 @@ a directory with ``model.safetensors``, or a sharded directory with ``model.safe
 read up front, tensors only when asked for, so a merge holds one tensor per input at a time. Pickle weights
 (``.bin``, ``.pt``) are never loaded: they can run arbitrary code.
 
-:class:`ShardWriter` writes tensors as they are produced, in HF's layout (``model.safetensors``, or
-``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json``), holding at most one shard in memory.
+Writing the merged model is :mod:`.shards`.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import json
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -44,7 +44,8 @@ class MergeInput(Protocol):
 
     ``config``: the parsed ``config.json`` (None when there is none): it gives the layer count. ``names()`` in a
     stable order (reading in that order walks each file front to back). ``shape`` / ``dtype`` come from
-    metadata, without reading the tensor; ``get`` reads one tensor, in its stored dtype (the driver upcasts).
+    metadata, without reading the tensor; ``get`` reads one tensor, in its stored dtype (the driver upcasts), into
+    a new buffer each call that the caller owns (a merge method may overwrite it in place).
     An optional ``close()`` is called when the merge ends. The driver names inputs as the config does, so an
     input needs no label of its own."""
 
@@ -56,8 +57,9 @@ class MergeInput(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
 
 
-def _read_header(file: Path) -> dict:
-    """The safetensors header of ``file`` (name -> {dtype, shape, data_offsets}), read without the data."""
+def _read_header(file: Path) -> tuple[dict, int]:
+    """The safetensors header of ``file`` (name -> {dtype, shape, data_offsets}), read without the data, and
+    the file offset where the data begins."""
     try:
         with open(file, "rb") as fh:
             raw = fh.read(8)
@@ -67,32 +69,64 @@ def _read_header(file: Path) -> dict:
             if n > 100_000_000:  # the format caps headers at 100 MB; more means this is not safetensors
                 raise GraftingError(f"{file}: not a safetensors file (header length {n} is implausible)")
             header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise GraftingError(f"{file}: not a safetensors file (its header is not a JSON object)")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GraftingError(f"{file}: cannot read the safetensors header ({e})") from None
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + n
+
+
+def _check_entry(file: Path, name: str, info, data_start: int, file_size: int) -> tuple:
+    """(shape, dtype, file offset, byte count) of one header entry, or a GraftingError saying what is wrong."""
+    if not isinstance(info, dict):
+        raise GraftingError(f"{file}: header entry '{name}' is not an object")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if code not in DTYPES:
+        raise GraftingError(f"{file}: tensor '{name}' has dtype {code!r}, which torch here cannot hold")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise GraftingError(f"{file}: tensor '{name}': shape must be a list of sizes, got {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise GraftingError(f"{file}: tensor '{name}': data_offsets must be [start, end], got {offsets!r}")
+    dtype = DTYPES[code]
+    nbytes = offsets[1] - offsets[0]
+    numel = 1
+    for d in shape:
+        numel *= d
+    if nbytes != numel * dtype.itemsize:
+        raise GraftingError(f"{file}: tensor '{name}' has shape {shape} of {code} ({numel * dtype.itemsize} bytes) "
+                            f"but data_offsets span {nbytes} bytes")
+    if data_start + offsets[1] > file_size:
+        raise GraftingError(f"{file}: tensor '{name}' ends past the end of the file (truncated download?)")
+    return tuple(shape), dtype, data_start + offsets[0], nbytes
 
 
 class SafetensorsInput:
-    """A model stored as one or more safetensors files; tensors are read one at a time on ``get``."""
+    """A model stored as one or more safetensors files; tensors are read one at a time on ``get``.
+
+    A tensor is read with one ``readinto`` from its offset into a buffer of its own, not through a memory map:
+    the pages of a mapped file stay resident in the process while the mapping lives, so a merge that maps N
+    checkpoints ends up holding them all in its RSS, which is exactly what streaming is meant to avoid."""
 
     def __init__(self, label: str, path: Path, files: list[Path], config: dict | None,
                  weight_map: dict[str, Path] | None = None):
+        if sys.byteorder != "little":  # safetensors data is little-endian and is read here without conversion
+            raise GraftingError(f"{label}: reading safetensors needs a little-endian machine")
         self.label, self.path, self.config = label, path, config
         self._file_of: dict[str, Path] = {}
-        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
         self._handles: dict[Path, object] = {}
         for file in files:
-            header = _read_header(file)
-            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            header, data_start = _read_header(file)
+            size = file.stat().st_size
+            entries = {name: _check_entry(file, name, info, data_start, size) for name, info in header.items()}
+            for name, meta in sorted(entries.items(), key=lambda kv: kv[1][2]):
                 if name in self._file_of:
                     raise GraftingError(f"{label}: tensor '{name}' is stored twice ({self._file_of[name].name} "
                                         f"and {file.name})")
-                code = info.get("dtype")
-                if code not in DTYPES:
-                    raise GraftingError(f"{file}: tensor '{name}' has dtype {code!r}, which torch here cannot hold")
                 self._file_of[name] = file
-                self._meta[name] = (tuple(info["shape"]), DTYPES[code])
+                self._meta[name] = meta
         if weight_map is not None:  # a wrong index would make the output silently miss or misplace tensors
             for name, file in weight_map.items():
                 if self._file_of.get(name) != file:
@@ -116,14 +150,26 @@ class SafetensorsInput:
         file = self._file_of.get(name)
         if file is None:
             raise GraftingError(f"{self.label}: has no tensor '{name}'")
+        shape, dtype, offset, nbytes = self._meta[name]
         handle = self._handles.get(file)
         if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return handle.get_tensor(name)
+            handle = self._handles[file] = open(file, "rb", buffering=0)  # noqa: SIM115 (closed in close())
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        handle.seek(offset)
+        view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+        got = 0
+        while got < nbytes:  # readinto may return short counts on some filesystems
+            n = handle.readinto(view[got:])
+            if not n:
+                raise GraftingError(f"{file}: tensor '{name}' is cut short ({got} of {nbytes} bytes); the file "
+                                    f"changed or is truncated")
+            got += n
+        # safetensors stores little-endian; so does every platform torch ships CPU wheels for
+        return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
     def __repr__(self) -> str:
@@ -219,77 +265,3 @@ def layer_index(name: str) -> int | None:
     """The block a tensor belongs to (``model.layers.3.mlp.up_proj.weight`` -> 3); None outside the stack."""
     m = _LAYER_RE.search(name)
     return int(m.group(1)) if m else None
-
-
-# ---- writing ------------------------------------------------------------------------------------------------
-
-class ShardWriter:
-    """Write tensors into ``directory`` as safetensors shards of at most ``shard_size`` bytes.
-
-    Tensors are held until the next one would overflow the shard, then the shard is written and dropped, so
-    memory holds at most one shard (a single tensor larger than ``shard_size`` gets a shard of its own).
-    Shards get provisional names while the total is unknown; :meth:`finish` renames them to HF's and writes
-    the index. Atomicity is the caller's: write into a temporary directory (see ``atomic_dir``)."""
-
-    def __init__(self, directory, shard_size: int, metadata: dict | None = None):
-        if shard_size <= 0:
-            raise GraftingError(f"shard_size must be a positive number of bytes, got {shard_size}")
-        self.directory = Path(directory)
-        self.shard_size = shard_size
-        self.metadata = {"format": "pt", **(metadata or {})}
-        self._held: dict[str, torch.Tensor] = {}
-        self.held_bytes = 0
-        self.peak_held_bytes = 0
-        self.total_bytes = 0
-        self.tensors = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.files: list[Path] = []
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._held or any(name in names for _, names in self._shards):
-            raise GraftingError(f"tensor '{name}' written twice")
-        size = tensor.numel() * tensor.element_size()
-        if self._held and self.held_bytes + size > self.shard_size:
-            self.flush()
-        tensor = tensor.detach().to("cpu").contiguous()
-        # a view into a larger buffer (a method returning a slice) would make safetensors write, or refuse,
-        # the whole buffer: give it its own storage
-        if tensor.untyped_storage().nbytes() != size:
-            tensor = tensor.clone()
-        self._held[name] = tensor
-        self.held_bytes += size
-        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
-        self.total_bytes += size
-        self.tensors += 1
-
-    def flush(self) -> None:
-        if not self._held:
-            return
-        from safetensors.torch import save_file
-
-        file = self.directory / f".shard-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._held, str(file), metadata=self.metadata)
-        self._shards.append((file, list(self._held)))
-        self._held = {}
-        self.held_bytes = 0
-
-    def finish(self) -> list[Path]:
-        """Flush the last shard, give every shard its final name, write the index when there are several."""
-        self.flush()
-        n = len(self._shards)
-        if n == 0:
-            raise GraftingError("nothing to write: the merge produced no tensors")
-        if n == 1:
-            final = self.directory / SINGLE
-            os.replace(self._shards[0][0], final)
-            self.files = [final]
-            return self.files
-        weight_map = {}
-        for i, (file, names) in enumerate(self._shards, 1):
-            final = self.directory / f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(file, final)
-            self.files.append(final)
-            weight_map.update(dict.fromkeys(names, final.name))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return self.files

@@ -2,9 +2,9 @@
 
 Everything that can be checked without reading a tensor is checked first: the config (see :mod:`.config`),
 that every input has the same tensor names and shapes, and every parameter's value for every tensor. Then, per
-tensor name, each input's tensor is read, upcast to float32, merged by the method, cast to the output dtype and
-handed to the shard writer; nothing else is kept, so peak memory is about (inputs + 2) x the largest tensor plus
-one output shard. The output is written into a temporary directory beside ``output_dir`` and renamed into place
+tensor name, each input's tensor is read, upcast to float32, merged by the method (which may work in the
+tensors it is handed: they are read for it alone), cast to the output dtype and written straight to its shard
+(:mod:`.shards`); nothing else is kept, so peak memory is about (inputs + 2) x the largest tensor. The output is written into a temporary directory beside ``output_dir`` and renamed into place
 only when everything succeeded, with config.json, generation_config.json and the tokenizer, so it loads with
 ``transformers`` like any checkpoint.
 """
@@ -25,7 +25,8 @@ import torch
 from ..errors import GraftingError
 from ..io.atomic import atomic_dir
 from .base import ModelTensor, TensorGroup, tensor_generator
-from .io import MergeInput, ShardWriter, layer_index, num_layers, open_input
+from .io import MergeInput, layer_index, num_layers, open_input
+from .shards import ShardWriter
 
 DEFAULT_SHARD_SIZE = 5_000_000_000  # bytes; mergekit's default "5B"
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
@@ -85,14 +86,18 @@ def merge(config, output_dir, *, seed: int = 0, shard_size: int = DEFAULT_SHARD_
         base = opened[bound.base] if bound.base else None
         models = [(opened[p], labels[p]) for p in bound.inputs]
         with atomic_dir(out) as tmp:
-            writer = ShardWriter(tmp, shard_size, metadata={"merge_method": bound.method.name})
+            layout = [(item.name, donor.shape(item.name), _out_dtype(bound, donor, item.name)) for item in plan]
+            writer = ShardWriter(tmp, layout, shard_size, metadata={"merge_method": bound.method.name})
             bar = _bar(len(plan), f"merge {bound.method.name}", progress)
             try:
                 for item in plan:
                     tensor = _merge_one(item, bound, base, models, (donor, labels[bound.donor]), n_layers, seed)
-                    writer.add(item.name, tensor)
-                    del tensor  # the writer holds it until its shard is flushed; nothing else may
+                    writer.add(item.name, tensor)  # on disk now: nothing holds it after this line
+                    del tensor
                     bar.update(1)
+            except BaseException:
+                writer.abort()
+                raise
             finally:
                 bar.close()
             files = [f.name for f in writer.finish()]
@@ -242,10 +247,16 @@ def _warn_mixed_dtypes(opened: dict, labels: dict, names: list[str]) -> None:
             return
 
 
+def _out_dtype(bound, donor: MergeInput, name: str) -> torch.dtype:
+    stored = donor.dtype(name)
+    # integer buffers are copied from the donor as they are
+    return (bound.out_dtype or bound.dtype or stored) if stored.is_floating_point else stored
+
+
 def _merge_one(item: _Planned, bound, base, models, donor_labelled, n_layers, seed) -> torch.Tensor:
     name = item.name
     donor, donor_label = donor_labelled
-    out_dtype = bound.out_dtype or bound.dtype or donor.dtype(name)
+    out_dtype = _out_dtype(bound, donor, name)
     if not donor.dtype(name).is_floating_point:
         # integer buffers (position ids, masks) are not weights: keep the donor's, as they must all agree
         kept = donor.get(name)
@@ -268,6 +279,7 @@ def _merge_one(item: _Planned, bound, base, models, donor_labelled, n_layers, se
         base=load(base) if base is not None else None,
         layer=item.layer, num_layers=n_layers if item.layer is not None else None,
         generator=tensor_generator(seed, name),
+        owned=True,  # MergeInput.get returns a new buffer per call: the method may overwrite these
     )
     try:
         result = bound.method(group, item.global_params)

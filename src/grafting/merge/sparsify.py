@@ -52,33 +52,104 @@ def _keep_sorted_range(tau: torch.Tensor, start: int, stop: int, descending: boo
     return keep
 
 
-def _top_k(tau: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest magnitudes, ties resolved by position: the stable sort's set, found in O(n).
+# Entries per slice in the passes below: what they allocate is a few slices, never a tensor's worth.
+SLICE = 1 << 20
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}
 
-    A full sort of an embedding matrix costs seconds; the k-th largest value (kthvalue) plus a position-ordered
-    fill of the entries equal to it gives the same set."""
-    mag = tau.abs().reshape(-1)
-    n = mag.numel()
+
+def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    # Non-negative IEEE floats order exactly as their bit patterns do as integers, which bincount can count.
+    return x.abs().view(_BITS[x.dtype])
+
+
+def _slices(n: int):
+    return (slice(s, min(s + SLICE, n)) for s in range(0, n, SLICE))
+
+
+def top_k_threshold(flat: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bit pattern of the k-th largest magnitude in ``flat`` (1-D, 1 <= k <= numel) and how many entries
+    are strictly larger.
+
+    Radix selection on the magnitudes' bit patterns, 16 bits per pass: each pass counts, slice by slice, the
+    next digit of the entries that share the digits found so far. Two passes for float32, O(n) time and O(slice)
+    memory; ``torch.kthvalue`` would copy the tensor and allocate int64 indices, three times its size."""
+    nbits = flat.element_size() * 8 - 1  # the sign bit is 0 after abs
+    prefix, known, rank, greater = 0, 0, k, 0
+    while known < nbits:
+        width = min(16, nbits - known)
+        shift = nbits - known - width
+        counts = torch.zeros(1 << width, dtype=torch.int64)
+        for sl in _slices(flat.numel()):
+            bits = _magnitude_bits(flat[sl])
+            if known:
+                bits = bits[(bits >> (shift + width)) == prefix]
+            counts += torch.bincount((bits >> shift) & ((1 << width) - 1), minlength=1 << width)
+        from_top = counts.flip(0).cumsum(0)  # entries whose digit is >= each digit, largest digit first
+        i = int(torch.searchsorted(from_top, rank))  # the first digit (from the top) reaching the rank
+        above = int(from_top[i - 1]) if i else 0
+        digit = (1 << width) - 1 - i
+        greater += above
+        rank -= above
+        prefix = (prefix << width) | digit
+        known += width
+    return prefix, greater
+
+
+def keep_top_k_(flat: torch.Tensor, k: int) -> tuple[float, float]:
+    """Zero, in place, all but the k largest magnitudes of the 1-D ``flat``; equal magnitudes at the cut are kept
+    in position order (the set a stable descending sort would pick). Returns the L1 norms before and after.
+
+    Slice by slice: the threshold from :func:`top_k_threshold`, then one pass applying it."""
+    n = flat.numel()
     if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=tau.device)
-    threshold = torch.kthvalue(mag, n - k + 1).values
-    keep = mag > threshold
-    short = k - int(keep.sum())
-    if short > 0:
-        keep[(mag == threshold).nonzero().squeeze(1)[:short]] = True
-    return keep
+        norm = float(flat.abs().sum(dtype=torch.float64))
+        return norm, norm
+    threshold, greater = top_k_threshold(flat, k)
+    short = k - greater  # entries equal to the threshold still to keep, first come first kept
+    before = after = 0.0
+    for sl in _slices(n):
+        part = flat[sl]
+        bits = _magnitude_bits(part)
+        keep = bits > threshold
+        if short > 0:
+            equal = bits == threshold
+            n_equal = int(equal.sum())
+            if n_equal <= short:
+                keep |= equal
+                short -= n_equal
+            else:
+                keep[equal.nonzero().squeeze(1)[:short]] = True
+                short = 0
+        before += float(part.abs().sum(dtype=torch.float64))
+        part.mul_(keep)
+        after += float(part.abs().sum(dtype=torch.float64))
+    return before, after
 
 
-def trim_magnitude(tau: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
+def trim_magnitude(tau: torch.Tensor, density: float, *, rescale: bool = False,
+                   inplace: bool = False) -> torch.Tensor:
     """Keep the k = max(1, ⌊density·n⌋) largest-magnitude entries of ``tau``, zero the rest (TIES "Trim").
 
-    A positive density keeps at least one entry, as mergekit does; ``density <= 0`` gives zeros."""
+    A positive density keeps at least one entry, as mergekit does; ``density <= 0`` gives zeros. ``inplace``
+    trims ``tau`` itself (it must be contiguous), allocating only slices, which keeps a merge of N models
+    within N + 2 tensors of memory."""
     if density >= 1:
         return tau
     if density <= 0 or tau.numel() == 0:
-        return torch.zeros_like(tau)
+        return tau.zero_() if inplace else torch.zeros_like(tau)
+    out = tau if inplace else tau.clone(memory_format=torch.contiguous_format)
     k = max(1, int(density * tau.numel()))
-    return _apply(tau, _top_k(tau, k), rescale)
+    if out.dtype in _BITS:
+        before, after = keep_top_k_(out.view(-1), k)
+    else:  # no float bit pattern to count (complex, integer): sort
+        flat = out.view(-1)
+        order = torch.argsort(flat.abs(), descending=True, stable=True)
+        flat[order[k:]] = 0
+        before, after = float(tau.abs().sum()), float(out.abs().sum())
+    if rescale and before >= _RESCALE_EPS and after >= _RESCALE_EPS:
+        out.mul_(before / after)
+    return out
 
 
 def drop_random(tau: torch.Tensor, density: float, *, generator: torch.Generator | None = None,
@@ -144,19 +215,19 @@ def drop_magprune(tau: torch.Tensor, density: float, epsilon: float, *, generato
     return _apply(tau, torch.bernoulli(probs, generator=generator), rescale)
 
 
-def elect_sign(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
-    """TIES "Elect" and the disjoint-merge selection: a bool mask over the stacked (weighted) task vectors
-    ``deltas`` (models along dim 0), True where an entry's sign is the elected one.
+def elect_sign(deltas, method: str = "sum") -> torch.Tensor:
+    """TIES "Elect" and the disjoint-merge selection: a bool mask over the (weighted) task vectors ``deltas``
+    (a sequence of same-shape tensors, or one tensor with models along dim 0), stacked along dim 0, True where an
+    entry's sign is the elected one.
 
     ``sum``: the sign of the summed mass Σ_i τ_i (TIES, Algorithm 1); ``count``: the sign most models have.
     A tie (sum exactly 0) elects +, as mergekit does. Zero entries, trimmed ones included, never agree, so they
-    drop out of the disjoint mean's divisor."""
-    signs = deltas.sign()
-    if method == "sum":
-        total = deltas.sum(dim=0)
-    elif method == "count":
-        total = signs.sum(dim=0)
-    else:
+    drop out of the disjoint mean's divisor. The election is entry-wise, so it can run on slices of the task
+    vectors (the merge does, to bound its memory)."""
+    if method not in ("sum", "count"):
         raise GraftingError(f"unknown sign election '{method}'; expected 'sum' or 'count'")
-    elected = torch.where(total >= 0, 1.0, -1.0).to(signs.dtype)
-    return signs == elected
+    total = torch.zeros_like(deltas[0])
+    for d in deltas:
+        total.add_(d if method == "sum" else d.sign())
+    positive = total >= 0
+    return torch.stack([torch.where(positive, d > 0, d < 0) for d in deltas])

@@ -21,8 +21,9 @@ from typing import Callable
 
 import torch
 
+from ...errors import GraftingError
 from ..base import DENSITY, INT8_MASK, LAMBDA, NORMALIZE, RESCALE, WEIGHT, ModelTensor, TensorGroup, merge_method
-from ..sparsify import elect_sign
+from ..sparsify import SLICE, elect_sign
 
 Trim = Callable[[torch.Tensor, ModelTensor], torch.Tensor]
 
@@ -31,29 +32,47 @@ def merge_task_vectors(group: TensorGroup, params: dict, *, trim: Trim | None = 
                        elect: str | None = None) -> torch.Tensor:
     """θ_base + λ · Σ_i w_i trim(τ_i) [· elected] / divisor, as the module docstring describes.
 
-    ``trim(tau, model)`` sparsifies one model's task vector (it may read ``model.params``); ``elect`` is
-    ``"sum"`` / ``"count"`` (see :func:`~grafting.merge.sparsify.elect_sign`) or None for no sign election.
-    ``params`` needs ``lambda`` and ``normalize``."""
+    ``trim(tau, model)`` sparsifies one model's task vector and may do so in place (``tau`` is the caller's to
+    overwrite; it may read ``model.params``); ``elect`` is ``"sum"`` / ``"count"`` (see
+    :func:`~grafting.merge.sparsify.elect_sign`) or None for no sign election. ``params`` needs ``lambda`` and
+    ``normalize``.
+
+    Memory: with an owned group (the merge driver's) the task vectors are made in place of the models' tensors,
+    the election and the mean run slice by slice, and the result overwrites the first task vector, so the whole
+    merge needs the inputs plus a few slices (plus what ``trim`` allocates)."""
     if not group.models:
         return group.base.clone()
-    # One fresh stacked buffer: the in-place steps below never touch the inputs.
-    deltas = torch.stack([trim(tau, m) if trim else tau for m, tau in group.task_vectors()])
-    weights = torch.tensor([m.params["weight"] for m in group.models], dtype=deltas.dtype, device=deltas.device)
-    weights = weights.view(-1, *([1] * (deltas.dim() - 1)))
-    deltas.mul_(weights)
-    if elect is not None:
-        agree = elect_sign(deltas, elect)
-        merged = deltas.mul_(agree).sum(dim=0)
-        divisor = (weights * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        merged = deltas.sum(dim=0)
-        divisor = float(weights.sum())
-        if abs(divisor) < 1e-8:
-            divisor = 1.0
-    if params["normalize"]:
-        merged = merged / divisor
-    return group.base + params["lambda"] * merged
+    if elect not in (None, "sum", "count"):
+        raise GraftingError(f"unknown sign election '{elect}'; expected 'sum' or 'count'")
+    weights = [m.params["weight"] for m in group.models]
+    taus = []
+    for m, tau in zip(group.models, group.take_task_vectors()):
+        tau = trim(tau, m) if trim else tau
+        taus.append(tau.mul_(tau.new_tensor(m.params["weight"])).reshape(-1))
+    base = group.base.reshape(-1)
+    out = taus[0]
+    if elect is None:  # the weight sum in the tensors' precision, as mergekit divides by it
+        total = float(torch.tensor(weights, dtype=out.dtype).sum())
+        divisor = total if (params["normalize"] and abs(total) >= 1e-8) else 1.0
+    for sl in (slice(s, min(s + SLICE, out.numel())) for s in range(0, out.numel(), SLICE)):
+        parts = [t[sl] for t in taus]
+        if elect is None:
+            merged = parts[0].clone()
+            for p in parts[1:]:
+                merged.add_(p)
+            if divisor != 1.0:
+                merged.div_(divisor)
+        else:
+            merged = torch.zeros_like(parts[0])
+            div = torch.zeros_like(parts[0])
+            for w, p, agree in zip(weights, parts, elect_sign(parts, elect)):
+                merged.add_(p * agree)
+                div.add_(agree, alpha=w)
+            if params["normalize"]:
+                div[div == 0] = 1
+                merged.div_(div)
+        out[sl] = base[sl] + params["lambda"] * merged  # this slice of the first task vector is no longer read
+    return out.view(group.base.shape)
 
 
 @merge_method(

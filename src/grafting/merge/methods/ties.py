@@ -32,4 +32,4 @@ def ties(group: TensorGroup, params: dict) -> torch.Tensor:
     """TIES-Merging: trim by magnitude, elect the sign by summed mass, average the agreeing entries."""
     return merge_task_vectors(
         group, params, elect="sum",
-        trim=lambda tau, m: trim_magnitude(tau, m.params["density"], rescale=params["rescale"]))
+        trim=lambda tau, m: trim_magnitude(tau, m.params["density"], rescale=params["rescale"], inplace=True))
