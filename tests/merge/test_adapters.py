@@ -182,6 +182,10 @@ def test_yaml_with_adapter_entries_writes_an_adapter_or_a_full_model(two_adapter
         expected[k] = expected.get(k, 0) + 0.5 * (2.0 if ".layers.0." in k else 4.0) * v
     torch.testing.assert_close(peft_logits(base, tmp_path / "adapter", ids), with_deltas(base, expected)(ids).logits,
                                rtol=1e-5, atol=1e-5)
+    from safetensors.torch import load_file
+    merge({**cfg, "dtype": "bfloat16"}, tmp_path / "bf16", progress=False)  # the config's dtype is the output's
+    assert {v.dtype for v in load_file(str(tmp_path / "bf16" / "adapter_model.safetensors")).values()} == {
+        torch.bfloat16}
     # the same adapters into their base: a full model that transformers loads
     full = {**cfg, "base_model": str(base_dir), "output": {"kind": "model"}}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(full))
@@ -286,3 +290,10 @@ def test_conv_and_half_precision_adapters_merge(tmp_path):
                          params=[{"weight": 1.0, "density": 0.6}, {"weight": 1.0, "density": 0.6}], rank=2)
     assert set(res.ranks.values()) == {2} and all(0 < e < 1 for e in res.energy.values())
     assert torch.isfinite(run(tmp_path / "ties")).all()
+    # fp16 in, fp16 out; an explicit dtype wins
+    for name, dtype in (("ta", torch.float16), ("ties", torch.float16)):
+        assert {v.dtype for v in load_file(str(tmp_path / name / "adapter_model.safetensors")).values()} == {dtype}
+    merge_adapters([tmp_path / "c0", tmp_path / "c1"], "task_arithmetic", tmp_path / "ta32",
+                   params=[{"weight": 0.5}, {"weight": 2.0}], dtype=torch.float32)
+    ta32 = load_file(str(tmp_path / "ta32" / "adapter_model.safetensors"))
+    assert {v.dtype for v in ta32.values()} == {torch.float32}

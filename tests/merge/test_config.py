@@ -1,4 +1,4 @@
-"""Merge configs: mergekit's parameter settings (against mergekit's own evaluator), precedence, and refusals."""
+"""Merge configs: precedence of parameter settings, base roles, paths, and refusals by name."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from grafting.errors import GraftingError
 from grafting.merge import base as merge_base
 from grafting.merge.base import WEIGHT, Param, merge_method
-from grafting.merge.config import evaluate, load_config, parse_setting
+from grafting.merge.config import load_config
 
 
 @pytest.fixture
@@ -31,38 +31,6 @@ def _cfg(root, **over):
                       {"model": str(root / "b"), "parameters": {"weight": 0.25}}]}
     cfg.update(over)
     return cfg
-
-
-SETTINGS = [
-    0.3,
-    [0.0, 1.0],
-    [0.1, 0.9, 0.2, 0.7],
-    ["1e-1", 2],  # PyYAML reads 1e-1 as a string; a numeric parameter takes it as a number
-    {"filter": "mlp", "value": 0.8},
-    [{"filter": "self_attn", "value": [0.2, 0.6]}, {"filter": "mlp", "value": 0.9}, {"value": 0.4}],
-    [{"filter": "*", "value": 0.7}],
-    [{"filter": "attn", "value": 0.1}],
-]
-NAMES = ["model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.up_proj.weight", "model.embed_tokens.weight"]
-
-
-@pytest.mark.parametrize("raw", SETTINGS)
-def test_settings_evaluate_as_mergekit_evaluates_them(raw):
-    from mergekit.config import InputModelDefinition, evaluate_setting
-    from pydantic import TypeAdapter
-
-    theirs = InputModelDefinition.model_validate({"model": "m", "parameters": {"p": raw}}).parameters["p"]
-    ours = parse_setting(raw, float, "p")
-    for name in NAMES:
-        for t in (0.0, 0.2, 1 / 3, 0.5, 0.9, 1.0):
-            expected = evaluate_setting(name, theirs, t, validate=TypeAdapter(float).validate_python)
-            got = evaluate(ours, name, t, float)
-            assert got == pytest.approx(expected, abs=1e-12) if expected is not None else got is None, (raw, name, t)
-
-
-def test_discrete_gradients_select_instead_of_interpolating():
-    s = parse_setting([True, False, True], bool, "p")
-    assert [evaluate(s, "x", t, bool) for t in (0.0, 0.4, 0.5, 0.99, 1.0)] == [True, True, False, False, True]
 
 
 def test_model_setting_beats_global_beats_default(models):

@@ -114,14 +114,16 @@ def merge_adapters(adapters: list, method: str, output_dir, *, params: list[dict
                    global_params: dict | None = None,
                    resolve: Callable[[str], tuple[list[dict], dict]] | None = None, base=None,
                    rank: int | None = None, energy: float | None = None, seed: int = 0,
-                   progress: bool = False) -> AdapterMergeResult:
+                   dtype: torch.dtype | None = None, progress: bool = False) -> AdapterMergeResult:
     """Merge PEFT adapters into one PEFT LoRA adapter at ``output_dir``.
 
     ``params`` / ``global_params``: each adapter's and the global merge parameters (mergekit's names); or
     ``resolve(tensor_name) -> (params, global_params)`` for parameters that vary per tensor (gradients,
     filters). ``base``: an opened base model (names/get), needed by slerp and linear and for DoRA inputs.
     Weight-space merges keep ``rank`` components per module, or the fewest keeping ``energy`` of ΔW's squared
-    Frobenius norm; by default the sum of the inputs' ranks at that module (capped by its shape)."""
+    Frobenius norm; by default the sum of the inputs' ranks at that module (capped by its shape). The merge
+    computes in float32; the factors are written in ``dtype``, by default the inputs' dtype when they all share
+    one (fp16 adapters give an fp16 adapter), else float32."""
     if not adapters:
         raise GraftingError("merge_adapters: no adapters given")
     if rank is not None and energy is not None:
@@ -158,6 +160,7 @@ def merge_adapters(adapters: list, method: str, output_dir, *, params: list[dict
     layers = [layer_of(m + ".weight") for m in modules]
     num_layers = max([x for x in layers if x is not None], default=-1) + 1 or None
     tensors, ranks, kept = {}, {}, {}
+    stored: set[torch.dtype] = set()
     it = modules
     if progress:
         from tqdm.auto import tqdm
@@ -172,9 +175,13 @@ def merge_adapters(adapters: list, method: str, output_dir, *, params: list[dict
             dw = _weight_space(readers, module, spec, mparams, gparams, base, layer, num_layers, seed)
             summed = sum(readers[i].layer_tensors(module)["lora_A"].shape[0] for i in holders)
             A, B, ranks[module], kept[module] = truncated_svd(dw, rank, energy, summed)
+        for i in holders:
+            stored.update(t.dtype for k, t in readers[i].layer_tensors(module).items() if k in ("lora_A", "lora_B"))
         shape_a, shape_b = (readers[holders[0]].layer_tensors(module)[k].shape for k in ("lora_A", "lora_B"))
         tensors[f"{PREFIX}{module}.lora_A.weight"] = A.reshape(A.shape[0], *shape_a[1:]).contiguous()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = B.reshape(B.shape[0], B.shape[1], *shape_b[2:]).contiguous()
+    out_dtype = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
+    tensors = {k: v.to(out_dtype) for k, v in tensors.items()}
     _write(readers[0], modules, ranks, tensors, output_dir, fan.pop())
     return AdapterMergeResult(Path(output_dir), method, exact, ranks, kept)
 

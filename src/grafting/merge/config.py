@@ -2,10 +2,9 @@
 
 What a config may say, as mergekit says it: ``merge_method``, ``models`` (each ``model`` with optional
 ``parameters``), ``base_model``, global ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` (``base`` or
-a model; ``union`` is refused) and ``chat_template`` (``auto`` or a Jinja template). A parameter setting is a
-scalar, a list (a gradient over the layers, interpolated at t = layer / (num_layers - 1)), or a list of
-``{filter, value}`` conditionals (the first whose filter is a substring of the tensor name wins). A model's own
-setting comes first, then the global one, then the method's default.
+a model; ``union`` is refused) and ``chat_template`` (``auto`` or a Jinja template). Parameter settings
+(scalars, gradients over layers, filtered branches) are :mod:`.settings`; a model's own setting comes first,
+then the global one, then the method's default.
 
 Everything else mergekit knows (``slices``, ``modules``, ``tokenizer``, LoRA references, Hub revisions) is
 refused by name, as is any key it does not know, before a tensor is read. Values are converted to the types the
@@ -26,6 +25,7 @@ import yaml
 
 from ..errors import GraftingError
 from .base import MergeMethod, get_merge_method
+from .settings import Setting, parse_setting, resolve
 
 # pydantic is not a dependency of ``import grafting``; the [train] extra carries it (and tqdm, for the bar)
 MERGE_EXTRA = "merge"
@@ -48,21 +48,6 @@ UNSUPPORTED = {
 }
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
-
-
-@dataclass(frozen=True)
-class Conditional:
-    """One branch of a parameter setting: ``value`` (a scalar, or a tuple: a gradient) where ``filter`` matches."""
-
-    filter: Optional[str]
-    value: Any
-
-    def matches(self, name: str) -> bool:
-        return self.filter is None or self.filter == "*" or (bool(name) and self.filter in name)
-
-
-Setting = tuple  # of Conditional; a plain scalar or gradient is one unconditional branch
-SCALARS = (bool, int, float, str)
 
 
 class _Strict(BaseModel):
@@ -142,112 +127,14 @@ class BoundConfig:
 
     def global_params(self, name: str, t: float) -> dict:
         """The method's global parameters for tensor ``name`` at depth ``t``."""
-        return {p.name: _resolve(p, (self.global_settings,), name, t, "parameters", self.config.source)
+        return {p.name: resolve(p, (self.global_settings,), name, t, "parameters", self.config.source)
                 for p in self.method.global_params()}
 
     def model_params(self, i: int, name: str, t: float) -> dict:
         """Input ``i``'s model parameters for tensor ``name``: its own setting, else the global one, else default."""
         where = f"models entry '{self.labels[i]}'"
-        return {p.name: _resolve(p, (self.settings[i], self.global_settings), name, t, where, self.config.source)
+        return {p.name: resolve(p, (self.settings[i], self.global_settings), name, t, where, self.config.source)
                 for p in self.method.model_params()}
-
-
-def _resolve(param, scopes, name: str, t: float, where: str, source: str):
-    for scope in scopes:
-        if param.name in scope:
-            value = evaluate(scope[param.name], name, t, param.type)
-            if value is not None:
-                return value
-    if param.required:
-        raise GraftingError(f"{source}: {where}: parameter '{param.name}' has no value for tensor '{name}' "
-                            f"(no filter matched, and the method gives no default)")
-    return param.default
-
-
-def evaluate(setting: Setting, name: str, t: float, type_: type):
-    """The value of ``setting`` for tensor ``name`` at depth ``t``; None when no branch applies."""
-    for branch in setting:
-        if not branch.matches(name):
-            continue
-        value = branch.value
-        if not isinstance(value, tuple):
-            return value
-        if len(value) == 1:
-            return value[0]
-        pos = t * (len(value) - 1)
-        if type_ in (bool, str):  # discrete values cannot be interpolated: take the segment's left end
-            return value[int(pos)]
-        lo = int(pos)
-        hi = min(lo + 1, len(value) - 1)
-        frac = pos - lo
-        mixed = (1 - frac) * value[lo] + frac * value[hi]
-        return round(mixed) if type_ is int else mixed
-    return None
-
-
-_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
-
-
-def _convert(value, type_: type, where: str):
-    """One scalar of a setting as the parameter's declared type (PyYAML reads 1e-3, without a dot, as a string)."""
-    if type_ not in SCALARS:
-        raise GraftingError(f"{where}: the method declares type {type_!r}, which configs cannot set")
-    try:
-        if type_ is bool:
-            if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
-                return bool(value)
-            if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
-                return value.lower() in _TRUE
-        elif isinstance(value, bool):
-            pass  # true/false is neither a number nor a name
-        elif type_ is int and isinstance(value, int):
-            return value
-        elif type_ in (int, float) and isinstance(value, (int, float, str)):
-            number = float(value)
-            if type_ is float:
-                return number
-            if number.is_integer():
-                return int(number)
-        elif type_ is str and isinstance(value, (str, int, float)):
-            return str(value)
-    except ValueError:  # float("abc")
-        pass
-    raise GraftingError(f"{where}: expected {type_.__name__}, got {value!r}")
-
-
-def _parse_value(value, type_, where: str):
-    if isinstance(value, SCALARS):
-        return _convert(value, type_, where)
-    if isinstance(value, list):
-        if not value:
-            raise GraftingError(f"{where}: an empty list has no value")
-        if not all(isinstance(v, SCALARS) for v in value):
-            raise GraftingError(f"{where}: a gradient is a list of scalars, got {value!r}")
-        return tuple(_convert(v, type_, f"{where}[{i}]") for i, v in enumerate(value))
-    raise GraftingError(f"{where}: expected a scalar or a list of scalars (a gradient), got {value!r}")
-
-
-def parse_setting(value, type_: type, where: str) -> Setting:
-    """A raw YAML setting (scalar, gradient, {filter, value}, or a list of those) as branches."""
-    if isinstance(value, dict):
-        value = [value]
-    if isinstance(value, list) and value and any(isinstance(v, dict) for v in value):
-        branches = []
-        for i, cond in enumerate(value):
-            at = f"{where}[{i}]"
-            if not isinstance(cond, dict):
-                raise GraftingError(f"{at}: a list of conditionals holds only {{filter, value}} entries, got {cond!r}")
-            unknown = sorted(set(cond) - {"filter", "value"})
-            if unknown:
-                raise GraftingError(f"{at}: unknown key '{unknown[0]}' (a conditional has filter and value)")
-            if "value" not in cond:
-                raise GraftingError(f"{at}: a conditional needs a value")
-            flt = cond.get("filter")
-            if flt is not None and not isinstance(flt, str):
-                raise GraftingError(f"{at}.filter: expected a string (a substring of tensor names), got {flt!r}")
-            branches.append(Conditional(flt, _parse_value(cond["value"], type_, f"{at}.value")))
-        return tuple(branches)
-    return (Conditional(None, _parse_value(value, type_, where)),)
 
 
 def _unknown(key: str, known, where: str, source: str) -> GraftingError:

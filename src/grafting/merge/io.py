@@ -12,7 +12,6 @@ Writing the merged model is :mod:`.shards`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import sys

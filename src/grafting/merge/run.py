@@ -167,7 +167,7 @@ def _merge_into_adapter(cfg, bound, out: Path, seed: int, progress: bool, start:
     try:
         res = merge_adapters(inputs, bound.method.name, out, resolve=resolve, base=base,
                              rank=spec.rank if spec else None, energy=spec.energy if spec else None, seed=seed,
-                             progress=progress)
+                             dtype=bound.out_dtype or bound.dtype, progress=progress)
     finally:
         if base is not None and getattr(base, "close", None):
             base.close()
