@@ -21,14 +21,20 @@ def content_hashes(model, names) -> dict:
         hit = model._hashes.get(name)
         if hit is None or hit[0] != keys[name]:
             from .io.peft_format import adapter_tensors
-            h = hashlib.sha256(json.dumps(model.peft_config[name].to_peft_dict(), sort_keys=True,
-                                          default=str).encode())
-            for k, t in sorted(adapter_tensors(model, name).items()):
-                h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            hit = model._hashes[name] = (keys[name], h.hexdigest())
+            digest = adapter_hash(model.peft_config[name], adapter_tensors(model, name))
+            hit = model._hashes[name] = (keys[name], digest)
         out[name] = hit[1]
     return out
+
+
+def adapter_hash(config, tensors: dict) -> str:
+    """SHA-256 of an adapter config and its tensors (key, dtype, shape and bytes, in key order)."""
+    h = hashlib.sha256(json.dumps(config.to_peft_dict(), sort_keys=True, default=str).encode())
+    for k, t in sorted(tensors.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def version_keys(model, names) -> dict:

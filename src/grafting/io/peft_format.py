@@ -146,14 +146,20 @@ def read_shapes(path) -> dict[str, tuple]:
 def load_adapter(model, path, name: str) -> None:
     path = Path(path)
     reader = AdapterReader(path)
-    config = reader.config
+    install_adapter(model, name, reader.config, reader.read_all(), path)
+
+
+def install_adapter(model, name: str, config, tensors: dict, path) -> None:
+    """Add adapter ``name`` with ``tensors`` already read from the directory ``path`` (named in errors); a
+    serving pool reads files off the engine's thread and installs here between steps."""
+    path = Path(path)
     try:
         with filling_from_disk():
             model.add_adapter(name, config)
     except GraftingError as e:
         raise GraftingError(f"{path / CONFIG_NAME}: {e}") from None
     try:
-        _fill(model, name, config, reader.read_all(), reader.file)
+        _fill(model, name, config, tensors, path / WEIGHTS_NAME)
     except Exception:
         model.delete_adapter(name)
         raise

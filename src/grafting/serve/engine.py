@@ -1,0 +1,445 @@
+"""The serving engine: continuous batching of generation requests over many adapters on one base model.
+
+Orca (Yu et al., OSDI 2022) schedules at the granularity of one decode step: requests join the running batch
+when they arrive and leave it when they finish, instead of waiting for a whole batch to drain. S-LoRA
+(arXiv:2311.03285) and Punica (arXiv:2310.18547) add that the rows of one batch may each use a different LoRA
+adapter. Here each :meth:`Engine.step`:
+
+1. installs adapters the pool finished reading and drops cancelled, finished and timed-out rows;
+2. admits waiting requests (arrival order; one whose adapter is still loading waits, the others go ahead)
+   and prefills them together, left-padded, each row with its own adapter;
+3. runs one decode step for every running row, each with its own adapter, through the model's mixed-batch
+   path (:mod:`grafting.batching`), and samples each row's next token with its own parameters.
+
+The cache of the running rows is one left-padded tensor pair per layer (:mod:`grafting.serve.kv`). Greedy
+output does not depend on what else is in the batch, up to floating-point ties: padding is masked, positions
+are per row, and every row's adapter is applied to that row alone.
+
+``Engine.start()`` runs steps on a background thread; ``submit`` is thread-safe and returns a handle whose
+events stream the output (text deltas), or ``handle.result()`` waits for all of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import GraftingError
+from .kv import BatchCache, cache_tensors, make_cache
+from .pool import AdapterError
+from .sampling import SamplingParams, make_generator, sample_token
+from .text import Detokenizer
+
+_IDS = itertools.count(1)
+
+
+class QueueFull(GraftingError):
+    """More requests are waiting than the engine accepts (HTTP 429)."""
+
+
+class EngineStopped(GraftingError):
+    pass
+
+
+@dataclass
+class Output:
+    """One event of a request: new text and token ids; ``finish_reason`` set on the last one ("stop",
+    "length", "cancelled", "timeout" or "error", with ``error`` saying why)."""
+
+    request_id: str
+    text: str
+    token_ids: list
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list
+    finish_reason: str
+    prompt_tokens: int
+    error: str | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class Request:
+    prompt_ids: list
+    params: SamplingParams
+    adapter: str | None
+    id: str = field(default_factory=lambda: f"req-{next(_IDS)}")
+    deadline: float | None = None
+    on_event: object = None  # callable(Output); default: the handle's queue
+    # engine state
+    internal: str | None = None  # the adapter's name inside the model
+    output_ids: list = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    cancelled: bool = False
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    generator: object = None
+    detok: object = None
+    last_token: int | None = None
+
+
+class RequestHandle:
+    def __init__(self, engine: "Engine", request: Request):
+        self.engine, self.request = engine, request
+        self.events: queue.Queue = queue.Queue()
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    def cancel(self) -> None:
+        """Stop generating (a client went away); the row leaves the batch at the next step."""
+        self.request.cancelled = True
+        self.engine._wake()
+
+    def __iter__(self):
+        while True:
+            event = self.events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> Completion:
+        text, ids, deadline = [], [], None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                event = self.events.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                self.cancel()
+                raise TimeoutError(f"request {self.id} did not finish within {timeout} s") from None
+            text.append(event.text)
+            ids.extend(event.token_ids)
+            if event.finish_reason is not None:
+                return Completion(self.id, "".join(text), ids, event.finish_reason, len(self.request.prompt_ids),
+                                  event.error)
+
+
+class Engine:
+    """Continuous batching over ``model`` (an :class:`~grafting.AdaptedModel` around a transformers causal LM).
+
+    ``pool``: an :class:`~grafting.serve.AdapterPool` resolving adapter names (without one, names are the
+    model's own adapters). ``max_batch``: running rows at most; ``max_queue``: waiting requests at most
+    (more raise :class:`QueueFull`); ``max_prefill_tokens``: prompt tokens prefilled in one step at most (one
+    long prompt still goes alone); ``max_model_len``: prompt + output tokens at most (default: the model's
+    context size)."""
+
+    def __init__(self, model, tokenizer=None, pool=None, max_batch: int = 32, max_queue: int = 1024,
+                 max_prefill_tokens: int = 4096, max_model_len: int | None = None, eos_token_ids=None):
+        self.model, self.tokenizer, self.pool = model, tokenizer, pool
+        self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
+        config = getattr(model, "config", None)
+        self.max_model_len = max_model_len or _context_size(config)
+        self.eos_token_ids = set(_eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
+        self.pad_token_id = _pad_id(tokenizer, config)
+        self.waiting: deque = deque()
+        self.running: list = []
+        self.cache = BatchCache()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._accepting = True
+        self.device = next(model.parameters()).device
+        forward = getattr(getattr(model, "base_model", model), "forward", None)
+        accepted = inspect.signature(forward).parameters if forward is not None else {}
+        self._keep_last = "logits_to_keep" in accepted
+        self._cache_kw = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.2x
+        self.stats = {"requests": 0, "finished": 0, "errors": 0, "generated_tokens": 0, "prompt_tokens": 0,
+                      "steps": 0, "batch_rows": 0}
+        self.on_finish = None  # callable(Request), e.g. metrics
+        if pool is not None:
+            pool.on_change = self._wake
+
+    # ---- submitting (any thread) ------------------------------------------------------------------------------
+    def submit(self, prompt, params: SamplingParams | None = None, adapter: str | None = None,
+               timeout: float | None = None, on_event=None, request_id: str | None = None) -> RequestHandle:
+        """Queue one request: ``prompt`` a string (needs a tokenizer) or token ids; ``adapter`` a pool (or
+        model) adapter name, None for the base model."""
+        params = (params or SamplingParams()).validate()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise GraftingError("a text prompt needs the engine's tokenizer; pass token ids instead")
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        if not prompt_ids:
+            raise GraftingError("prompt: expected at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise GraftingError(f"prompt: {len(prompt_ids)} tokens, but this model's context is "
+                                f"{self.max_model_len} tokens (prompt plus output)")
+        self._check_adapter(adapter)
+        request = Request(prompt_ids, params, adapter,
+                          deadline=None if timeout is None else time.monotonic() + timeout)
+        if request_id is not None:
+            request.id = request_id
+        handle = RequestHandle(self, request)
+        request.on_event = on_event or handle.events.put
+        request.generator = make_generator(params)
+        request.detok = Detokenizer(self.tokenizer, params.stop)
+        with self._lock:
+            if not self._accepting:
+                raise EngineStopped("the engine is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue}); retry later")
+            self.waiting.append(request)
+            self.stats["requests"] += 1
+            self._lock.notify_all()
+        return handle
+
+    def _check_adapter(self, adapter) -> None:
+        if adapter is None:
+            return
+        if self.pool is not None:
+            if adapter not in self.pool:
+                raise AdapterError(f"no adapter named '{adapter}'")
+        elif adapter not in self.model.peft_config:
+            raise AdapterError(f"no adapter named '{adapter}'; loaded: {self.model.adapter_names()}")
+
+    def generate(self, prompts, params: SamplingParams | None = None, adapters=None) -> list[Completion]:
+        """Submit every prompt (``adapters``: one name or None per prompt) and run steps until all are done;
+        on the calling thread unless the engine runs its own."""
+        adapters = [None] * len(prompts) if adapters is None else list(adapters)
+        handles = [self.submit(p, params, a) for p, a in zip(prompts, adapters)]
+        if self._thread is None:
+            while any(h.request.finish_reason is None for h in handles):
+                self.step()
+        return [h.result() for h in handles]
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="grafting-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting requests; with ``drain`` finish the ones in flight first, else cancel them."""
+        with self._lock:
+            self._accepting = False
+            if not drain:
+                for r in list(self.waiting) + self.running:
+                    r.cancelled = True
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self.pool is not None:
+            self.pool.close()
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._has_work() and not self._stopping:
+                    self._lock.wait(timeout=0.5)
+                if self._stopping and not self.waiting and not self.running:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # never leave clients hanging: fail what is in flight, keep serving
+                self._fail_all(f"internal error: {type(e).__name__}: {e}")
+
+    def _has_work(self) -> bool:
+        return bool(self.running) or any(
+            r.cancelled or self.pool is None or r.adapter is None or not self.pool.pending(r.adapter)
+            for r in self.waiting) or bool(self.pool and self.pool._ready)
+
+    def step(self) -> None:
+        """One scheduling iteration: admit and prefill waiting requests, then one decode step for all rows."""
+        if self.pool is not None:
+            self.pool.poll()
+        self._retire()
+        new = self._admit()
+        with torch.inference_mode():
+            if new:
+                self._prefill(new)
+                self._retire()
+            if self.running:
+                self._decode()
+        self.stats["steps"] += 1
+        self.stats["batch_rows"] += len(self.running)
+        self._retire()
+
+    # ---- scheduling -------------------------------------------------------------------------------------------
+    def _admit(self) -> list:
+        new, budget = [], self.max_prefill_tokens
+        now = time.monotonic()
+        with self._lock:
+            candidates = list(self.waiting)
+        for request in candidates:
+            if request.cancelled or (request.deadline is not None and now > request.deadline):
+                self._remove_waiting(request)
+                self._finish(request, "cancelled" if request.cancelled else "timeout",
+                             None if request.cancelled else "the request timed out while waiting")
+                continue
+            if len(self.running) + len(new) >= self.max_batch:
+                break
+            if new and len(request.prompt_ids) > budget:
+                break
+            if request.adapter is not None:
+                if self.pool is None:
+                    request.internal = request.adapter
+                else:
+                    try:
+                        request.internal = self.pool.acquire(request.adapter)
+                    except AdapterError as e:
+                        self._remove_waiting(request)
+                        self._finish(request, "error", str(e))
+                        continue
+                    if request.internal is None:
+                        continue  # being read: later requests may go ahead meanwhile
+            self._remove_waiting(request)
+            new.append(request)
+            budget -= len(request.prompt_ids)
+        return new
+
+    def _remove_waiting(self, request) -> None:
+        with self._lock:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+
+    def _retire(self) -> None:
+        """Drop finished, cancelled and timed-out rows from the batch and the cache."""
+        now = time.monotonic()
+        keep = []
+        for i, r in enumerate(self.running):
+            if r.finish_reason is None and r.cancelled:
+                self._finish(r, "cancelled")
+            elif r.finish_reason is None and r.deadline is not None and now > r.deadline:
+                self._finish(r, "timeout", "the request timed out")
+            if r.finish_reason is None:
+                keep.append(i)
+        if len(keep) != len(self.running):
+            self.running = [self.running[i] for i in keep]
+            self.cache.keep(torch.tensor(keep, dtype=torch.long, device=self.device))
+
+    def _fail_all(self, why: str) -> None:
+        for r in self.running:
+            if r.finish_reason is None:
+                self._finish(r, "error", why)
+        self.running, self.cache = [], BatchCache()
+
+    # ---- model calls ------------------------------------------------------------------------------------------
+    def _forward(self, input_ids, mask, positions, kv, names):
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        if kv is not None:
+            kwargs[self._cache_kw] = make_cache(kv)
+        if self._keep_last:
+            kwargs["logits_to_keep"] = 1
+        if hasattr(self.model, "peft_config"):
+            kwargs["adapter_names"] = names
+        out = self.model(**kwargs)
+        cache = out.get("cache") if "cache" in out else out.past_key_values
+        return out.logits[:, -1, :].float().cpu(), cache_tensors(cache)
+
+    def _prefill(self, new: list) -> None:
+        width = max(len(r.prompt_ids) for r in new)
+        ids = torch.full((len(new), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(new), width, dtype=torch.long)
+        for i, r in enumerate(new):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits, kv = self._forward(ids, mask, positions, None, [r.internal for r in new])
+        # padding columns hold whatever the pad token produced: zero them so no later step can read NaN there
+        keep = mask[:, None, :, None].to(kv[0][0].dtype)
+        kv = [(k * keep, v * keep) for k, v in kv]
+        self.cache.join(kv, mask)
+        self.running.extend(new)
+        for r in new:
+            self.stats["prompt_tokens"] += len(r.prompt_ids)
+        for i, r in enumerate(new):
+            self._emit(r, sample_token(logits[i], r.params, r.generator))
+
+    def _decode(self) -> None:
+        rows = self.running
+        ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self.device)
+        positions = self.cache.mask.sum(1, keepdim=True)
+        mask = torch.cat([self.cache.mask, self.cache.mask.new_ones(len(rows), 1)], dim=1)
+        logits, kv = self._forward(ids, mask, positions, self.cache.kv, [r.internal for r in rows])
+        self.cache.append_step(kv)
+        for i, r in enumerate(rows):
+            if r.finish_reason is None:
+                self._emit(r, sample_token(logits[i], r.params, r.generator))
+
+    # ---- outputs ----------------------------------------------------------------------------------------------
+    def _emit(self, r: Request, token: int) -> None:
+        if r.first_token_at is None:
+            r.first_token_at = time.monotonic()
+        self.stats["generated_tokens"] += 1
+        if token in self.eos_token_ids and not r.params.ignore_eos:
+            self._finish(r, "stop", text=r.detok.flush())
+            return
+        r.output_ids.append(token)
+        r.last_token = token
+        text, stopped = r.detok.add(token)
+        total = len(r.prompt_ids) + len(r.output_ids)
+        if stopped:
+            self._finish(r, "stop", text=text, token_ids=[token])
+        elif len(r.output_ids) >= r.params.max_tokens or total >= self.max_model_len:
+            self._finish(r, "length", text=text + r.detok.flush(), token_ids=[token])
+        else:
+            r.on_event(Output(r.id, text, [token]))
+
+    def _finish(self, r: Request, reason: str, error: str | None = None, text: str = "", token_ids=()) -> None:
+        if r.finish_reason is not None:
+            return
+        r.finish_reason, r.error, r.finished_at = reason, error, time.monotonic()
+        if r.internal is not None and self.pool is not None:
+            self.pool.release(r.internal)
+        self.stats["finished"] += 1
+        self.stats["errors"] += reason == "error"
+        r.on_event(Output(r.id, text, list(token_ids), reason, error))
+        if self.on_finish is not None:
+            self.on_finish(r)
+
+
+def _context_size(config) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _eos_ids(model, tokenizer) -> list:
+    ids = []
+    gen = getattr(getattr(model, "base_model", model), "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.append(source)
+        elif isinstance(source, (list, tuple)):
+            ids.extend(int(s) for s in source)
+    return ids
+
+
+def _pad_id(tokenizer, config) -> int:
+    for value in (getattr(tokenizer, "pad_token_id", None), getattr(config, "pad_token_id", None),
+                  getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            return value
+    return 0

@@ -1,0 +1,255 @@
+"""The adapter pool: many registered adapters, a few resident in the model's mixed-batch store.
+
+S-LoRA (arXiv:2311.03285, section 4) keeps every adapter in host memory and pages the ones the running batch
+needs onto the device. Here adapters are *registered* by name and directory (PEFT format; any number, only
+the config is read), *resident* ones are installed in the :class:`~grafting.AdaptedModel` (so the mixed-batch
+path serves them), at most ``max_loras`` of them and at most ``max_bytes`` of tensors, and the least recently
+used one that no running request holds is evicted when room is needed. Files are read and validated on a
+loader thread, so a load never stalls the decode loop: the engine installs what has been read between steps
+(:meth:`AdapterPool.poll`).
+
+Resident adapters are keyed by **content hash** (config + tensors, :func:`grafting.hashing.adapter_hash`),
+not by name: re-registering a name (a new directory, or new files in the old one) makes its next request read
+the files again, and two names with the same content share one resident copy. Requests already running keep
+the weights they started with.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import GraftingError
+from ..hashing import adapter_hash
+from ..io.peft_format import install_adapter
+from ..io.reader import AdapterReader, read_config
+
+
+class AdapterError(GraftingError):
+    """An adapter request that cannot be served (unknown name, over the rank limit, unreadable files)."""
+
+
+class AdapterNotFound(AdapterError):
+    pass
+
+
+@dataclass
+class _Registered:
+    name: str
+    path: Path
+    rank: int
+    generation: int
+    digest: str | None = None  # content hash once read; None until then (and after re-registration)
+    loading: Future | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Resident:
+    internal: str  # the adapter's name inside the model
+    nbytes: int
+    pins: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+def adapter_rank(config) -> int:
+    """The largest rank an adapter config gives any layer (``r`` and ``rank_pattern``)."""
+    ranks = [getattr(config, "r", 0) or 0]
+    ranks += list((getattr(config, "rank_pattern", None) or {}).values())
+    return int(max(ranks))
+
+
+class AdapterPool:
+    """Registered adapters by name; the resident ones inside ``model`` (an AdaptedModel).
+
+    ``max_loras``: resident adapters at most (so also distinct adapters in one batch); ``max_bytes``: their
+    tensors' bytes at most (None: no limit); ``max_rank``: registering an adapter with a larger rank is refused
+    (None: any rank)."""
+
+    def __init__(self, model, max_loras: int = 8, max_bytes: int | None = None, max_rank: int | None = None,
+                 loader_threads: int = 1):
+        if max_loras < 1:
+            raise GraftingError(f"max_loras: expected >= 1, got {max_loras}")
+        self.model = model
+        self.max_loras, self.max_bytes, self.max_rank = max_loras, max_bytes, max_rank
+        self._registered: dict[str, _Registered] = {}
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # digest -> resident, LRU first
+        self._ready: list = []  # (entry, generation, digest, config, tensors) read, waiting for room
+        self._lock = threading.Lock()
+        self._loader = ThreadPoolExecutor(loader_threads, thread_name_prefix="grafting-adapter-loader")
+        self._generation = 0
+        self.stats = {"loads": 0, "evictions": 0, "load_errors": 0}
+        self.on_change = None  # called (no arguments) from the loader thread when a read finished
+
+    # ---- registration (any thread) ----------------------------------------------------------------------------
+    def register(self, name: str, path) -> None:
+        """Register (or re-register) adapter ``name`` from directory ``path``; only its config is read now."""
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise AdapterError(f"adapter name {name!r}: expected a non-empty string of at most 256 characters")
+        path = Path(path)
+        config = read_config(path)
+        rank = adapter_rank(config)
+        if self.max_rank is not None and rank > self.max_rank:
+            raise AdapterError(f"{path}: adapter '{name}' has rank {rank}, above this server's maximum "
+                               f"{self.max_rank} (raise --max-lora-rank)")
+        with self._lock:
+            self._generation += 1
+            self._registered[name] = _Registered(name, path, rank, self._generation)
+
+    def unregister(self, name: str) -> None:
+        """Forget ``name``; its resident copy is evicted once no running request holds it."""
+        with self._lock:
+            if self._registered.pop(name, None) is None:
+                raise AdapterNotFound(f"no adapter named '{name}'")
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._registered)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._registered
+
+    def path(self, name: str) -> Path:
+        return self._registered[name].path
+
+    @property
+    def resident(self) -> list[str]:
+        """Content hashes of the resident adapters, least recently used first."""
+        with self._lock:
+            return list(self._resident)
+
+    # ---- the engine's side (its thread) -----------------------------------------------------------------------
+    def acquire(self, name: str) -> str | None:
+        """The model-side name of adapter ``name`` if resident (pinned until :meth:`release`); otherwise start
+        reading it and return None (ask again after :meth:`poll`). Raises AdapterError if it cannot load."""
+        with self._lock:
+            entry = self._registered.get(name)
+            if entry is None:
+                raise AdapterNotFound(f"no adapter named '{name}'")
+            if entry.error is not None:
+                raise AdapterError(entry.error)
+            if entry.digest is not None and entry.digest in self._resident:
+                res = self._resident[entry.digest]
+                res.pins += 1
+                res.last_used = time.monotonic()
+                self._resident.move_to_end(entry.digest)
+                return res.internal
+            if entry.loading is None:
+                entry.loading = self._loader.submit(self._read, entry, entry.generation)
+            return None
+
+    def release(self, internal: str) -> None:
+        with self._lock:
+            for res in self._resident.values():
+                if res.internal == internal:
+                    res.pins -= 1
+                    return
+
+    def _read(self, entry: _Registered, generation: int):
+        try:
+            reader = AdapterReader(entry.path)
+            tensors = reader.read_all()
+            digest = adapter_hash(reader.config, tensors)
+            result = (entry, generation, digest, reader.config, tensors, None)
+        except Exception as e:  # reported to the requests that asked for it
+            result = (entry, generation, None, None, None, str(e) if isinstance(e, GraftingError) else
+                      f"{entry.path}: cannot read adapter '{entry.name}' ({type(e).__name__}: {e})")
+        with self._lock:
+            self._ready.append(result)
+        if self.on_change is not None:
+            self.on_change()
+
+    def poll(self) -> bool:
+        """Install adapters read since the last call, evicting unpinned LRU ones to make room. Call between
+        steps on the thread that runs the model. Returns whether anything changed."""
+        changed = False
+        with self._lock:
+            ready, self._ready = self._ready, []
+        waiting = []
+        for item in ready:
+            entry, generation, digest, config, tensors, error = item
+            with self._lock:
+                current = self._registered.get(entry.name) is entry and entry.generation == generation
+                entry.loading = None
+                if not current:
+                    continue  # re-registered or unregistered while reading: the new registration reads anew
+                if error is not None:
+                    entry.error = error
+                    self.stats["load_errors"] += 1
+                    changed = True
+                    continue
+                if digest in self._resident:  # same content under another name, or read twice
+                    entry.digest = digest
+                    changed = True
+                    continue
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            if not self._make_room(nbytes):
+                waiting.append(item)
+                with self._lock:
+                    entry.loading = _DONE
+                continue
+            internal = "pool-" + digest[:24]
+            try:
+                install_adapter(self.model, internal, config, tensors, entry.path)
+            except Exception as e:
+                with self._lock:
+                    entry.error = str(e) if isinstance(e, GraftingError) else f"{entry.path}: {e}"
+                    self.stats["load_errors"] += 1
+                changed = True
+                continue
+            with self._lock:
+                self._resident[digest] = _Resident(internal, nbytes)
+                entry.digest = digest
+                self.stats["loads"] += 1
+            changed = True
+        with self._lock:
+            self._ready = waiting + self._ready
+        self._evict_unregistered()
+        return changed
+
+    def _make_room(self, nbytes: int) -> bool:
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            return False
+        while True:
+            with self._lock:
+                used = sum(r.nbytes for r in self._resident.values())
+                fits = len(self._resident) < self.max_loras and (self.max_bytes is None
+                                                                  or used + nbytes <= self.max_bytes)
+                if fits:
+                    return True
+                victim = next((d for d, r in self._resident.items() if r.pins <= 0), None)
+                if victim is None:
+                    return False
+            self._evict(victim)
+
+    def _evict(self, digest: str) -> None:
+        with self._lock:
+            res = self._resident.pop(digest)
+            for entry in self._registered.values():
+                if entry.digest == digest:
+                    entry.digest = None
+            self.stats["evictions"] += 1
+        self.model.delete_adapter(res.internal)
+
+    def _evict_unregistered(self) -> None:
+        """Resident copies that no registered name points at any more, once unpinned, go."""
+        with self._lock:
+            wanted = {e.digest for e in self._registered.values()}
+            stale = [d for d, r in self._resident.items() if d not in wanted and r.pins <= 0]
+        for d in stale:
+            self._evict(d)
+
+    def pending(self, name: str) -> bool:
+        """Whether adapter ``name`` is being read or waits for room."""
+        entry = self._registered.get(name)
+        return entry is not None and entry.loading is not None
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+_DONE = Future()  # marks "read, waiting for room" so acquire does not read the files again

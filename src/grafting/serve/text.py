@@ -1,0 +1,52 @@
+"""Streaming detokenization with stop strings.
+
+Text is released only once it is final: a trailing incomplete UTF-8 sequence (decoded as U+FFFD) and a
+trailing piece that could be the start of a stop string are held back, so the streamed deltas always add up
+to the non-streamed text, and a stop string never leaks out half-sent.
+"""
+
+from __future__ import annotations
+
+
+class Detokenizer:
+    def __init__(self, tokenizer, stop: list):
+        if stop and tokenizer is None:
+            from ..errors import GraftingError
+            raise GraftingError("stop strings need the engine's tokenizer")
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.ids: list = []
+        self.text = ""
+        self.sent = 0  # characters of self.text already released
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Add one token; returns (newly final text, whether a stop string ended the output)."""
+        if self.tokenizer is None:
+            return "", False
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stop:
+            start = max(self.sent - max(len(s) for s in self.stop), 0)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                return self._release(len(self.text)), True
+        end = len(self.text)
+        while end > self.sent and self.text[end - 1] == "\ufffd":
+            end -= 1
+        hold = 0
+        for s in self.stop:  # the longest tail that could still grow into a stop string
+            for k in range(min(len(s) - 1, end - self.sent), hold, -1):
+                if self.text[end - k:end] == s[:k]:
+                    hold = k
+                    break
+        return self._release(end - hold), False
+
+    def flush(self) -> str:
+        """Everything not yet released (the output ended)."""
+        return self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:end], end
+        return out

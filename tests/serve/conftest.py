@@ -1,0 +1,69 @@
+"""Tiny causal LMs (GPT-2 and Llama with grouped-query attention) built from configs, adapters saved in PEFT
+format, and a byte-level tokenizer, for the serving tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import grafting as gf
+
+
+def tiny_lm(arch: str, seed: int = 0, tie: bool = True):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=260, n_positions=96,
+                            bos_token_id=256, eos_token_id=256)
+        model = GPT2LMHeadModel(config)
+    else:
+        config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=260, max_position_embeddings=96,
+                             bos_token_id=256, eos_token_id=256, tie_word_embeddings=tie)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"]}
+
+
+def add_random_adapter(model, name: str, arch: str, r: int = 8, seed: int = 0, **kwargs):
+    model.add_adapter(name, gf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS[arch], **kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if f".{name}." in pname and "adapters" in pname:
+                if pname.endswith("lora_magnitude"):
+                    p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus <eos> (256) and <pad> (257)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda c: _byte_of(c))
+    vocab = {c: i for i, c in enumerate(byte_chars)}
+    vocab["<eos>"], vocab["<pad>"] = 256, 257
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def _byte_of(ch: str) -> int:
+    # GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to 256 + n in order
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    code = ord(ch)
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()

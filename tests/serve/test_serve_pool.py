@@ -1,0 +1,203 @@
+"""The adapter pool: registration without reading weights, LRU eviction within count and byte budgets, pinned
+adapters never evicted, content-hash keys (a same-name reload never serves stale weights), clear refusals."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import add_random_adapter, tiny_lm
+
+import grafting as gf
+from grafting.serve import AdapterError, AdapterPool, Engine, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    """Six gpt2 adapters on disk (ranks 4..32, one DoRA) and the expected greedy output of each."""
+    root = tmp_path_factory.mktemp("adapters")
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    dirs, expected = {}, {}
+    for i, r in enumerate([4, 8, 16, 32, 8, 4]):
+        name = f"ad{i}"
+        add_random_adapter(model, name, "gpt2", r=r, seed=10 + i, use_dora=(i == 2))
+        model.save_adapter(root / name, name=name)
+        dirs[name] = root / name
+    for name in dirs:
+        expected[name] = Engine(model).generate([[1, 2, 3]], GREEDY, [name])[0].token_ids
+    return dirs, expected
+
+
+def fresh_pool(**kwargs):
+    return AdapterPool(gf.AdaptedModel(tiny_lm("gpt2")), **kwargs)
+
+
+def settle(pool, name):
+    """Acquire ``name``, waiting for the loader thread; returns the model-side name (pinned)."""
+    for _ in range(500):
+        got = pool.acquire(name)
+        if got is not None:
+            return got
+        time.sleep(0.01)
+        pool.poll()
+    raise AssertionError(f"{name} never became resident")
+
+
+def test_lru_eviction_keeps_at_most_max_loras_and_spares_pinned(adapter_dirs):
+    dirs, _ = adapter_dirs
+    pool = fresh_pool(max_loras=2)
+    for name, d in dirs.items():
+        pool.register(name, d)
+    a0 = settle(pool, "ad0")
+    a1 = settle(pool, "ad1")
+    pool.release(a1)
+    pool.release(a0)
+    pool.release(settle(pool, "ad0"))  # ad0 used last: ad1 is now the least recently used
+    a2 = settle(pool, "ad2")
+    assert set(pool.model.adapter_names()) == {a0, a2} and pool.stats["evictions"] == 1
+    held = settle(pool, "ad0")  # pinned from here on
+    pool.release(a2)
+    settle(pool, "ad3")  # ad2 goes, although ad0 is older: ad0 is held by a request
+    assert held in pool.model.adapter_names() and len(pool.model.adapter_names()) == 2
+    assert pool.stats["evictions"] == 2
+    pool.close()
+
+
+def test_pinned_adapters_block_loads_until_released(adapter_dirs):
+    dirs, _ = adapter_dirs
+    pool = fresh_pool(max_loras=1)
+    pool.register("ad0", dirs["ad0"])
+    pool.register("ad1", dirs["ad1"])
+    held = settle(pool, "ad0")
+    assert pool.acquire("ad1") is None
+    time.sleep(0.2)
+    pool.poll()
+    assert pool.model.adapter_names() == [held] and pool.pending("ad1")  # read, waiting for room
+    pool.release(held)
+    pool.poll()
+    assert pool.acquire("ad1") is not None and held not in pool.model.adapter_names()
+    pool.close()
+
+
+def test_byte_budget(adapter_dirs):
+    dirs, _ = adapter_dirs
+    size = sum(t.numel() * t.element_size() for t in gf.io.peft_format.read_tensors(dirs["ad3"]).values())
+    pool = fresh_pool(max_loras=10, max_bytes=size + 10)
+    pool.register("ad3", dirs["ad3"])
+    pool.register("ad0", dirs["ad0"])
+    pool.release(settle(pool, "ad3"))
+    pool.release(settle(pool, "ad0"))  # does not fit next to the rank-32 one: it is evicted
+    assert len(pool.resident) == 1 and pool.stats["evictions"] == 1
+    pool.close()
+
+
+def test_same_name_reload_never_serves_stale_weights(adapter_dirs, tmp_path):
+    dirs, expected = adapter_dirs
+    import shutil
+    live = tmp_path / "live"
+    shutil.copytree(dirs["ad0"], live)
+    pool = fresh_pool(max_loras=4)
+    pool.register("mine", live)
+    engine = Engine(pool.model, pool=pool)
+
+    def run():
+        h = engine.submit([1, 2, 3], GREEDY, "mine")
+        for _ in range(200):
+            if h.request.finish_reason is not None:
+                break
+            engine.step()
+            time.sleep(0.005)
+        return h.result(timeout=1).token_ids
+
+    assert run() == expected["ad0"]
+    shutil.rmtree(live)
+    shutil.copytree(dirs["ad1"], live)  # new weights, same name, same directory
+    pool.register("mine", live)
+    assert run() == expected["ad1"]
+    assert pool.stats["loads"] == 2
+    pool.close()
+
+
+def test_two_names_with_the_same_content_share_one_resident_copy(adapter_dirs):
+    dirs, _ = adapter_dirs
+    pool = fresh_pool(max_loras=4)
+    pool.register("x", dirs["ad1"])
+    pool.register("y", dirs["ad1"])
+    a, b = settle(pool, "x"), settle(pool, "y")
+    assert a == b and len(pool.model.adapter_names()) == 1 and pool.stats["loads"] == 1
+    pool.close()
+
+
+def test_thousand_registered_adapters_serve_through_a_small_pool(adapter_dirs):
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=3)
+    names = [f"user-{i}" for i in range(1000)]
+    for i, name in enumerate(names):
+        pool.register(name, dirs[f"ad{i % 6}"])
+    assert len(pool.names()) == 1000 and pool.model.adapter_names() == []  # registering reads no weights
+    engine = Engine(pool.model, pool=pool, max_batch=8)
+    picks = [names[(37 * k) % 1000] for k in range(24)]
+    handles = [engine.submit([1, 2, 3], GREEDY, n) for n in picks]
+    for _ in range(2000):
+        if all(h.request.finish_reason is not None for h in handles):
+            break
+        engine.step()
+        time.sleep(0.002)
+        assert len(pool.model.adapter_names()) <= 3
+    for n, h in zip(picks, handles):
+        out = h.result(timeout=1)
+        assert out.finish_reason == "length", out.error
+        assert out.token_ids == expected[f"ad{int(n.split('-')[1]) % 6}"]
+    assert pool.stats["evictions"] > 0
+    pool.close()
+
+
+def test_refusals_say_why(adapter_dirs, tmp_path):
+    dirs, _ = adapter_dirs
+    pool = fresh_pool(max_rank=16)
+    with pytest.raises(AdapterError, match="rank 32, above this server's maximum 16"):
+        pool.register("big", dirs["ad3"])
+    with pytest.raises(gf.GraftingError, match="not an adapter directory"):
+        pool.register("nowhere", tmp_path / "missing")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(json.dumps(json.loads((dirs["ad0"] / "adapter_config.json")
+                                                                      .read_text())))
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 12)
+    pool.register("broken", broken)
+    assert pool.acquire("broken") is None
+    for _ in range(100):
+        time.sleep(0.01)
+        pool.poll()
+        if not pool.pending("broken"):
+            break
+    with pytest.raises(AdapterError, match="adapter_model.safetensors"):
+        pool.acquire("broken")
+    with pytest.raises(AdapterError, match="no adapter named 'ghost'"):
+        pool.acquire("ghost")
+    pool.close()
+
+
+def test_engine_fails_only_the_request_whose_adapter_cannot_load(adapter_dirs, tmp_path):
+    dirs, expected = adapter_dirs
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((dirs["ad0"] / "adapter_config.json").read_text())
+    (broken / "adapter_model.safetensors").write_bytes(b"garbage")
+    pool = fresh_pool(max_loras=2)
+    pool.register("good", dirs["ad0"])
+    pool.register("bad", broken)
+    engine = Engine(pool.model, pool=pool)
+    good, bad = engine.submit([1, 2, 3], GREEDY, "good"), engine.submit([1, 2, 3], GREEDY, "bad")
+    for _ in range(500):
+        if good.request.finish_reason and bad.request.finish_reason:
+            break
+        engine.step()
+        time.sleep(0.005)
+    assert good.result().token_ids == expected["ad0"]
+    out = bad.result()
+    assert out.finish_reason == "error" and "safetensors" in out.error
+    pool.close()
