@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_extract(sub)
     from .compress import register as register_compress
     register_compress(sub)
+    from .serve import register as register_serve
+    register_serve(sub)
     return parser
 
 

@@ -22,22 +22,20 @@ events stream the output (text deltas), or ``handle.result()`` waits for all of 
 from __future__ import annotations
 
 import inspect
-import itertools
-import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import GraftingError
 from .kv import BatchCache, cache_tensors, make_cache
 from .pool import AdapterError
+from .request import Completion, Output, Request, RequestHandle
 from .sampling import SamplingParams, make_generator, sample_token
 from .text import Detokenizer
 
-_IDS = itertools.count(1)
+__all__ = ["Completion", "Engine", "EngineStopped", "Output", "QueueFull", "Request", "RequestHandle"]
 
 
 class QueueFull(GraftingError):
@@ -46,90 +44,6 @@ class QueueFull(GraftingError):
 
 class EngineStopped(GraftingError):
     pass
-
-
-@dataclass
-class Output:
-    """One event of a request: new text and token ids; ``finish_reason`` set on the last one ("stop",
-    "length", "cancelled", "timeout" or "error", with ``error`` saying why)."""
-
-    request_id: str
-    text: str
-    token_ids: list
-    finish_reason: str | None = None
-    error: str | None = None
-
-
-@dataclass
-class Completion:
-    request_id: str
-    text: str
-    token_ids: list
-    finish_reason: str
-    prompt_tokens: int
-    error: str | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass
-class Request:
-    prompt_ids: list
-    params: SamplingParams
-    adapter: str | None
-    id: str = field(default_factory=lambda: f"req-{next(_IDS)}")
-    deadline: float | None = None
-    on_event: object = None  # callable(Output); default: the handle's queue
-    # engine state
-    internal: str | None = None  # the adapter's name inside the model
-    output_ids: list = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-    cancelled: bool = False
-    created: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    generator: object = None
-    detok: object = None
-    last_token: int | None = None
-
-
-class RequestHandle:
-    def __init__(self, engine: "Engine", request: Request):
-        self.engine, self.request = engine, request
-        self.events: queue.Queue = queue.Queue()
-
-    @property
-    def id(self) -> str:
-        return self.request.id
-
-    def cancel(self) -> None:
-        """Stop generating (a client went away); the row leaves the batch at the next step."""
-        self.request.cancelled = True
-        self.engine._wake()
-
-    def __iter__(self):
-        while True:
-            event = self.events.get()
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    def result(self, timeout: float | None = None) -> Completion:
-        text, ids, deadline = [], [], None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                event = self.events.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                self.cancel()
-                raise TimeoutError(f"request {self.id} did not finish within {timeout} s") from None
-            text.append(event.text)
-            ids.extend(event.token_ids)
-            if event.finish_reason is not None:
-                return Completion(self.id, "".join(text), ids, event.finish_reason, len(self.request.prompt_ids),
-                                  event.error)
 
 
 class Engine:
@@ -305,7 +219,7 @@ class Engine:
                         request.internal = self.pool.acquire(request.adapter)
                     except AdapterError as e:
                         self._remove_waiting(request)
-                        self._finish(request, "error", str(e))
+                        self._finish(request, "error", str(e), status=400)
                         continue
                     if request.internal is None:
                         continue  # being read: later requests may go ahead meanwhile
@@ -405,15 +319,18 @@ class Engine:
         else:
             r.on_event(Output(r.id, text, [token]))
 
-    def _finish(self, r: Request, reason: str, error: str | None = None, text: str = "", token_ids=()) -> None:
+    def _finish(self, r: Request, reason: str, error: str | None = None, text: str = "", token_ids=(),
+                status: int | None = None) -> None:
         if r.finish_reason is not None:
             return
+        if status is None and reason in ("timeout", "error"):
+            status = 504 if reason == "timeout" else 500
         r.finish_reason, r.error, r.finished_at = reason, error, time.monotonic()
         if r.internal is not None and self.pool is not None:
             self.pool.release(r.internal)
         self.stats["finished"] += 1
         self.stats["errors"] += reason == "error"
-        r.on_event(Output(r.id, text, list(token_ids), reason, error))
+        r.on_event(Output(r.id, text, list(token_ids), reason, error, status))
         if self.on_finish is not None:
             self.on_finish(r)
 

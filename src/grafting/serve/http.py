@@ -1,0 +1,338 @@
+"""The OpenAI-compatible HTTP server (FastAPI): completions and chat completions with server-sent-event
+streaming, the model list, vLLM's adapter load/unload endpoints, /health and Prometheus /metrics.
+
+``model`` in a request names the base (``served_model_name``) or a registered adapter. Errors are OpenAI
+error objects: unknown model 404, invalid parameters or JSON 400, queue full 429, timeout 504, bad or missing
+API key 401 (everything under /v1 when an API key is set; /health and /metrics stay open). A client that
+disconnects cancels its request. Requires the ``serve`` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import GraftingError
+from ..io.reader import CONFIG_NAME, WEIGHTS_NAME
+from .engine import EngineStopped, QueueFull
+from .metrics import ServerMetrics
+from .pool import AdapterError, AdapterNotFound
+from .protocol import (ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, chat_chunk,
+                       chat_response, completion_chunk, completion_response, error_body, new_id, usage)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, _KINDS.get(status, "server_error"), status, param), status_code=status)
+
+
+def inside_root(root: Path, path: str) -> Path:
+    """``path`` (relative to ``root`` unless absolute) resolved, if it and the files read from it stay inside
+    ``root`` after following symlinks; APIError 400 otherwise."""
+    p = Path(path)
+    if ".." in p.parts:
+        raise APIError(400, "lora_path may not contain '..'", param="lora_path")
+    real_root = root.resolve()
+    real = (p if p.is_absolute() else root / p).resolve()
+    for target in (real, (real / CONFIG_NAME).resolve(), (real / WEIGHTS_NAME).resolve()):
+        if target != real_root and real_root not in target.parents:
+            raise APIError(400, f"lora_path '{path}' is outside the adapter root", param="lora_path")
+    return real
+
+
+def create_app(engine, served_model_name: str, api_key: str | None = None, adapter_root=None,
+               request_timeout: float | None = None, model_path: str | None = None,
+               chat_template: str | None = None) -> FastAPI:
+    """A FastAPI app over a started-on-startup ``engine`` (with a tokenizer and an AdapterPool)."""
+    pool, tokenizer = engine.pool, engine.tokenizer
+    root = Path(adapter_root) if adapter_root is not None else None
+    metrics = ServerMetrics(engine)
+    engine.on_finish = metrics.observe
+    state = {"closing": False}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        state["closing"] = True  # uvicorn has finished the open requests by now
+        await asyncio.to_thread(engine.stop, True, 60)
+
+    app = FastAPI(title="grafting", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return _error(exc.status, exc.message, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors()[:5]:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{loc or 'body'}: {err.get('msg')}")
+        return _error(400, "invalid request: " + "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def authorized(request: Request):
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(token.encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')")
+
+    v1 = [Depends(authorized)]
+
+    # ---- open endpoints ---------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if state["closing"]:
+            return _error(503, "shutting down")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # ---- models and adapters ----------------------------------------------------------------------------------
+    @app.get("/v1/models", dependencies=v1)
+    async def models():
+        data = [{"id": served_model_name, "object": "model", "created": 0, "owned_by": "grafting",
+                 "root": model_path or served_model_name, "parent": None, "max_model_len": engine.max_model_len}]
+        for name in pool.names():
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "grafting",
+                         "root": str(pool.path(name)), "parent": served_model_name})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/load_lora_adapter", dependencies=v1)
+    async def load_lora_adapter(body: LoadAdapterRequest):
+        if body.lora_name == served_model_name:
+            raise APIError(400, f"'{body.lora_name}' is the base model's name", param="lora_name")
+        path = inside_root(root, body.lora_path) if root is not None else Path(body.lora_path)
+        try:
+            await asyncio.to_thread(pool.register, body.lora_name, path)
+        except GraftingError as e:
+            raise APIError(400, str(e), param="lora_path") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=v1)
+    async def unload_lora_adapter(body: UnloadAdapterRequest):
+        try:
+            pool.unregister(body.lora_name)
+        except AdapterNotFound:
+            raise APIError(404, f"The model `{body.lora_name}` does not exist.", param="lora_name") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def adapter_for(model: str):
+        if model == served_model_name:
+            return None
+        if model in pool:
+            return model
+        raise APIError(404, f"The model `{model}` does not exist.", param="model")
+
+    def check(body) -> None:
+        field = body.unsupported()
+        if field is not None:
+            raise APIError(400, f"'{field}' is not supported by this server", param=field)
+
+    def submit(prompt, params, adapter, on_event):
+        try:
+            return engine.submit(prompt, params, adapter, timeout=request_timeout, on_event=on_event)
+        except QueueFull as e:
+            raise APIError(429, str(e)) from None
+        except EngineStopped as e:
+            raise APIError(503, str(e)) from None
+        except AdapterNotFound as e:
+            raise APIError(404, str(e), param="model") from None
+        except (AdapterError, GraftingError) as e:
+            raise APIError(400, str(e)) from None
+
+    def start(prompts, params_list, adapter, http_request):
+        """Submit every (prompt, params); returns handles and an async iterator of (index, event)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        handles = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+                handles.append(submit(prompt, params, adapter,
+                                      lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
+        except APIError:
+            for h in handles:
+                h.cancel()
+            raise
+
+        async def stream():
+            open_ = len(handles)
+            try:
+                while open_:
+                    try:
+                        i, ev = await asyncio.wait_for(events.get(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        if await http_request.is_disconnected():
+                            return
+                        continue
+                    if ev.finish_reason is not None:
+                        open_ -= 1
+                    yield i, ev
+            finally:  # the client went away (or the response is done): stop whatever still runs
+                for h in handles:
+                    if h.request.finish_reason is None:
+                        h.cancel()
+
+        return handles, stream()
+
+    def expand(body, prompts, default_max_tokens):
+        """One entry per choice: n choices per prompt, seeds offset per choice so they differ."""
+        out_prompts, params = [], []
+        for prompt in prompts:
+            for j in range(body.n):
+                p = body.sampling(default_max_tokens(prompt))
+                if p.seed is not None:
+                    p.seed += j
+                out_prompts.append(prompt)
+                params.append(p)
+        return out_prompts, params
+
+    def failed(ev):
+        if ev.finish_reason in ("error", "timeout"):
+            return APIError(ev.status or 500, ev.error or ev.finish_reason,
+                            kind="timeout" if ev.finish_reason == "timeout" else "server_error")
+        return None
+
+    def tokens_of(prompt) -> int:
+        return len(prompt) if isinstance(prompt, list) else len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(body: CompletionRequest, http_request: Request):
+        check(body)
+        adapter = adapter_for(body.model)
+        prompts, params = expand(body, body.prompts(), lambda p: 16)
+        handles, events = start(prompts, params, adapter, http_request)
+        rid, model = new_id("cmpl"), body.model
+        prompt_tokens = sum(len(h.request.prompt_ids) for h in handles)
+        echo = [(p if isinstance(p, str) else tokenizer.decode(p)) if body.echo else "" for p in prompts]
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def sse():
+                generated = 0
+                for i, prefix in enumerate(echo):
+                    if prefix:
+                        yield _sse(completion_chunk(rid, model, i, prefix, None))
+                async for i, ev in events:
+                    generated += len(ev.token_ids)
+                    err = failed(ev)
+                    if err is not None:
+                        yield _sse(error_body(err.message, err.kind, err.status))
+                        continue
+                    if ev.text or ev.finish_reason:
+                        yield _sse(completion_chunk(rid, model, i, ev.text, _finish(ev)))
+                if include_usage:
+                    yield _sse({**completion_chunk(rid, model, 0, "", None), "choices": [],
+                                "usage": usage(prompt_tokens, generated)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        texts, finish, generated = [""] * len(handles), [None] * len(handles), 0
+        async for i, ev in events:
+            err = failed(ev)
+            if err is not None:
+                raise err
+            texts[i] += ev.text
+            generated += len(ev.token_ids)
+            finish[i] = _finish(ev) or finish[i]
+        if any(f is None for f in finish):
+            raise APIError(499, "the client closed the request")
+        choices = [{"index": i, "text": echo[i] + t, "logprobs": None, "finish_reason": finish[i]}
+                   for i, t in enumerate(texts)]
+        return completion_response(rid, model, choices, prompt_tokens, generated)
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat(body: ChatRequest, http_request: Request):
+        check(body)
+        adapter = adapter_for(body.model)
+        template = chat_template or getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise APIError(400, "this model has no chat template; use /v1/completions")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                   tokenize=False)
+        except Exception as e:  # a template that rejects these roles raises its own error text
+            raise APIError(400, f"messages: the chat template rejected them ({e})", param="messages") from None
+        if body.max_completion_tokens is not None and body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
+        room = max(engine.max_model_len - tokens_of(prompt), 1)
+        prompts, params = expand(body, [prompt], lambda p: room)
+        handles, events = start(prompts, params, adapter, http_request)
+        rid, model = new_id("chatcmpl"), body.model
+        prompt_tokens = len(handles[0].request.prompt_ids)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def sse():
+                generated = 0
+                for i in range(len(handles)):
+                    yield _sse(chat_chunk(rid, model, i, {"role": "assistant", "content": ""}, None))
+                async for i, ev in events:
+                    generated += len(ev.token_ids)
+                    err = failed(ev)
+                    if err is not None:
+                        yield _sse(error_body(err.message, err.kind, err.status))
+                        continue
+                    if ev.text or ev.finish_reason:
+                        yield _sse(chat_chunk(rid, model, i, {"content": ev.text} if ev.text else {},
+                                              _finish(ev)))
+                if include_usage:
+                    yield _sse({**chat_chunk(rid, model, 0, {}, None), "choices": [],
+                                "usage": usage(prompt_tokens * len(handles), generated)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        texts, finish, generated = [""] * len(handles), [None] * len(handles), 0
+        async for i, ev in events:
+            err = failed(ev)
+            if err is not None:
+                raise err
+            texts[i] += ev.text
+            generated += len(ev.token_ids)
+            finish[i] = _finish(ev) or finish[i]
+        if any(f is None for f in finish):
+            raise APIError(499, "the client closed the request")
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                    "finish_reason": finish[i]} for i, t in enumerate(texts)]
+        return chat_response(rid, model, choices, prompt_tokens * len(handles), generated)
+
+    return app
+
+
+def _finish(ev) -> str | None:
+    return ev.finish_reason if ev.finish_reason in ("stop", "length") else None
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"

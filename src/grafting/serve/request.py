@@ -1,0 +1,99 @@
+"""A generation request, its handle (stream of events, cancel, result) and what it produces."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from dataclasses import dataclass, field
+
+from .sampling import SamplingParams
+
+_IDS = itertools.count(1)
+
+
+@dataclass
+class Output:
+    """One event of a request: new text and token ids; ``finish_reason`` set on the last one ("stop",
+    "length", "cancelled", "timeout" or "error", with ``error`` saying why and ``status`` the HTTP status
+    that fits: 400 for an adapter that cannot load, 504 for a timeout, 500 otherwise)."""
+
+    request_id: str
+    text: str
+    token_ids: list
+    finish_reason: str | None = None
+    error: str | None = None
+    status: int | None = None
+
+
+@dataclass
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list
+    finish_reason: str
+    prompt_tokens: int
+    error: str | None = None
+    status: int | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class Request:
+    prompt_ids: list
+    params: SamplingParams
+    adapter: str | None
+    id: str = field(default_factory=lambda: f"req-{next(_IDS)}")
+    deadline: float | None = None
+    on_event: object = None  # callable(Output); default: the handle's queue
+    # engine state
+    internal: str | None = None  # the adapter's name inside the model
+    output_ids: list = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    cancelled: bool = False
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    generator: object = None
+    detok: object = None
+    last_token: int | None = None
+
+
+class RequestHandle:
+    def __init__(self, engine, request: Request):
+        self.engine, self.request = engine, request
+        self.events: queue.Queue = queue.Queue()
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    def cancel(self) -> None:
+        """Stop generating (a client went away); the row leaves the batch at the next step."""
+        self.request.cancelled = True
+        self.engine._wake()
+
+    def __iter__(self):
+        while True:
+            event = self.events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> Completion:
+        text, ids, deadline = [], [], None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                event = self.events.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                self.cancel()
+                raise TimeoutError(f"request {self.id} did not finish within {timeout} s") from None
+            text.append(event.text)
+            ids.extend(event.token_ids)
+            if event.finish_reason is not None:
+                return Completion(self.id, "".join(text), ids, event.finish_reason, len(self.request.prompt_ids),
+                                  event.error, event.status)

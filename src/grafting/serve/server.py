@@ -1,0 +1,68 @@
+"""Build a serving stack from a model reference and adapter directories; run it under uvicorn.
+
+``MODEL`` is a local transformers directory, a GGUF file, or a packaged name (``packaged:smollm2-135m-instruct``);
+``graft serve`` is :func:`serve`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import GraftingError
+from ..io.reader import CONFIG_NAME
+
+
+def served_name(model: str) -> str:
+    if model.startswith("packaged:"):
+        return model.split(":", 1)[1]
+    p = Path(model)
+    return p.stem if p.suffix == ".gguf" else p.resolve().name
+
+
+def build_engine(model: str, adapters: dict | None = None, adapter_root=None, max_loras: int = 8,
+                 max_lora_rank: int | None = None, max_batch: int = 32, max_queue: int = 1024,
+                 max_model_len: int | None = None, max_adapter_bytes: int | None = None):
+    """(engine, tokenizer): the base model loaded for inference, an AdapterPool with ``adapters`` (name ->
+    directory) and every adapter directory directly under ``adapter_root`` registered by its folder name."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..model import AdaptedModel
+    from ..train.models import load_model
+    from .engine import Engine
+    from .pool import AdapterPool
+
+    tokenizer, base = load_model(model, task="causal_lm")
+    base.eval()
+    adapted = AdaptedModel(base)
+    pool = AdapterPool(adapted, max_loras=max_loras, max_rank=max_lora_rank, max_bytes=max_adapter_bytes)
+    if max_lora_rank is not None:
+        adapted.reserve(max_loras, max_lora_rank)  # the stacks never reallocate while serving
+    if adapter_root is not None:
+        root = Path(adapter_root)
+        if not root.is_dir():
+            raise GraftingError(f"--adapter-root {root}: not a directory")
+        for d in sorted(root.iterdir()):
+            if (d / CONFIG_NAME).is_file():
+                pool.register(d.name, d)
+    for name, path in (adapters or {}).items():
+        pool.register(name, path)
+    engine = Engine(adapted, tokenizer=tokenizer, pool=pool, max_batch=max_batch, max_queue=max_queue,
+                    max_model_len=max_model_len)
+    return engine, tokenizer
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          served_model_name: str | None = None, adapter_root=None, adapters: dict | None = None,
+          request_timeout: float | None = None, log_level: str = "info", **engine_kwargs) -> None:
+    """Load ``model`` and serve it (and its adapters) over HTTP until interrupted."""
+    try:
+        import uvicorn
+
+        from .http import create_app
+    except ImportError as e:
+        raise GraftingError(f"serving needs the serve extra: pip install 'grafting[serve]' ({e.name} missing)") \
+            from None
+    engine, _ = build_engine(model, adapters=adapters, adapter_root=adapter_root, **engine_kwargs)
+    app = create_app(engine, served_model_name or served_name(model), api_key=api_key, adapter_root=adapter_root,
+                     request_timeout=request_timeout, model_path=model)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)

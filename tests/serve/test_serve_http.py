@@ -1,0 +1,178 @@
+"""The HTTP server end to end: the official openai client against a server this test starts on 127.0.0.1
+(tiny Llama with grouped-query attention, byte tokenizer, adapters in an adapter root), plus raw requests for
+the error paths the client never sends."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import add_random_adapter, byte_tokenizer, tiny_lm
+
+import grafting as gf
+from grafting.serve import AdapterPool, Engine, SamplingParams
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+KEY = "sk-test-key"
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapter_root")
+    source = gf.AdaptedModel(tiny_lm("llama"))
+    for i, name in enumerate(["poet", "pirate", "spare"]):
+        add_random_adapter(source, name, "llama", r=[4, 16, 8][i], seed=20 + i)
+        source.save_adapter(root / name, name=name)
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    expected_engine = Engine(source, tokenizer=tokenizer)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected = {name: expected_engine.generate(["Once upon"], greedy, [name])[0].text
+                for name in ["poet", "pirate", None]}
+    (root / "later").mkdir()  # weights without a config: a runtime load of it must fail clearly
+    (root / "later" / "adapter_model.safetensors").write_bytes((root / "spare" / "adapter_model.safetensors")
+                                                               .read_bytes())
+
+    from grafting.serve.http import create_app
+    model = gf.AdaptedModel(tiny_lm("llama"))
+    pool = AdapterPool(model, max_loras=2)
+    for d in ("poet", "pirate"):  # "spare" is loaded at run time
+        pool.register(d, root / d)
+    engine = Engine(model, tokenizer=tokenizer, pool=pool, max_batch=8, max_queue=64)
+    app = create_app(engine, "tiny-llama", api_key=KEY, adapter_root=root, request_timeout=30)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, timeout=30, max_retries=0)
+    yield {"url": url, "client": client, "expected": expected, "engine": engine, "root": root}
+    srv.should_exit = True
+    thread.join(30)
+
+
+def test_models_lists_base_and_adapters(server):
+    ids = [m.id for m in server["client"].models.list().data]
+    assert ids[0] == "tiny-llama" and {"poet", "pirate"} <= set(ids)
+
+
+def test_completions_per_adapter_match_the_engine(server):
+    client = server["client"]
+    for model, adapter in [("poet", "poet"), ("pirate", "pirate"), ("tiny-llama", None)]:
+        out = client.completions.create(model=model, prompt="Once upon", max_tokens=12, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == server["expected"][adapter]
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens == len("Once upon")
+    assert server["expected"]["poet"] != server["expected"]["pirate"]
+
+
+def test_streaming_adds_up_to_the_whole_text(server):
+    stream = server["client"].completions.create(model="pirate", prompt="Once upon", max_tokens=12, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True},
+                                                 stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == server["expected"]["pirate"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_completions_stream_and_not(server):
+    client = server["client"]
+    messages = [{"role": "user", "content": "hi"}]
+    whole = client.chat.completions.create(model="poet", messages=messages, max_tokens=8, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert whole.choices[0].message.role == "assistant" and whole.usage.completion_tokens == 8
+    streamed = client.chat.completions.create(model="poet", messages=messages, max_tokens=8, temperature=0,
+                                              stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole.choices[0].message.content
+    raw = client.completions.create(model="poet", prompt="<user>hi\n<assistant>", max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert raw.choices[0].text == whole.choices[0].message.content  # the chat template was applied
+
+
+def test_api_key_guards_v1_only(server):
+    bad = openai.OpenAI(base_url=server["url"] + "/v1", api_key="wrong", timeout=10, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}
+    metrics = httpx.get(server["url"] + "/metrics").text
+    for name in ("grafting_queue_depth", "grafting_batch_size", "grafting_generated_tokens_total",
+                 "grafting_adapter_loads_total", "grafting_request_latency_seconds_bucket"):
+        assert name in metrics
+
+
+def test_errors_are_openai_error_objects(server):
+    client = server["client"]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nobody", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="poet", prompt="x", max_tokens=-1)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="poet", prompt="x" * 200, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="poet", prompt="x", max_tokens=2, logprobs=2)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(server["url"] + "/v1/completions", content=b"{not json", headers=headers)
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(server["url"] + "/v1/completions", json={"model": "poet"}, headers=headers)
+    assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+    assert httpx.get(server["url"] + "/health").status_code == 200  # still up
+
+
+def test_runtime_load_and_unload_stay_inside_the_root(server, tmp_path):
+    url, client = server["url"], server["client"]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "spare", "lora_path": "spare"}, headers=headers)
+    assert r.status_code == 200, r.text
+    out = client.completions.create(model="spare", prompt="Once upon", max_tokens=4, temperature=0)
+    assert out.choices[0].finish_reason in ("length", "stop")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (server["root"] / "escape").symlink_to(outside, target_is_directory=True)
+    for path in ["../outside", str(outside), "escape"]:
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "evil", "lora_path": path}, headers=headers)
+        assert r.status_code == 400 and "error" in r.json(), path
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "half", "lora_path": "later"}, headers=headers)
+    assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "spare"}, headers=headers)
+    assert r.status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="spare", prompt="x", max_tokens=2)
+    r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "spare"}, headers=headers)
+    assert r.status_code == 404
+
+
+def test_a_client_that_disconnects_is_cancelled(server):
+    engine = server["engine"]
+    before = engine.stats["finished"]
+    with httpx.stream("POST", server["url"] + "/v1/completions",
+                      json={"model": "poet", "prompt": "Once", "max_tokens": 80, "stream": True, "ignore_eos": True},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+    assert any(json.loads(g[6:])["choices"] for g in got if g.startswith("data: {"))
+    deadline = time.monotonic() + 10
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.running and engine.stats["finished"] > before
+    assert engine.stats["generated_tokens"] < 10_000
