@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from conftest import add_random_adapter, tiny_lm
+from serving_models import add_random_adapter, byte_tokenizer, tiny_lm
 
 import grafting as gf
 from grafting.errors import GraftingError
@@ -15,6 +15,11 @@ from grafting.serve import AdapterError, Engine, QueueFull, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16], [3], [5, 6, 7], [40, 41, 42]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
 
 
 def served(arch: str, dora: bool = True):

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import add_random_adapter, byte_tokenizer, tiny_lm
+from serving_models import add_random_adapter, byte_tokenizer, tiny_lm
 
 import grafting as gf
 from grafting.serve import AdapterPool, Engine, SamplingParams

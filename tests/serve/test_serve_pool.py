@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from conftest import add_random_adapter, tiny_lm
+from serving_models import add_random_adapter, tiny_lm
 
 import grafting as gf
 from grafting.serve import AdapterError, AdapterPool, Engine, SamplingParams

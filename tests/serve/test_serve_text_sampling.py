@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from grafting.serve.sampling import SamplingParams, make_generator, sample_token
 from grafting.serve.text import Detokenizer
+from serving_models import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
 
 
 def stream(tokenizer, text, stop):

@@ -1,9 +1,8 @@
-"""Tiny causal LMs (GPT-2 and Llama with grouped-query attention) built from configs, adapters saved in PEFT
-format, and a byte-level tokenizer, for the serving tests."""
+"""Tiny causal LMs (GPT-2 and Llama with grouped-query attention) built from configs, random adapters, and a
+byte-level tokenizer, for the serving tests (a plain module: every test directory's conftest is "conftest")."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import grafting as gf
@@ -62,8 +61,3 @@ def _byte_of(ch: str) -> int:
         return code
     others = [b for b in range(256) if b not in printable]
     return others[code - 256]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
