@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,7 @@ from .autodiff import transforms_active
 from .errors import GraftingError
 
 MIN_BUCKET = 4  # 16-byte aligned fp32 rows
+PLANS_KEPT = 2  # gathered-factor plans kept per bucket of a layer stack
 
 
 def bucket_of(r: int) -> int:
@@ -168,6 +170,13 @@ class LowRankStack:
         self.version = 0  # bumped whenever a slot changes; keys the per-routing gathered factors
         self.keys: dict = {}  # adapter name -> (bucket, slot, content hash)
         self.lock = threading.Lock()
+        # bucket -> gathered factors by row slots, reused across calls while no slot changes (a serving loop
+        # calls with the same rows step after step); two per bucket, since each may hold a copy of many factors
+        self.plans: dict = {}
+
+    def _changed(self) -> None:
+        self.version += 1  # keys the per-call plans
+        self.plans.clear()
 
     def __deepcopy__(self, memo):  # a cache: a copied model refills its own on first use
         return LowRankStack(self.fan_in, self.out, self.dtype, self.device)
@@ -185,7 +194,7 @@ class LowRankStack:
                 self.buckets[bucket] = _Bucket(self.fan_in, self.out, bucket, capacity, self.dtype, self.device)
             elif self.buckets[bucket].capacity < capacity:
                 self.buckets[bucket].grow(capacity)
-        self.version += 1
+        self._changed()
 
     def apply(self, fn) -> None:
         for b in self.buckets.values():
@@ -193,14 +202,14 @@ class LowRankStack:
         if self.buckets:
             any_b = next(iter(self.buckets.values()))
             self.dtype, self.device = any_b.A_t.dtype, any_b.A_t.device
-        self.version += 1
+        self._changed()
 
     @torch.no_grad()
     def free(self, name: str) -> None:
         entry = self.keys.pop(name, None)
         if entry is not None:
             self.buckets[entry[0]].clear(entry[1])
-            self.version += 1
+            self._changed()
 
     @torch.no_grad()
     def sync(self, host, names, slot_of: dict, hashes: dict) -> bool:
@@ -231,7 +240,7 @@ class LowRankStack:
                 g = host.methods[name].output_scale(host.adapters[name], host)
                 bucket.g[slot] = 1.0 if g is None else g.to(self.dtype)
                 self.keys[name] = key
-        self.version += 1
+        self._changed()
         return rescales
 
 
@@ -297,7 +306,15 @@ def _gathered(host, x, base_out, rows: RowRouting, present) -> torch.Tensor:
                         pos = rows.groups[name] if row_idx is None else torch.nonzero(
                             torch.isin(row_idx, rows.groups[name])).flatten()
                         slots[pos] = 0
-                cached = (stack.version, _gather_plan(stack.buckets[b], slots))
+                key = slots.cpu().numpy().tobytes()
+                kept = stack.plans.setdefault(b, OrderedDict())
+                hit = kept.get(key)
+                if hit is None or hit[0] != stack.version:
+                    hit = kept[key] = (stack.version, _gather_plan(stack.buckets[b], slots))
+                    while len(kept) > PLANS_KEPT:
+                        kept.popitem(last=False)
+                kept.move_to_end(key)
+                cached = hit
                 rows.gathered[(id(host), b)] = cached
             plans.append((row_idx, cached[1]))
     n = x.shape[0]

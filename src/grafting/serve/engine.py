@@ -71,7 +71,8 @@ class Engine:
         self._stopping = False
         self._accepting = True
         self.device = next(model.parameters()).device
-        forward = getattr(getattr(model, "base_model", model), "forward", None)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "base_model", model)
+        forward = getattr(inner, "forward", None)
         accepted = inspect.signature(forward).parameters if forward is not None else {}
         self._keep_last = "logits_to_keep" in accepted
         self._cache_kw = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.2x

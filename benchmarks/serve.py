@@ -1,0 +1,258 @@
+"""Serving many adapters: the decode kernel, then S-LoRA's workload through the engine, against peers.
+
+Questions. (1) Kernel: at decode, what do 64 rows each with its own r=16 adapter cost over the same rows on one
+adapter, for grafting and for peft, on a GPT-2-architecture model whose layers dominate (6 x 768, vocabulary
+8,000) and on one whose 50,257-wide head dominates? How close is grafting to the memory-traffic floor (the
+single-adapter step plus the time to read the 64 adapters' factors once)? (2) Workload (S-LoRA, arXiv
+2311.03285, section 7.1; grafting.serve.workload): Gamma arrivals, power-law adapter popularity, mixed ranks
+{8, 16, 32, 64}, uniform prompt / output lengths, replayed in real time through the continuous-batching engine
+for: grafting with its adapter pool; the same scheduler on peft's ``adapter_names`` mixed batches (a); a
+scheduler that batches one adapter at a time and switches with ``set_adapter`` (b); grafting with the base
+alone (c). Throughput, p50/p99 latency, time to first token p50/p90 and SLO attainment (first token within
+``--slo`` s). The last line printed is one JSON object with the headline figures.
+
+    python benchmarks/serve.py [--quick] [--threads N] [--skip-kernel] [--skip-workload]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from peft import PeftModel  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import grafting as gf  # noqa: E402
+from _common import header, interleaved, median, ms, ratio, rounded, table, x  # noqa: E402
+from grafting.serve import AdapterPool, Engine, SamplingParams  # noqa: E402
+from grafting.serve.workload import adapter_ranks, make_trace, summarize  # noqa: E402
+
+KERNEL_TARGETS = ["c_attn", "c_proj", "c_fc"]
+WORKLOAD_TARGETS = ["c_attn", "c_proj"]
+
+
+def gpt2(vocab: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=768, n_head=12, vocab_size=vocab, n_positions=512))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def save_adapters(base, root: Path, ranks: list, targets) -> None:
+    model = gf.AdaptedModel(copy.deepcopy(base))
+    for i, r in enumerate(ranks):
+        model.add_adapter(f"a{i}", gf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, fan_in_fan_out=True,
+                                                 init_lora_weights=False))
+        model.save_adapter(root / f"a{i}", name=f"a{i}")
+        model.delete_adapter(f"a{i}")
+
+
+def factor_bytes(model, n: int) -> int:
+    """Bytes of the low-rank factors of ``n`` adapters (what a mixed step with n distinct adapters reads)."""
+    one = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if ".a0." in name)
+    return n * one
+
+
+# ---- (1) kernel ------------------------------------------------------------------------------------------------
+def kernel_section(vocab: int, n: int, rounds: int, root: Path) -> dict:
+    base = gpt2(vocab)
+    save_adapters(base, root, [16] * n, KERNEL_TARGETS)
+    g = gf.load(copy.deepcopy(base), root / "a0", adapter_name="a0")
+    p = PeftModel.from_pretrained(copy.deepcopy(base), root / "a0", adapter_name="a0")
+    for i in range(1, n):
+        g.load_adapter(root / f"a{i}", name=f"a{i}")
+        p.load_adapter(root / f"a{i}", adapter_name=f"a{i}")
+    g.set_active("a0")
+    p.set_adapter("a0")
+    g.eval(), p.eval()
+    ids = torch.randint(0, vocab, (n, 1))
+    names = [f"a{i}" for i in range(n)]
+    traffic = torch.empty(factor_bytes(g, n) // 4)  # fp32: as many bytes as the mixed step's factors
+    traffic.normal_()
+    cases = {"base": lambda: base(input_ids=ids), "g_single": lambda: g(input_ids=ids),
+             "g_mixed": lambda: g(input_ids=ids, adapter_names=names), "p_single": lambda: p(input_ids=ids),
+             "p_mixed": lambda: p(input_ids=ids, adapter_names=names), "read_factors": lambda: traffic.sum()}
+    with torch.inference_mode():
+        lg = g(input_ids=ids, adapter_names=names).logits
+        lp = p(input_ids=ids, adapter_names=names).logits
+        t = interleaved(cases, rounds, 2)
+    single = median(t["g_single"])
+    floor = (single + median(t["read_factors"])) / single
+    r = {"vocab": vocab, "base_ms": median(t["base"]) * 1e3, "grafting_mixed_over_single": ratio(t, "g_mixed", "g_single"),
+         "peft_mixed_over_single": ratio(t, "p_mixed", "p_single"), "floor_over_single": floor,
+         "grafting_over_floor": ratio(t, "g_mixed", "g_single") / floor,
+         "factor_mb": factor_bytes(g, n) / 2 ** 20, "max_abs_diff_vs_peft": (lg - lp).abs().max().item()}
+    table(f"Decode kernel: {n} rows x 1 token, vocabulary {vocab:,} ({rounds} interleaved rounds)", [
+        ("bare base", ms(median(t["base"])), ms(median(t["base"])), ""),
+        ("single adapter, all rows", ms(single), ms(median(t["p_single"])), ""),
+        (f"{n} distinct adapters", ms(median(t["g_mixed"])), ms(median(t["p_mixed"])), ""),
+        ("mixed / single", x(r["grafting_mixed_over_single"]), x(r["peft_mixed_over_single"]), "goal <= 1.2x"),
+        ("memory floor / single", x(floor), "", f"single + reading {r['factor_mb']:.0f} MB of factors"),
+        ("mixed / floor", x(r["grafting_over_floor"]), "", "goal <= 1.10x"),
+        ("max |logit diff| vs peft", f"{r['max_abs_diff_vs_peft']:.1e}", "", ""),
+    ])
+    return r
+
+
+# ---- (2) workload ----------------------------------------------------------------------------------------------
+class PeftMixed(torch.nn.Module):
+    """peft's model behind the engine's mixed-batch call (peft names the base rows "__base__")."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft, self.base_model = peft_model, peft_model.get_base_model()
+        self.peft_config = peft_model.peft_config
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    def forward(self, adapter_names=None, **kwargs):
+        return self.peft(**kwargs, adapter_names=[n or "__base__" for n in adapter_names])
+
+
+class GroupedEngine(Engine):
+    """One adapter per batch: the running batch drains before the scheduler switches to the adapter of the
+    oldest waiting request (``set_adapter``), as a server without mixed batches must."""
+
+    def __init__(self, peft_model, **kwargs):
+        super().__init__(peft_model, **kwargs)
+        self.current = None
+
+    def _admit(self):
+        with self._lock:
+            waiting = list(self.waiting)
+        if not self.running and waiting:
+            self.current = waiting[0].adapter
+        saved = [r for r in waiting if r.adapter != self.current]
+        with self._lock:
+            for r in saved:
+                self.waiting.remove(r)
+        try:
+            return super()._admit()
+        finally:
+            with self._lock:
+                self.waiting.extend(saved)
+                self.waiting = type(self.waiting)(sorted(self.waiting, key=lambda r: r.created))
+
+    def _forward(self, input_ids, mask, positions, kv, names):
+        if self.current is not None and self.model.active_adapter != self.current:
+            self.model.set_adapter(self.current)
+        return super()._forward(input_ids, mask, positions, kv, None)
+
+
+def replay(engine, trace, names, vocab: int) -> dict:
+    """Submit the trace's requests at their arrival times (real time); wait for all; the figures."""
+    engine.start()
+    handles, gen = [], torch.Generator().manual_seed(0)
+    start = time.monotonic()
+    for req in trace:
+        delay = start + req.arrival - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        prompt = torch.randint(0, vocab, (req.prompt_len,), generator=gen).tolist()
+        params = SamplingParams(max_tokens=req.output_len, temperature=0, ignore_eos=True)
+        handles.append(engine.submit(prompt, params, names[req.adapter]))
+    outs = [h.result(timeout=3600) for h in handles]
+    makespan = max(h.request.finished_at for h in handles) - start
+    engine.stop()
+    failed = sum(o.finish_reason != "length" for o in outs)
+    lat = [h.request.finished_at - h.request.created for h in handles]
+    ttft = [h.request.first_token_at - h.request.created for h in handles if h.request.first_token_at]
+    s = summarize(lat, ttft, sum(len(o.token_ids) for o in outs), makespan, SLO)
+    s["failed"] = failed
+    return s
+
+
+SLO = 6.0
+
+
+def workload_section(cfg, root: Path) -> dict:
+    vocab, results = 8000, {}
+    base = gpt2(vocab, seed=1)
+    n_max = max(cfg["n_adapters"])
+    ranks = adapter_ranks(n_max, seed=0)
+    save_adapters(base, root, ranks, WORKLOAD_TARGETS)
+    rows = []
+    for n in cfg["n_adapters"]:
+        for alpha in cfg["alphas"]:
+            for cv in cfg["cvs"]:
+                trace = make_trace(cfg["requests"], n, rate=cfg["rate"], alpha=alpha, cv=cv,
+                                   prompt_len=cfg["prompt_len"], output_len=cfg["output_len"], seed=n)
+                key = f"N={n} alpha={alpha} cv={cv}"
+                model = gf.AdaptedModel(copy.deepcopy(base))
+                pool = AdapterPool(model, max_loras=min(n, cfg["max_loras"]))
+                for i in range(n):
+                    pool.register(f"a{i}", root / f"a{i}")
+                systems = {"grafting": lambda: replay(Engine(model, pool=pool, max_batch=cfg["max_batch"]), trace,
+                                                      [f"a{i}" for i in range(n)], vocab)}
+                if n == cfg["peer_n"]:
+                    systems["base only (c)"] = lambda: replay(Engine(gf.AdaptedModel(copy.deepcopy(base)),
+                                                                     max_batch=cfg["max_batch"]),
+                                                              trace, [None] * n, vocab)
+                    peft = PeftModel.from_pretrained(copy.deepcopy(base), root / "a0", adapter_name="a0")
+                    for i in range(1, n):
+                        peft.load_adapter(root / f"a{i}", adapter_name=f"a{i}")
+                    peft.eval()
+                    systems["peft mixed (a)"] = lambda: replay(Engine(PeftMixed(peft), max_batch=cfg["max_batch"]),
+                                                               trace, [f"a{i}" for i in range(n)], vocab)
+                    systems["peft set_adapter (b)"] = lambda: replay(
+                        GroupedEngine(peft, max_batch=cfg["max_batch"]), trace, [f"a{i}" for i in range(n)], vocab)
+                results[key] = {}
+                for name, run in systems.items():
+                    s = run()
+                    results[key][name] = s
+                    rows.append((f"{key}: {name}", f"{s['throughput']:.1f}", f"{s['latency_p50']:.2f} / "
+                                 f"{s['latency_p99']:.2f}", f"{s['ttft_p50']:.2f} / {s['ttft_p90']:.2f}",
+                                 f"{100 * s['slo_attainment']:.0f}%", str(s["failed"])))
+                    print(f"# {key} {name}: {json.dumps(rounded(s))}", flush=True)
+    table(f"S-LoRA workload on GPT-2 6 x 768, vocabulary {vocab:,}, random weights: {cfg['requests']} requests at "
+          f"{cfg['rate']}/s, prompts {cfg['prompt_len']}, outputs {cfg['output_len']}, ranks {{8,16,32,64}}, "
+          f"pool {cfg['max_loras']}, batch {cfg['max_batch']}", rows,
+          columns=("trace: system", "tokens/s", "latency p50 / p99 s", "TTFT p50 / p90 s", f"SLO {SLO:.0f}s",
+                   "failed"))
+    return results
+
+
+FULL = dict(kernel_rounds=30, n_kernel=64, requests=96, rate=4.0, prompt_len=(8, 32), output_len=(8, 32),
+            n_adapters=[1, 8, 64, 512], alphas=[0.1, 1.0], cvs=[1.0, 4.0], peer_n=64, max_loras=32, max_batch=32)
+QUICK = dict(kernel_rounds=2, n_kernel=8, requests=12, rate=8.0, prompt_len=(4, 8), output_len=(4, 8),
+             n_adapters=[1, 8], alphas=[1.0], cvs=[1.0], peer_n=8, max_loras=4, max_batch=8)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-kernel", action="store_true")
+    ap.add_argument("--skip-workload", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    cfg = QUICK if args.quick else FULL
+    header("grafting serving benchmark")
+    out, t0 = {}, time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_kernel:
+            out["kernel"] = [kernel_section(v, cfg["n_kernel"], cfg["kernel_rounds"], Path(tmp) / f"k{v}")
+                             for v in (8000, 50257)]
+        if not args.skip_workload:
+            out["workload"] = workload_section(cfg, Path(tmp) / "w")
+    out["seconds"] = time.monotonic() - t0
+    print(json.dumps(rounded(out)))
+
+if __name__ == "__main__":
+    main()

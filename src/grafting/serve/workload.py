@@ -1,0 +1,52 @@
+"""Synthetic serving workloads as S-LoRA evaluates them (Sheng et al., 2023, arXiv:2311.03285, section 7.1).
+
+Request i arrives after a Gamma-distributed gap (mean ``1 / rate``, coefficient of variation ``cv``: 1 is a
+Poisson process, larger is burstier) and asks for adapter ``floor(N * X)`` with ``X ~ Power(alpha)`` (density
+``alpha * x**(alpha - 1)`` on [0, 1]: ``alpha`` = 1 is uniform, small ``alpha`` piles the traffic on a few
+adapters); prompt and output lengths are uniform in the given ranges. Ranks are drawn per adapter from
+``ranks``. A trace is plain data, so every system in a comparison replays the same one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival: float  # seconds after the trace starts
+    adapter: int  # adapter index in [0, n_adapters)
+    prompt_len: int
+    output_len: int
+
+
+def adapter_ranks(n_adapters: int, ranks=(8, 16, 32, 64), seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [int(r) for r in rng.choice(ranks, size=n_adapters)]
+
+
+def make_trace(n_requests: int, n_adapters: int, rate: float, alpha: float = 1.0, cv: float = 1.0,
+               prompt_len=(8, 64), output_len=(8, 64), seed: int = 0) -> list[TraceRequest]:
+    """``n_requests`` requests at ``rate`` per second on average (see the module docstring)."""
+    if n_requests < 1 or n_adapters < 1 or rate <= 0 or alpha <= 0 or cv <= 0:
+        raise ValueError("n_requests, n_adapters, rate, alpha and cv must all be positive")
+    rng = np.random.default_rng(seed)
+    shape = 1.0 / cv ** 2  # Gamma(k, theta): mean k theta, cv 1 / sqrt(k)
+    gaps = rng.gamma(shape, 1.0 / (rate * shape), size=n_requests)
+    arrivals = np.cumsum(gaps) - gaps[0]
+    adapters = np.minimum(np.floor(n_adapters * rng.power(alpha, size=n_requests)), n_adapters - 1)
+    prompts = rng.integers(prompt_len[0], prompt_len[1] + 1, size=n_requests)
+    outputs = rng.integers(output_len[0], output_len[1] + 1, size=n_requests)
+    return [TraceRequest(float(a), int(d), int(p), int(o)) for a, d, p, o in zip(arrivals, adapters, prompts, outputs)]
+
+
+def summarize(latencies, ttfts, tokens: int, makespan: float, slo_ttft: float) -> dict:
+    """Throughput (tokens/s), latency and time-to-first-token percentiles, and SLO attainment (the share of
+    requests whose first token came within ``slo_ttft`` seconds, S-LoRA's measure)."""
+    lat, ttft = np.asarray(latencies, dtype=float), np.asarray(ttfts, dtype=float)
+    return {"throughput": tokens / makespan if makespan > 0 else 0.0,
+            "latency_p50": float(np.percentile(lat, 50)), "latency_p99": float(np.percentile(lat, 99)),
+            "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p90": float(np.percentile(ttft, 90)),
+            "slo_attainment": float(np.mean(ttft <= slo_ttft)), "requests": int(len(lat)), "tokens": int(tokens)}

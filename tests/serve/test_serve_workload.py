@@ -1,0 +1,39 @@
+"""S-LoRA's workload generator follows its stated distributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from grafting.serve.workload import adapter_ranks, make_trace, summarize
+
+
+@pytest.mark.parametrize("cv", [1.0, 4.0])
+def test_gaps_have_the_asked_mean_and_burstiness(cv):
+    trace = make_trace(20000, 8, rate=5.0, cv=cv, seed=1)
+    gaps = np.diff([t.arrival for t in trace])
+    assert trace[0].arrival == 0 and np.all(gaps >= 0)
+    assert gaps.mean() == pytest.approx(1 / 5.0, rel=0.08)
+    assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.12)
+
+
+def test_power_law_adapter_popularity():
+    uniform = np.array([t.adapter for t in make_trace(20000, 10, rate=1, alpha=1.0, seed=2)])
+    skewed = np.array([t.adapter for t in make_trace(20000, 10, rate=1, alpha=0.1, seed=2)])
+    assert np.bincount(uniform, minlength=10) / 20000 == pytest.approx([0.1] * 10, abs=0.015)
+    assert np.mean(skewed == 0) == pytest.approx(0.1 ** 0.1, abs=0.015)  # P(X < 1/N) = (1/N)^alpha
+    assert skewed.max() <= 9
+
+
+def test_lengths_ranks_and_determinism():
+    a = make_trace(500, 64, rate=2, prompt_len=(4, 9), output_len=(16, 16), seed=3)
+    assert all(4 <= t.prompt_len <= 9 and t.output_len == 16 for t in a)
+    assert a == make_trace(500, 64, rate=2, prompt_len=(4, 9), output_len=(16, 16), seed=3)
+    assert set(adapter_ranks(200)) == {8, 16, 32, 64}
+    with pytest.raises(ValueError):
+        make_trace(10, 0, rate=1)
+
+
+def test_summary_figures():
+    s = summarize([1.0, 2.0, 3.0, 4.0], [0.1, 0.2, 0.3, 5.0], tokens=100, makespan=10.0, slo_ttft=1.0)
+    assert s["throughput"] == 10.0 and s["slo_attainment"] == 0.75 and s["ttft_p50"] == pytest.approx(0.25)
