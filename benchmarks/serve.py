@@ -181,42 +181,41 @@ SLO = 6.0
 def workload_section(cfg, root: Path) -> dict:
     vocab, results = 8000, {}
     base = gpt2(vocab, seed=1)
-    n_max = max(cfg["n_adapters"])
+    n_max = max(n for n, _, _ in cfg["traces"])
     ranks = adapter_ranks(n_max, seed=0)
     save_adapters(base, root, ranks, WORKLOAD_TARGETS)
-    rows = []
-    for n in cfg["n_adapters"]:
-        for alpha in cfg["alphas"]:
-            for cv in cfg["cvs"]:
-                trace = make_trace(cfg["requests"], n, rate=cfg["rate"], alpha=alpha, cv=cv,
-                                   prompt_len=cfg["prompt_len"], output_len=cfg["output_len"], seed=n)
-                key = f"N={n} alpha={alpha} cv={cv}"
-                model = gf.AdaptedModel(copy.deepcopy(base))
-                pool = AdapterPool(model, max_loras=min(n, cfg["max_loras"]))
-                for i in range(n):
-                    pool.register(f"a{i}", root / f"a{i}")
-                systems = {"grafting": lambda: replay(Engine(model, pool=pool, max_batch=cfg["max_batch"]), trace,
-                                                      [f"a{i}" for i in range(n)], vocab)}
-                if n == cfg["peer_n"]:
-                    systems["base only (c)"] = lambda: replay(Engine(gf.AdaptedModel(copy.deepcopy(base)),
-                                                                     max_batch=cfg["max_batch"]),
-                                                              trace, [None] * n, vocab)
-                    peft = PeftModel.from_pretrained(copy.deepcopy(base), root / "a0", adapter_name="a0")
-                    for i in range(1, n):
-                        peft.load_adapter(root / f"a{i}", adapter_name=f"a{i}")
-                    peft.eval()
-                    systems["peft mixed (a)"] = lambda: replay(Engine(PeftMixed(peft), max_batch=cfg["max_batch"]),
-                                                               trace, [f"a{i}" for i in range(n)], vocab)
-                    systems["peft set_adapter (b)"] = lambda: replay(
-                        GroupedEngine(peft, max_batch=cfg["max_batch"]), trace, [f"a{i}" for i in range(n)], vocab)
-                results[key] = {}
-                for name, run in systems.items():
-                    s = run()
-                    results[key][name] = s
-                    rows.append((f"{key}: {name}", f"{s['throughput']:.1f}", f"{s['latency_p50']:.2f} / "
-                                 f"{s['latency_p99']:.2f}", f"{s['ttft_p50']:.2f} / {s['ttft_p90']:.2f}",
-                                 f"{100 * s['slo_attainment']:.0f}%", str(s["failed"])))
-                    print(f"# {key} {name}: {json.dumps(rounded(s))}", flush=True)
+    rows, peft_models = [], {}
+    for n, alpha, cv in cfg["traces"]:
+        trace = make_trace(cfg["requests"], n, rate=cfg["rate"], alpha=alpha, cv=cv, prompt_len=cfg["prompt_len"],
+                           output_len=cfg["output_len"], seed=n)
+        key, names = f"N={n} alpha={alpha} cv={cv}", [f"a{i}" for i in range(n)]
+        model = gf.AdaptedModel(copy.deepcopy(base))
+        pool = AdapterPool(model, max_loras=min(n, cfg["max_loras"]))
+        for name in names:
+            pool.register(name, root / name)
+        systems = {"grafting": lambda: replay(Engine(model, pool=pool, max_batch=cfg["max_batch"]), trace, names,
+                                              vocab)}
+        if n == cfg["peer_n"]:
+            if n not in peft_models:
+                peft = PeftModel.from_pretrained(copy.deepcopy(base), root / "a0", adapter_name="a0")
+                for name in names[1:]:
+                    peft.load_adapter(root / name, adapter_name=name)
+                peft_models[n] = peft.eval()
+            peft = peft_models[n]
+            systems["base only (c)"] = lambda: replay(Engine(gf.AdaptedModel(copy.deepcopy(base)),
+                                                             max_batch=cfg["max_batch"]), trace, [None] * n, vocab)
+            systems["peft mixed (a)"] = lambda: replay(Engine(PeftMixed(peft), max_batch=cfg["max_batch"]), trace,
+                                                       names, vocab)
+            systems["peft set_adapter (b)"] = lambda: replay(GroupedEngine(peft, max_batch=cfg["max_batch"]), trace,
+                                                             names, vocab)
+        results[key] = {}
+        for name, run in systems.items():
+            s = run()
+            results[key][name] = s
+            rows.append((f"{key}: {name}", f"{s['throughput']:.1f}", f"{s['latency_p50']:.2f} / {s['latency_p99']:.2f}",
+                         f"{s['ttft_p50']:.2f} / {s['ttft_p90']:.2f}", f"{100 * s['slo_attainment']:.0f}%",
+                         str(s["failed"])))
+            print(f"# {key} {name}: {json.dumps(rounded(s))}", flush=True)
     table(f"S-LoRA workload on GPT-2 6 x 768, vocabulary {vocab:,}, random weights: {cfg['requests']} requests at "
           f"{cfg['rate']}/s, prompts {cfg['prompt_len']}, outputs {cfg['output_len']}, ranks {{8,16,32,64}}, "
           f"pool {cfg['max_loras']}, batch {cfg['max_batch']}", rows,
@@ -225,10 +224,12 @@ def workload_section(cfg, root: Path) -> dict:
     return results
 
 
-FULL = dict(kernel_rounds=30, n_kernel=64, requests=96, rate=4.0, prompt_len=(8, 32), output_len=(8, 32),
-            n_adapters=[1, 8, 64, 512], alphas=[0.1, 1.0], cvs=[1.0, 4.0], peer_n=64, max_loras=32, max_batch=32)
+# traces: (adapters, alpha, cv); every (alpha, cv) pair at the peers' N, the uniform Poisson one at the others
+FULL = dict(kernel_rounds=30, n_kernel=64, requests=128, rate=40.0, prompt_len=(8, 32), output_len=(8, 32),
+            traces=[(1, 1.0, 1.0), (8, 1.0, 1.0), (64, 1.0, 1.0), (64, 0.1, 1.0), (64, 1.0, 4.0), (64, 0.1, 4.0),
+                    (512, 1.0, 1.0)], peer_n=64, max_loras=32, max_batch=32)
 QUICK = dict(kernel_rounds=2, n_kernel=8, requests=12, rate=8.0, prompt_len=(4, 8), output_len=(4, 8),
-             n_adapters=[1, 8], alphas=[1.0], cvs=[1.0], peer_n=8, max_loras=4, max_batch=8)
+             traces=[(1, 1.0, 1.0), (8, 1.0, 1.0)], peer_n=8, max_loras=4, max_batch=8)
 
 
 def main() -> None:

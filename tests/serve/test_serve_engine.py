@@ -216,3 +216,24 @@ def test_modules_to_save_head_is_served_per_row():
     outs = Engine(model).generate([PROMPTS[0]] * 3, GREEDY, ["plain", "head", None])
     for out, adapter in zip(outs, ["plain", "head", None]):
         assert out.token_ids == hf_greedy(model, PROMPTS[0], adapter, GREEDY.max_tokens)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving():
+    model = served("gpt2")
+    engine = Engine(model).start()
+    real, calls = engine._forward, {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return real(*args)
+
+    engine._forward = flaky
+    try:
+        first = engine.submit(PROMPTS[0], GREEDY, "a").result(timeout=60)
+        assert first.finish_reason == "error" and "injected fault" in first.error and first.status == 500
+        second = engine.submit(PROMPTS[0], GREEDY, "a").result(timeout=60)
+        assert second.token_ids == hf_greedy(model, PROMPTS[0], "a", GREEDY.max_tokens)
+    finally:
+        engine.stop()

@@ -188,7 +188,13 @@ class Engine:
         new = self._admit()
         with torch.inference_mode():
             if new:
-                self._prefill(new)
+                try:
+                    self._prefill(new)
+                except Exception as e:  # admitted but never joined the batch: nobody else would finish them
+                    for r in new:
+                        if r.finish_reason is None and r not in self.running:
+                            self._finish(r, "error", f"internal error in prefill: {type(e).__name__}: {e}")
+                    raise
                 self._retire()
             if self.running:
                 self._decode()
