@@ -69,8 +69,9 @@ def make_model(root: Path, n_adapters: int = 4) -> tuple[Path, dict]:
 def start_server(model_dir: Path, adapter_root: Path, port: int, max_loras: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "grafting.cli.main", "serve", str(model_dir), "--adapter-root", str(adapter_root),
            "--port", str(port), "--api-key", KEY, "--max-loras", str(max_loras), "--max-batch", "64",
-           "--max-queue", "4096", "--request-timeout", "300"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           "--max-queue", "4096", "--request-timeout", "300", "--timeout-keep-alive", "30"]
+    log = open(os.environ["SERVE_LOG"], "w") if os.environ.get("SERVE_LOG") else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log is not subprocess.DEVNULL else subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None:
@@ -116,19 +117,20 @@ async def one_request(client: httpx.AsyncClient, i: int, models: list, rng: rand
         path = "/v1/chat/completions"
     if kind % 2 == 0:
         r = await client.post(path, json=body, headers=headers)
-        if r.status_code >= 500:
-            stats["server_errors"] += 1
-        elif r.status_code != 200:
-            stats["unexpected"] += 1
+        if r.status_code >= 500 or r.status_code != 200:
+            fail(stats, "server_errors" if r.status_code >= 500 else "unexpected",
+                 f"{path}: HTTP {r.status_code} {r.text[:200]}")
         elif r.json()["usage"]["completion_tokens"] != n:
-            stats["incomplete"] += 1
+            fail(stats, "incomplete", f"{path}: {r.json()['usage']['completion_tokens']} of {n} tokens")
         else:
             stats["ok"] += 1
         return
-    finished, done = False, False
+    finished, done, reasons = False, False, []
     async with client.stream("POST", path, json={**body, "stream": True}, headers=headers) as r:
         if r.status_code != 200:
-            stats["server_errors" if r.status_code >= 500 else "unexpected"] += 1
+            await r.aread()
+            fail(stats, "server_errors" if r.status_code >= 500 else "unexpected",
+                 f"{path} stream: HTTP {r.status_code} {r.text[:200]}")
             return
         async for line in r.aiter_lines():
             if line == "data: [DONE]":
@@ -136,10 +138,21 @@ async def one_request(client: httpx.AsyncClient, i: int, models: list, rng: rand
             elif line.startswith("data: "):
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    stats["server_errors"] += 1
+                    fail(stats, "server_errors", f"{path} stream: {chunk['error']}")
                     return
-                finished |= any(c.get("finish_reason") for c in chunk["choices"])
-    stats["ok" if finished and done else "incomplete"] += 1
+                reasons += [c.get("finish_reason") for c in chunk["choices"] if c.get("finish_reason")]
+                finished |= bool(reasons)
+    if finished and done:
+        stats["ok"] += 1
+    else:
+        fail(stats, "incomplete", f"{path} stream: finish_reasons {reasons}, [DONE] {'seen' if done else 'missing'}")
+
+
+def fail(stats: dict, kind: str, why: str) -> None:
+    """Count a failure and keep the first few reasons, so a failing run says what went wrong."""
+    stats[kind] += 1
+    if len(stats["why"]) < 10:
+        stats["why"].append(f"{kind}: {why}")
 
 
 async def churn(client: httpx.AsyncClient, dirs: dict, stop: asyncio.Event, stats: dict) -> None:
@@ -149,29 +162,37 @@ async def churn(client: httpx.AsyncClient, dirs: dict, stop: asyncio.Event, stat
     while not stop.is_set():
         name, path = f"churn{k % 3}", list(dirs.values())[k % len(dirs)].name
         r = await client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, headers=headers)
-        stats["loads" if r.status_code == 200 else "unexpected"] += 1
+        if r.status_code == 200:
+            stats["loads"] += 1
+        else:
+            fail(stats, "unexpected", f"load {name}: HTTP {r.status_code} {r.text[:200]}")
         await client.post("/v1/completions", json={"model": name, "prompt": "churn", "max_tokens": 2},
                           headers=headers)
         if k % 2:
             r = await client.post("/v1/unload_lora_adapter", json={"lora_name": name}, headers=headers)
-            stats["unloads" if r.status_code == 200 else "unexpected"] += 1
+            if r.status_code == 200:
+                stats["unloads"] += 1
+            else:
+                fail(stats, "unexpected", f"unload {name}: HTTP {r.status_code} {r.text[:200]}")
         k += 1
         await asyncio.sleep(0.2)
 
 
 async def drive(url: str, n_requests: int, clients: int, models: list, dirs: dict, pid: int | None) -> dict:
     stats = {"ok": 0, "server_errors": 0, "incomplete": 0, "expected_4xx": 0, "unexpected": 0, "loads": 0,
-             "unloads": 0}
+             "unloads": 0, "why": []}
     rng, counter, stop = random.Random(0), iter(range(n_requests)), asyncio.Event()
     warm = {"rss": None}
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    # idle connections expire on the client well before the server's keep-alive timeout closes them: a request
+    # sent on a connection the server is closing at that moment fails with a reset, which is no server error
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4, keepalive_expiry=10)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         async def worker():
             for i in counter:
                 try:
                     await one_request(client, i, models, rng, stats)
-                except httpx.HTTPError:
-                    stats["incomplete"] += 1
+                except httpx.HTTPError as e:
+                    fail(stats, "incomplete", f"request {i}: {type(e).__name__}: {e}")
                 if pid is not None and warm["rss"] is None and i >= n_requests // 10:
                     warm["rss"] = rss_mb(pid)
 

@@ -21,7 +21,8 @@ def cmd_serve(args) -> int:
           served_model_name=args.served_model_name, adapter_root=args.adapter_root,
           adapters=_adapter_pairs(args.adapter), request_timeout=args.request_timeout,
           max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
-          max_queue=args.max_queue, max_model_len=args.max_model_len)
+          max_queue=args.max_queue, max_model_len=args.max_model_len,
+          timeout_keep_alive=args.timeout_keep_alive)
     return 0
 
 
@@ -44,4 +45,6 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests at most; more get 429")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (default: none)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default 5, uvicorn's)")
     p.set_defaults(func=cmd_serve)

@@ -53,7 +53,8 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, adapter_root=None, adapters: dict | None = None,
-          request_timeout: float | None = None, log_level: str = "info", **engine_kwargs) -> None:
+          request_timeout: float | None = None, log_level: str = "info", timeout_keep_alive: float = 5.0,
+          **engine_kwargs) -> None:
     """Load ``model`` and serve it (and its adapters) over HTTP until interrupted."""
     try:
         import uvicorn
@@ -65,4 +66,5 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     engine, _ = build_engine(model, adapters=adapters, adapter_root=adapter_root, **engine_kwargs)
     app = create_app(engine, served_model_name or served_name(model), api_key=api_key, adapter_root=adapter_root,
                      request_timeout=request_timeout, model_path=model)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60,
+                timeout_keep_alive=timeout_keep_alive)
