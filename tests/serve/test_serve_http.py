@@ -136,6 +136,8 @@ def test_errors_are_openai_error_objects(server):
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.post(server["url"] + "/v1/completions", json={"model": "poet"}, headers=headers)
     assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="needs an encoder"):  # a causal LM serves no embeddings
+        client.embeddings.create(model="poet", input="x")
     assert httpx.get(server["url"] + "/health").status_code == 200  # still up
 
 

@@ -22,7 +22,7 @@ def cmd_serve(args) -> int:
           adapters=_adapter_pairs(args.adapter), request_timeout=args.request_timeout,
           max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
           max_queue=args.max_queue, max_model_len=args.max_model_len,
-          timeout_keep_alive=args.timeout_keep_alive)
+          timeout_keep_alive=args.timeout_keep_alive, task=args.task)
     return 0
 
 
@@ -30,8 +30,11 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a model and its adapters over an OpenAI-compatible HTTP API",
                        description="Serve MODEL (a local model directory, a GGUF file or a packaged name) and "
                                    "PEFT-format adapters: /v1/completions, /v1/chat/completions, /v1/models, "
-                                   "/v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics.")
+                                   "/v1/embeddings (an encoder), /v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics.")
     p.add_argument("model", help="model directory, .gguf file, or packaged:NAME")
+    p.add_argument("--task", choices=["auto", "generate", "embed"], default="auto",
+                   help="generate (a causal LM: completions, chat) or embed (an encoder: /v1/embeddings); "
+                        "auto picks by the model's architecture")
     p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="register an adapter (repeatable)")
     p.add_argument("--adapter-root", metavar="DIR",
                    help="register every adapter directory in DIR by its name; runtime loads stay inside DIR")

@@ -55,6 +55,8 @@ class Engine:
     long prompt still goes alone); ``max_model_len``: prompt + output tokens at most (default: the model's
     context size)."""
 
+    task = "generate"
+
     def __init__(self, model, tokenizer=None, pool=None, max_batch: int = 32, max_queue: int = 1024,
                  max_prefill_tokens: int = 4096, max_model_len: int | None = None, eos_token_ids=None):
         self.model, self.tokenizer, self.pool = model, tokenizer, pool

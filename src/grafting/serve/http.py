@@ -1,5 +1,7 @@
 """The OpenAI-compatible HTTP server (FastAPI): completions and chat completions with server-sent-event
-streaming, the model list, vLLM's adapter load/unload endpoints, /health and Prometheus /metrics.
+streaming (over an :class:`~grafting.serve.Engine`), or embeddings (over an
+:class:`~grafting.serve.embed.Embedder`), the model list, vLLM's adapter load/unload endpoints, /health and
+Prometheus /metrics.
 
 ``model`` in a request names the base (``served_model_name``) or a registered adapter. Errors are OpenAI
 error objects: unknown model 404, invalid parameters or JSON 400, queue full 429, timeout 504, bad or missing
@@ -15,6 +17,7 @@ import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -25,8 +28,9 @@ from ..io.reader import CONFIG_NAME, WEIGHTS_NAME
 from .engine import EngineStopped, QueueFull
 from .metrics import ServerMetrics
 from .pool import AdapterError, AdapterNotFound
-from .protocol import (ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, chat_chunk,
-                       chat_response, completion_chunk, completion_response, error_body, new_id, usage)
+from .protocol import (ChatRequest, CompletionRequest, EmbeddingRequest, LoadAdapterRequest, UnloadAdapterRequest,
+                       chat_chunk, chat_response, completion_chunk, completion_response, embedding_response,
+                       error_body, new_id, usage)
 
 
 class APIError(Exception):
@@ -60,8 +64,10 @@ def inside_root(root: Path, path: str) -> Path:
 def create_app(engine, served_model_name: str, api_key: str | None = None, adapter_root=None,
                request_timeout: float | None = None, model_path: str | None = None,
                chat_template: str | None = None) -> FastAPI:
-    """A FastAPI app over a started-on-startup ``engine`` (with a tokenizer and an AdapterPool)."""
+    """A FastAPI app over a started-on-startup ``engine`` (with a tokenizer and an AdapterPool): an Engine
+    serves completions and chat completions, an Embedder serves embeddings; the other endpoints say so."""
     pool, tokenizer = engine.pool, engine.tokenizer
+    task = getattr(engine, "task", "generate")
     root = Path(adapter_root) if adapter_root is not None else None
     metrics = ServerMetrics(engine)
     engine.on_finish = metrics.observe
@@ -154,7 +160,14 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
             return model
         raise APIError(404, f"The model `{model}` does not exist.", param="model")
 
+    def serves(wanted: str) -> None:
+        if task != wanted:
+            what = "an embedding model: use /v1/embeddings" if task == "embed" else \
+                "a generative model; /v1/embeddings needs an encoder model"
+            raise APIError(400, f"'{served_model_name}' is {what}")
+
     def check(body) -> None:
+        serves("generate")
         field = body.unsupported()
         if field is not None:
             raise APIError(400, f"'{field}' is not supported by this server", param=field)
@@ -326,6 +339,46 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                     "finish_reason": finish[i]} for i, t in enumerate(texts)]
         return chat_response(rid, model, choices, prompt_tokens * len(handles), generated)
+
+    @app.post("/v1/embeddings", dependencies=v1)
+    async def embeddings(body: EmbeddingRequest, http_request: Request):
+        serves("embed")
+        adapter = adapter_for(body.model)
+        if body.dimensions is not None and body.dimensions > engine.dimensions:
+            raise APIError(400, f"dimensions: {body.dimensions} is more than this model's {engine.dimensions}",
+                           param="dimensions")
+        try:
+            rows = engine.tokenize(body.input)
+            future = engine.submit(rows, adapter, timeout=request_timeout)
+        except QueueFull as e:
+            raise APIError(429, str(e)) from None
+        except EngineStopped as e:
+            raise APIError(503, str(e)) from None
+        except AdapterNotFound as e:
+            raise APIError(404, str(e), param="model") from None
+        except GraftingError as e:
+            raise APIError(400, str(e), param="input") from None
+        waiting = asyncio.wrap_future(future)
+        try:
+            while True:
+                try:
+                    vectors = await asyncio.wait_for(asyncio.shield(waiting), timeout=1.0)
+                    break
+                except asyncio.TimeoutError:
+                    if await http_request.is_disconnected():
+                        future.cancel()
+                        raise APIError(499, "the client closed the request") from None
+        except AdapterError as e:
+            raise APIError(400, str(e), param="model") from None
+        except TimeoutError as e:
+            raise APIError(504, str(e)) from None
+        except GraftingError as e:
+            raise APIError(500, str(e)) from None
+        if body.dimensions is not None:  # a prefix of the vector, renormalised (OpenAI's text-embedding-3 rule)
+            vectors = vectors[:, :body.dimensions]
+            if engine.pooling.normalize:
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+        return embedding_response(body.model, vectors, body.encoding_format, sum(len(r) for r in rows))
 
     return app
 

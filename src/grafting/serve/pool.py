@@ -68,14 +68,16 @@ class AdapterPool:
 
     ``max_loras``: resident adapters at most (so also distinct adapters in one batch); ``max_bytes``: their
     tensors' bytes at most (None: no limit); ``max_rank``: registering an adapter with a larger rank is refused
-    (None: any rank)."""
+    (None: any rank); ``prepare``: ``(config, tensors) -> (config, tensors)`` applied after reading (and after
+    hashing, so keys stay the files' content), e.g. :func:`grafting.serve.embed.encoder_view`."""
 
     def __init__(self, model, max_loras: int = 8, max_bytes: int | None = None, max_rank: int | None = None,
-                 loader_threads: int = 1):
+                 loader_threads: int = 1, prepare=None):
         if max_loras < 1:
             raise GraftingError(f"max_loras: expected >= 1, got {max_loras}")
         self.model = model
         self.max_loras, self.max_bytes, self.max_rank = max_loras, max_bytes, max_rank
+        self.prepare = prepare
         self._registered: dict[str, _Registered] = {}
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # digest -> resident, LRU first
         self._ready: list = []  # (entry, generation, digest, config, tensors) read, waiting for room
@@ -154,7 +156,10 @@ class AdapterPool:
             reader = AdapterReader(entry.path)
             tensors = reader.read_all()
             digest = adapter_hash(reader.config, tensors)
-            result = (entry, generation, digest, reader.config, tensors, None)
+            config = reader.config
+            if self.prepare is not None:
+                config, tensors = self.prepare(config, tensors)
+            result = (entry, generation, digest, config, tensors, None)
         except Exception as e:  # reported to the requests that asked for it
             result = (entry, generation, None, None, None, str(e) if isinstance(e, GraftingError) else
                       f"{entry.path}: cannot read adapter '{entry.name}' ({type(e).__name__}: {e})")

@@ -104,6 +104,21 @@ class EmbeddingRequest(_Body):
     model: str
     input: Union[str, list[str], list[int], list[list[int]]]
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(default=None, gt=0)
+
+
+def embedding_response(model: str, vectors, encoding_format: str, prompt_tokens: int) -> dict:
+    """``vectors``: float32 [n, d]; base64 is the little-endian float32 bytes, as OpenAI sends them."""
+    import base64
+
+    import numpy as np
+
+    rows = vectors.numpy().astype("<f4")
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(row.tobytes()).decode() if encoding_format == "base64" else row.tolist()}
+            for i, row in enumerate(np.atleast_2d(rows))]
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
 class LoadAdapterRequest(_Body):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,21 +21,48 @@ def served_name(model: str) -> str:
     return p.stem if p.suffix == ".gguf" else p.resolve().name
 
 
+TASKS = ("auto", "generate", "embed")
+
+
+def model_task(model: str) -> str:
+    """"generate" for a causal LM (its config's architectures end in ForCausalLM / LMHeadModel, or it is a
+    GGUF file), "embed" for anything else (an encoder: served on /v1/embeddings)."""
+    from ..train.models import resolve
+
+    directory, extra = resolve(model)
+    if "gguf_file" in extra:
+        return "generate"
+    try:
+        architectures = json.loads((Path(directory) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError) as e:
+        raise GraftingError(f"{Path(directory) / 'config.json'}: cannot read it ({e})") from None
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures)
+    return "generate" if causal else "embed"
+
+
 def build_engine(model: str, adapters: dict | None = None, adapter_root=None, max_loras: int = 8,
                  max_lora_rank: int | None = None, max_batch: int = 32, max_queue: int = 1024,
-                 max_model_len: int | None = None, max_adapter_bytes: int | None = None):
+                 max_model_len: int | None = None, max_adapter_bytes: int | None = None, task: str = "auto"):
     """(engine, tokenizer): the base model loaded for inference, an AdapterPool with ``adapters`` (name ->
-    directory) and every adapter directory directly under ``adapter_root`` registered by its folder name."""
+    directory) and every adapter directory directly under ``adapter_root`` registered by its folder name.
+    ``task`` "generate" gives an :class:`~grafting.serve.Engine` (a causal LM), "embed" an
+    :class:`~grafting.serve.embed.Embedder` (an encoder); "auto" picks by the model (:func:`model_task`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ..model import AdaptedModel
-    from ..train.models import load_model
+    from ..train.models import load_model, resolve
+    from .embed import Embedder, encoder_view, read_pooling
     from .engine import Engine
     from .pool import AdapterPool
 
-    tokenizer, base = load_model(model, task="causal_lm")
+    if task not in TASKS:
+        raise GraftingError(f"task '{task}': expected one of {', '.join(TASKS)}")
+    if task == "auto":
+        task = model_task(model)
+    tokenizer, base = load_model(model, task="causal_lm" if task == "generate" else "embed")
     base.eval()
     adapted = AdaptedModel(base)
-    pool = AdapterPool(adapted, max_loras=max_loras, max_rank=max_lora_rank, max_bytes=max_adapter_bytes)
+    pool = AdapterPool(adapted, max_loras=max_loras, max_rank=max_lora_rank, max_bytes=max_adapter_bytes,
+                       prepare=encoder_view(adapted) if task == "embed" else None)
     if max_lora_rank is not None:
         adapted.reserve(max_loras, max_lora_rank)  # the stacks never reallocate while serving
     if adapter_root is not None:
@@ -46,6 +74,11 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
                 pool.register(d.name, d)
     for name, path in (adapters or {}).items():
         pool.register(name, path)
+    if task == "embed":
+        pooling = read_pooling(resolve(model)[0])
+        if max_model_len is not None:
+            pooling.max_length = max_model_len
+        return Embedder(adapted, tokenizer, pool, pooling=pooling, max_batch=max_batch, max_queue=max_queue), tokenizer
     engine = Engine(adapted, tokenizer=tokenizer, pool=pool, max_batch=max_batch, max_queue=max_queue,
                     max_model_len=max_model_len)
     return engine, tokenizer

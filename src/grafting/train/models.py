@@ -47,7 +47,7 @@ def load_model(path: str, task: str, num_labels: int | None = None, label_names:
     """(tokenizer, model) for a recipe's model section."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     directory, extra = resolve(path)
@@ -59,6 +59,8 @@ def load_model(path: str, task: str, num_labels: int | None = None, label_names:
             kwargs["id2label"] = dict(enumerate(label_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
         model = AutoModelForSequenceClassification.from_pretrained(directory, **extra, **kwargs)
+    elif task == "embed":  # the bare encoder: its hidden states, no head
+        model = AutoModel.from_pretrained(directory, **extra, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, **extra, dtype=torch.float32)
     if tokenizer.pad_token_id is None:
