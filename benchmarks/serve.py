@@ -193,6 +193,7 @@ def workload_section(cfg, root: Path) -> dict:
         pool = AdapterPool(model, max_loras=min(n, cfg["max_loras"]))
         for name in names:
             pool.register(name, root / name)
+        pool.preload()  # warm, as peft's model below holds all its adapters before the first request
         systems = {"grafting": lambda: replay(Engine(model, pool=pool, max_batch=cfg["max_batch"]), trace, names,
                                               vocab)}
         if n == cfg["peer_n"]:
@@ -227,7 +228,7 @@ def workload_section(cfg, root: Path) -> dict:
 # traces: (adapters, alpha, cv); every (alpha, cv) pair at the peers' N, the uniform Poisson one at the others
 FULL = dict(kernel_rounds=30, n_kernel=64, requests=128, rate=40.0, prompt_len=(8, 32), output_len=(8, 32),
             traces=[(1, 1.0, 1.0), (8, 1.0, 1.0), (64, 1.0, 1.0), (64, 0.1, 1.0), (64, 1.0, 4.0), (64, 0.1, 4.0),
-                    (512, 1.0, 1.0)], peer_n=64, max_loras=32, max_batch=32)
+                    (512, 1.0, 1.0)], peer_n=64, max_loras=64, max_batch=32)
 QUICK = dict(kernel_rounds=2, n_kernel=8, requests=12, rate=8.0, prompt_len=(4, 8), output_len=(4, 8),
              traces=[(1, 1.0, 1.0), (8, 1.0, 1.0)], peer_n=8, max_loras=4, max_batch=8)
 

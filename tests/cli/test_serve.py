@@ -37,7 +37,8 @@ def test_graft_serve_answers_and_shuts_down_gracefully(tmp_path):
     model.save_adapter(tmp_path / "style", name="style")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "grafting.cli.main", "serve", str(tmp_path / "tiny-gpt2"),
-                             "--adapter", f"style={tmp_path / 'style'}", "--port", str(port), "--max-lora-rank", "16"],
+                             "--adapter", f"style={tmp_path / 'style'}", "--port", str(port), "--max-lora-rank", "16",
+                             "--preload"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -53,6 +54,7 @@ def test_graft_serve_answers_and_shuts_down_gracefully(tmp_path):
             time.sleep(0.2)
         models = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
         assert models == ["tiny-gpt2", "style"]
+        assert "grafting_adapter_loads_total 1.0" in httpx.get(url + "/metrics").text  # --preload: read at startup
         body = {"model": "style", "prompt": "hi", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
         first = httpx.post(url + "/v1/completions", json=body, timeout=30).json()
         assert first["usage"]["completion_tokens"] == 5

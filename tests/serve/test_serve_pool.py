@@ -201,3 +201,24 @@ def test_engine_fails_only_the_request_whose_adapter_cannot_load(adapter_dirs, t
     out = bad.result()
     assert out.finish_reason == "error" and "safetensors" in out.error
     pool.close()
+
+
+def test_preload_installs_up_to_max_loras_before_serving(adapter_dirs, tmp_path):
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=3)
+    for name, d in dirs.items():
+        pool.register(name, d)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2,
+                                                                      "target_modules": ["c_attn"]}))
+    pool.register("bad", tmp_path / "bad")  # no weights: preload leaves it out, its requests get the error
+    assert pool.preload(["bad", "ad0", "ad3", "ad5"]) == ["ad0", "ad3"]  # the first max_loras names are tried
+    assert len(pool.resident) == 2 and pool.stats["loads"] == 2
+    engine = Engine(pool.model, pool=pool)
+    out = engine.generate([[1, 2, 3]] * 2, GREEDY, ["ad0", "ad3"])
+    assert [o.token_ids for o in out] == [expected["ad0"], expected["ad3"]]
+    assert engine.stats["steps"] == GREEDY.max_tokens - 1  # no step waited for a read (prefill + decode share one)
+    with pytest.raises(AdapterError, match="no adapter named 'nobody'"):
+        pool.preload(["nobody"])
+    with pytest.raises(AdapterError, match="bad"):
+        pool.acquire("bad")

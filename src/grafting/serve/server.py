@@ -42,11 +42,13 @@ def model_task(model: str) -> str:
 
 def build_engine(model: str, adapters: dict | None = None, adapter_root=None, max_loras: int = 8,
                  max_lora_rank: int | None = None, max_batch: int = 32, max_queue: int = 1024,
-                 max_model_len: int | None = None, max_adapter_bytes: int | None = None, task: str = "auto"):
+                 max_model_len: int | None = None, max_adapter_bytes: int | None = None, task: str = "auto",
+                 preload: bool = False):
     """(engine, tokenizer): the base model loaded for inference, an AdapterPool with ``adapters`` (name ->
     directory) and every adapter directory directly under ``adapter_root`` registered by its folder name.
     ``task`` "generate" gives an :class:`~grafting.serve.Engine` (a causal LM), "embed" an
-    :class:`~grafting.serve.embed.Embedder` (an encoder); "auto" picks by the model (:func:`model_task`)."""
+    :class:`~grafting.serve.embed.Embedder` (an encoder); "auto" picks by the model (:func:`model_task`).
+    ``preload``: read and install the first ``max_loras`` registered adapters before returning."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ..model import AdaptedModel
     from ..train.models import load_model, resolve
@@ -74,6 +76,8 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
                 pool.register(d.name, d)
     for name, path in (adapters or {}).items():
         pool.register(name, path)
+    if preload:
+        pool.preload()
     if task == "embed":
         pooling = read_pooling(resolve(model)[0])
         if max_model_len is not None:
