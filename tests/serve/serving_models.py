@@ -3,6 +3,8 @@ byte-level tokenizer, for the serving tests (a plain module: every test director
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import grafting as gf
@@ -61,3 +63,50 @@ def _byte_of(ch: str) -> int:
         return code
     others = [b for b in range(256) if b not in printable]
     return others[code - 256]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def uvicorn_server(app, timeout: float = 30):
+    """Serve ``app`` on 127.0.0.1 from a thread; yields its URL and stops it afterwards."""
+    import threading
+    import time
+
+    import uvicorn
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not srv.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout)
+
+
+def wait_healthy(url: str, timeout: float = 120, proc=None) -> None:
+    """Poll ``url``/health until it answers 200; fail with the server's output if ``proc`` exits first."""
+    import time
+
+    import httpx
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the server exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not come up in {timeout:.0f} s"
+        time.sleep(0.2)

@@ -4,13 +4,11 @@ one batch against peft on the task model they were trained on, and /v1/embedding
 from __future__ import annotations
 
 import importlib.util
-import socket
-import threading
-import time
 
 import httpx
 import pytest
 import torch
+from serving_models import uvicorn_server
 
 import grafting as gf
 from grafting.errors import GraftingError
@@ -137,7 +135,7 @@ def test_embedder_refuses_bad_input_clearly(tmp_path):
 @pytest.fixture(scope="module")
 def embed_server(tmp_path_factory):
     openai = pytest.importorskip("openai")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from grafting.serve.http import create_app
     from grafting.serve.server import build_engine
     tmp = tmp_path_factory.mktemp("embed")
@@ -148,21 +146,9 @@ def embed_server(tmp_path_factory):
     expected = {m: expected_embedder.embed(texts, m) for m in ("a", "b", None)}
     embedder, _ = build_engine(str(tmp / "model"), adapter_root=tmp / "adapters", max_loras=1)
     app = create_app(embedder, "tiny-bert", api_key="k", adapter_root=tmp / "adapters", request_timeout=30)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=url + "/v1", api_key="k", timeout=30, max_retries=0)
-    yield {"url": url, "client": client, "texts": texts, "expected": expected}
-    srv.should_exit = True
-    thread.join(30)
+    with uvicorn_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", timeout=30, max_retries=0)
+        yield {"url": url, "client": client, "texts": texts, "expected": expected}
 
 
 def test_openai_client_embeddings_per_adapter(embed_server):

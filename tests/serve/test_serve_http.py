@@ -5,13 +5,11 @@ the error paths the client never sends."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-from serving_models import add_random_adapter, byte_tokenizer, tiny_lm
+from serving_models import add_random_adapter, byte_tokenizer, tiny_lm, uvicorn_server
 
 import grafting as gf
 from grafting.serve import AdapterPool, Engine, SamplingParams
@@ -22,12 +20,6 @@ uvicorn = pytest.importorskip("uvicorn")
 KEY = "sk-test-key"
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +46,9 @@ def server(tmp_path_factory):
         pool.register(d, root / d)
     engine = Engine(model, tokenizer=tokenizer, pool=pool, max_batch=8, max_queue=64)
     app = create_app(engine, "tiny-llama", api_key=KEY, adapter_root=root, request_timeout=30)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, timeout=30, max_retries=0)
-    yield {"url": url, "client": client, "expected": expected, "engine": engine, "root": root}
-    srv.should_exit = True
-    thread.join(30)
+    with uvicorn_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, timeout=30, max_retries=0)
+        yield {"url": url, "client": client, "expected": expected, "engine": engine, "root": root}
 
 
 def test_models_lists_base_and_adapters(server):

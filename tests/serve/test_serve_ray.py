@@ -4,12 +4,11 @@ adapter (Ray Serve model multiplexing), answers equal to a local engine's, strea
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import httpx
 import pytest
-from serving_models import add_random_adapter, byte_tokenizer, tiny_lm
+from serving_models import add_random_adapter, byte_tokenizer, free_port, tiny_lm, wait_healthy
 
 import grafting as gf
 from grafting.serve import Engine, SamplingParams
@@ -39,9 +38,7 @@ def ray_server(tmp_path_factory):
     greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     expected = {name: Engine(source, tokenizer=tokenizer).generate(["Once upon"], greedy, [name])[0].text
                 for name in ["poet", "pirate", None]}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -49,15 +46,7 @@ def ray_server(tmp_path_factory):
                         api_key=KEY, ray_actor_options={"num_cpus": 0.5}, max_batch=8)
         serve.run(app, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the Ray Serve app did not come up"
-            time.sleep(0.5)
+        wait_healthy(url, timeout=180)
         yield {"url": url, "expected": expected, "adapters": tmp / "adapters", "source": source,
                "tokenizer": tokenizer}
     finally:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -29,6 +28,7 @@ import torch
 from ..errors import GraftingError
 from ..io.reader import PREFIX
 from .engine import EngineStopped, QueueFull
+from .loop import BackgroundLoop
 from .pool import AdapterError
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "last")
@@ -128,7 +128,7 @@ class EmbeddingJob:
     first_token_at: float | None = None
 
 
-class Embedder:
+class Embedder(BackgroundLoop):
     """Batched embeddings over ``model`` (an :class:`~grafting.AdaptedModel` around a transformers encoder).
 
     ``pool``: resolves adapter names; ``max_batch``: rows per forward pass at most (one larger request still
@@ -136,6 +136,7 @@ class Embedder:
     become one vector (default: what the model directory declares, see :func:`read_pooling`)."""
 
     task = "embed"
+    thread_name = "grafting-embedder"
 
     def __init__(self, model, tokenizer=None, pool=None, pooling: Pooling | None = None, max_batch: int = 64,
                  max_queue: int = 1024):
@@ -155,10 +156,7 @@ class Embedder:
         self.stats = {"requests": 0, "finished": 0, "errors": 0, "generated_tokens": 0, "prompt_tokens": 0,
                       "steps": 0, "batch_rows": 0}
         self.on_finish = None
-        self._lock = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._accepting = True
+        self._init_loop()
         if pool is not None:
             pool.on_change = self._wake
 
@@ -208,41 +206,19 @@ class Embedder:
             self.step()
         return future.result()
 
-    # ---- the loop ---------------------------------------------------------------------------------------------
-    def start(self) -> "Embedder":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="grafting-embedder", daemon=True)
-            self._thread.start()
-        return self
+    # ---- the loop (BackgroundLoop runs step on its thread) ------------------------------------------------------
+    def _has_work(self) -> bool:
+        return bool(self.waiting)
 
-    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
-        with self._lock:
-            self._accepting = False
-            if not drain:
-                for job in self.waiting:
-                    job.future.cancel()
-            self._stopping = True
-            self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        if self.pool is not None:
-            self.pool.close()
+    def _drained(self) -> bool:
+        return not self.waiting
 
-    def _wake(self) -> None:
-        with self._lock:
-            self._lock.notify_all()
+    def _cancel_all(self) -> None:
+        for job in self.waiting:
+            job.future.cancel()
 
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self.waiting and not self._stopping:
-                    self._lock.wait(timeout=0.5)
-                if self._stopping and not self.waiting:
-                    return
-            if not self.step():
-                with self._lock:  # everything waits for an adapter being read: sleep until the pool says
-                    self._lock.wait(timeout=0.05)
+    def _fail_all(self, why: str) -> None:
+        pass  # step finishes its own batch with the error
 
     def step(self) -> bool:
         """Embed one batch of what waits; whether anything ran."""

@@ -22,7 +22,6 @@ events stream the output (text deltas), or ``handle.result()`` waits for all of 
 from __future__ import annotations
 
 import inspect
-import threading
 import time
 from collections import deque
 
@@ -30,6 +29,7 @@ import torch
 
 from ..errors import GraftingError
 from .kv import BatchCache, cache_tensors, make_cache
+from .loop import BackgroundLoop
 from .pool import AdapterError
 from .request import Completion, Output, Request, RequestHandle
 from .sampling import SamplingParams, make_generator, sample_token
@@ -46,7 +46,7 @@ class EngineStopped(GraftingError):
     pass
 
 
-class Engine:
+class Engine(BackgroundLoop):
     """Continuous batching over ``model`` (an :class:`~grafting.AdaptedModel` around a transformers causal LM).
 
     ``pool``: an :class:`~grafting.serve.AdapterPool` resolving adapter names (without one, names are the
@@ -56,6 +56,7 @@ class Engine:
     context size)."""
 
     task = "generate"
+    thread_name = "grafting-engine"
 
     def __init__(self, model, tokenizer=None, pool=None, max_batch: int = 32, max_queue: int = 1024,
                  max_prefill_tokens: int = 4096, max_model_len: int | None = None, eos_token_ids=None):
@@ -68,10 +69,7 @@ class Engine:
         self.waiting: deque = deque()
         self.running: list = []
         self.cache = BatchCache()
-        self._lock = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._accepting = True
+        self._init_loop()
         self.device = next(model.parameters()).device
         inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "base_model", model)
         forward = getattr(inner, "forward", None)
@@ -139,43 +137,13 @@ class Engine:
                 self.step()
         return [h.result() for h in handles]
 
-    # ---- the loop ---------------------------------------------------------------------------------------------
-    def start(self) -> "Engine":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="grafting-engine", daemon=True)
-            self._thread.start()
-        return self
+    # ---- the loop (BackgroundLoop runs step on its thread) ------------------------------------------------------
+    def _drained(self) -> bool:
+        return not self.waiting and not self.running
 
-    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop accepting requests; with ``drain`` finish the ones in flight first, else cancel them."""
-        with self._lock:
-            self._accepting = False
-            if not drain:
-                for r in list(self.waiting) + self.running:
-                    r.cancelled = True
-            self._stopping = True
-            self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        if self.pool is not None:
-            self.pool.close()
-
-    def _wake(self) -> None:
-        with self._lock:
-            self._lock.notify_all()
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._has_work() and not self._stopping:
-                    self._lock.wait(timeout=0.5)
-                if self._stopping and not self.waiting and not self.running:
-                    return
-            try:
-                self.step()
-            except Exception as e:  # never leave clients hanging: fail what is in flight, keep serving
-                self._fail_all(f"internal error: {type(e).__name__}: {e}")
+    def _cancel_all(self) -> None:
+        for r in list(self.waiting) + self.running:
+            r.cancelled = True
 
     def _has_work(self) -> bool:
         return bool(self.running) or any(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import torch
@@ -172,9 +172,11 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         if field is not None:
             raise APIError(400, f"'{field}' is not supported by this server", param=field)
 
-    def submit(prompt, params, adapter, on_event):
+    @contextmanager
+    def submitting(param: str | None = None):
+        """Submission errors as HTTP errors: queue full 429, stopping 503, unknown adapter 404, else 400."""
         try:
-            return engine.submit(prompt, params, adapter, timeout=request_timeout, on_event=on_event)
+            yield
         except QueueFull as e:
             raise APIError(429, str(e)) from None
         except EngineStopped as e:
@@ -182,7 +184,11 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         except AdapterNotFound as e:
             raise APIError(404, str(e), param="model") from None
         except (AdapterError, GraftingError) as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=param) from None
+
+    def submit(prompt, params, adapter, on_event):
+        with submitting():
+            return engine.submit(prompt, params, adapter, timeout=request_timeout, on_event=on_event)
 
     def start(prompts, params_list, adapter, http_request):
         """Submit every (prompt, params); returns handles and an async iterator of (index, event)."""
@@ -347,17 +353,9 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         if body.dimensions is not None and body.dimensions > engine.dimensions:
             raise APIError(400, f"dimensions: {body.dimensions} is more than this model's {engine.dimensions}",
                            param="dimensions")
-        try:
+        with submitting(param="input"):
             rows = engine.tokenize(body.input)
             future = engine.submit(rows, adapter, timeout=request_timeout)
-        except QueueFull as e:
-            raise APIError(429, str(e)) from None
-        except EngineStopped as e:
-            raise APIError(503, str(e)) from None
-        except AdapterNotFound as e:
-            raise APIError(404, str(e), param="model") from None
-        except GraftingError as e:
-            raise APIError(400, str(e), param="input") from None
         waiting = asyncio.wrap_future(future)
         try:
             while True:

@@ -1,0 +1,60 @@
+"""The background thread shared by the generation engine and the embedder: step while there is work, sleep
+on a condition otherwise, stop by draining or cancelling what is in flight."""
+
+from __future__ import annotations
+
+import threading
+
+
+class BackgroundLoop:
+    """``start()`` runs ``step()`` on a daemon thread; ``stop()`` ends it. Subclasses define ``step`` (returns
+    False when nothing could run, e.g. every request waits for an adapter read), ``_has_work``, ``_drained``,
+    ``_cancel_all`` and ``_fail_all``, and hold ``self.pool``."""
+
+    thread_name = "grafting-loop"
+
+    def _init_loop(self) -> None:
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._accepting = True
+
+    def start(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting requests; with ``drain`` finish the ones in flight first, else cancel them."""
+        with self._lock:
+            self._accepting = False
+            if not drain:
+                self._cancel_all()
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self.pool is not None:
+            self.pool.close()
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._has_work() and not self._stopping:
+                    self._lock.wait(timeout=0.5)
+                if self._stopping and self._drained():
+                    return
+            try:
+                ran = self.step()
+            except Exception as e:  # never leave clients hanging: fail what is in flight, keep serving
+                self._fail_all(f"internal error: {type(e).__name__}: {e}")
+                continue
+            if ran is False:
+                with self._lock:  # everything waits for an adapter being read: sleep until the pool says
+                    self._lock.wait(timeout=0.05)
