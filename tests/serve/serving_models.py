@@ -25,6 +25,10 @@ def tiny_lm(arch: str, seed: int = 0, tie: bool = True):
     return model.eval()
 
 
+# a chat template the byte tokenizer can render: <role>content lines, then <assistant>
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
 TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"]}
 
 

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from serving_models import add_random_adapter, byte_tokenizer, tiny_lm, uvicorn_server
+from serving_models import TEMPLATE, add_random_adapter, byte_tokenizer, tiny_lm, uvicorn_server
 
 import grafting as gf
 from grafting.serve import AdapterPool, Engine, SamplingParams
@@ -18,8 +18,6 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 KEY = "sk-test-key"
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,12 @@ adapter (Ray Serve model multiplexing), answers equal to a local engine's, strea
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
 import pytest
-from serving_models import add_random_adapter, byte_tokenizer, free_port, tiny_lm, wait_healthy
+from serving_models import TEMPLATE, add_random_adapter, byte_tokenizer, free_port, tiny_lm, wait_healthy
 
 import grafting as gf
 from grafting.serve import Engine, SamplingParams
@@ -18,8 +19,6 @@ serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 
 KEY = "sk-ray"
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +38,9 @@ def ray_server(tmp_path_factory):
     expected = {name: Engine(source, tokenizer=tokenizer).generate(["Once upon"], greedy, [name])[0].text
                 for name in ["poet", "pirate", None]}
     port = free_port()
+    # on two busy cores a proxy can take longer than Ray's 5 s to report ready; it is then killed and retried
+    for var in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(var, "60")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
