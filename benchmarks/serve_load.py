@@ -182,7 +182,7 @@ async def drive(url: str, n_requests: int, clients: int, models: list, dirs: dic
     stats = {"ok": 0, "server_errors": 0, "incomplete": 0, "expected_4xx": 0, "unexpected": 0, "loads": 0,
              "unloads": 0, "why": []}
     rng, counter, stop = random.Random(0), iter(range(n_requests)), asyncio.Event()
-    warm = {"rss": None}
+    warm = {"rss": None, "series": []}
     # idle connections expire on the client well before the server's keep-alive timeout closes them: a request
     # sent on a connection the server is closing at that moment fails with a reset, which is no server error
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4, keepalive_expiry=10)
@@ -195,6 +195,8 @@ async def drive(url: str, n_requests: int, clients: int, models: list, dirs: dic
                     fail(stats, "incomplete", f"request {i}: {type(e).__name__}: {e}")
                 if pid is not None and warm["rss"] is None and i >= n_requests // 10:
                     warm["rss"] = rss_mb(pid)
+                if pid is not None and i % max(n_requests // 10, 1) == 0:
+                    warm["series"].append(round(rss_mb(pid)))
 
         t0 = time.monotonic()
         churner = asyncio.create_task(churn(client, dirs, stop, stats))
@@ -207,6 +209,7 @@ async def drive(url: str, n_requests: int, clients: int, models: list, dirs: dic
            "requests_per_s": n_requests / elapsed, "health_after": health}
     if pid is not None:
         out["rss_mb_after_warmup"], out["rss_mb_end"] = warm["rss"], rss_mb(pid)
+        out["rss_mb_every_tenth"] = warm["series"]
     return out
 
 

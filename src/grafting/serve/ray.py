@@ -40,11 +40,11 @@ ROUTED = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 REFUSED = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
-async def call_asgi(app, method: str, path: str, headers: list, body: bytes):
+async def call_asgi(app, method: str, path: str, headers: list, body: bytes, query: str = ""):
     """Run one HTTP request through an ASGI ``app`` in process; yields the status and headers first, then the
     body chunks as the app sends them (so a streaming response streams)."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
              "headers": [(k.lower().encode(), v.encode()) for k, v in headers], "client": ("127.0.0.1", 0),
              "server": ("127.0.0.1", 80)}
     sent: asyncio.Queue = asyncio.Queue()
@@ -113,12 +113,12 @@ class GraftReplica:
                 await asyncio.to_thread(pool.register, name, d)
         return name
 
-    async def forward(self, method: str, path: str, headers: list, body: bytes):
+    async def forward(self, method: str, path: str, headers: list, body: bytes, query: str = ""):
         model_id = serve.get_multiplexed_model_id()
         known = model_id in self.engine.pool or (self.root is not None and _adapter_dir(self.root, model_id))
         if model_id and known:  # unknown names are not counted as loaded: the app answers them 404
             await self.get_adapter(model_id)
-        async for item in call_asgi(self.app, method, path, headers, body):
+        async for item in call_asgi(self.app, method, path, headers, body, query):
             if isinstance(item, dict):
                 item["headers"].append(("x-grafting-replica", self.replica_id))
             yield item
@@ -166,7 +166,7 @@ class GraftRouter:
         handle = self.replica.options(stream=True, multiplexed_model_id=""
                                       if model in ("", self.served_model_name) else model)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "content-length")]
-        stream = handle.forward.remote(request.method, path, headers, body)
+        stream = handle.forward.remote(request.method, path, headers, body, request.url.query)
         head = await stream.__anext__()
 
         async def rest():
