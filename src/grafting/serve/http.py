@@ -43,7 +43,17 @@ _KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
           429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+BAD_KEY = "invalid or missing API key (send 'Authorization: Bearer <key>')"
+
+
+def key_matches(headers, api_key: str) -> bool:
+    """Whether the request's ``Authorization: Bearer`` token is ``api_key`` (compared in constant time)."""
+    header = headers.get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else ""
+    return secrets.compare_digest(token.encode(), api_key.encode())
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, _KINDS.get(status, "server_error"), status, param), status_code=status)
 
 
@@ -84,7 +94,7 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return _error(exc.status, exc.message, exc.param)
+        return error_response(exc.status, exc.message, exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
@@ -92,23 +102,21 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         for err in exc.errors()[:5]:
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             parts.append(f"{loc or 'body'}: {err.get('msg')}")
-        return _error(400, "invalid request: " + "; ".join(parts))
+        return error_response(400, "invalid request: " + "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
     async def authorized(request: Request):
         if api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not secrets.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')")
+        if not key_matches(request.headers, api_key):
+            raise APIError(401, BAD_KEY)
 
     v1 = [Depends(authorized)]
 
@@ -116,7 +124,7 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
     @app.get("/health")
     async def health():
         if state["closing"]:
-            return _error(503, "shutting down")
+            return error_response(503, "shutting down")
         return {"status": "ok"}
 
     @app.get("/metrics")

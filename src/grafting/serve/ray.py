@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 from pathlib import Path
 
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import StreamingResponse
 
 from ..errors import GraftingError
 from ..io.reader import CONFIG_NAME
-from .protocol import error_body
+from .http import BAD_KEY, error_response, key_matches
 
 ROUTED = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 REFUSED = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
@@ -152,10 +151,10 @@ class GraftRouter:
     async def __call__(self, request: Request):
         body = await request.body()
         path = request.url.path
-        if path.startswith("/v1/") and self.api_key is not None and not _key_ok(request, self.api_key):
-            return _error(401, "invalid or missing API key (send 'Authorization: Bearer <key>')")
+        if path.startswith("/v1/") and self.api_key is not None and not key_matches(request.headers, self.api_key):
+            return error_response(401, BAD_KEY)
         if path in REFUSED:
-            return _error(400, "under Ray Serve, adapters load by name from the adapter root on every replica; "
+            return error_response(400, "under Ray Serve, adapters load by name from the adapter root on every replica; "
                                "add a directory there instead of calling " + path)
         model = ""
         if request.method == "POST" and path in ROUTED:
@@ -167,25 +166,10 @@ class GraftRouter:
                                       if model in ("", self.served_model_name) else model)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "content-length")]
         stream = handle.forward.remote(request.method, path, headers, body, request.url.query)
-        head = await stream.__anext__()
-
-        async def rest():
-            async for chunk in stream:
-                yield chunk
-
+        head = await stream.__anext__()  # status and headers; the rest of the stream is the body
         media = dict(head["headers"]).get("content-type")
         out_headers = {k: v for k, v in head["headers"] if k.lower() not in ("content-length", "content-type")}
-        return StreamingResponse(rest(), status_code=head["status"], headers=out_headers, media_type=media)
-
-
-def _key_ok(request: Request, api_key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else ""
-    return secrets.compare_digest(token.encode(), api_key.encode())
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(error_body(message, "invalid_request_error", status), status_code=status)
+        return StreamingResponse(stream, status_code=head["status"], headers=out_headers, media_type=media)
 
 
 def build_app(model: str, adapter_root: str | None = None, num_replicas: int = 1, max_loras: int = 8,
