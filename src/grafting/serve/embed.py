@@ -27,7 +27,6 @@ import torch
 
 from ..errors import GraftingError
 from ..io.reader import PREFIX
-from .engine import EngineStopped, QueueFull
 from .loop import BackgroundLoop
 from .pool import AdapterError
 
@@ -189,14 +188,7 @@ class Embedder(BackgroundLoop):
         if adapter is not None and self.pool is not None and adapter not in self.pool:
             raise AdapterError(f"no adapter named '{adapter}'")
         job = EmbeddingJob(rows, adapter, Future(), None if timeout is None else time.monotonic() + timeout)
-        with self._lock:
-            if not self._accepting:
-                raise EngineStopped("the embedder is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue}); retry later")
-            self.waiting.append(job)
-            self.stats["requests"] += 1
-            self._lock.notify_all()
+        self._enqueue(job)
         return job.future
 
     def embed(self, inputs, adapter: str | None = None) -> torch.Tensor:
@@ -251,7 +243,7 @@ class Embedder(BackgroundLoop):
             candidates = list(self.waiting)
         for job in candidates:
             if job.future.cancelled() or (job.deadline is not None and now > job.deadline):
-                self._remove(job)
+                self._remove_waiting(job)
                 if not job.future.cancelled():
                     self._finish(job, error=TimeoutError("the request timed out while waiting"))
                 continue
@@ -261,27 +253,20 @@ class Embedder(BackgroundLoop):
                 try:
                     job.internal = self.pool.acquire(job.adapter)
                 except AdapterError as e:
-                    self._remove(job)
+                    self._remove_waiting(job)
                     self._finish(job, error=e)
                     continue
                 if job.internal is None:
                     continue  # being read: later requests go ahead meanwhile
             else:
                 job.internal = job.adapter
-            self._remove(job)
+            self._remove_waiting(job)
             if not job.future.set_running_or_notify_cancel():
                 self._release(job)
                 continue
             batch.append(job)
             rows += len(job.rows)
         return batch
-
-    def _remove(self, job) -> None:
-        with self._lock:
-            try:
-                self.waiting.remove(job)
-            except ValueError:
-                pass
 
     def _forward(self, rows: list, names: list) -> torch.Tensor:
         width = max(len(r) for r in rows)

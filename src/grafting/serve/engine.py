@@ -29,21 +29,13 @@ import torch
 
 from ..errors import GraftingError
 from .kv import BatchCache, cache_tensors, make_cache
-from .loop import BackgroundLoop
+from .loop import BackgroundLoop, EngineStopped, QueueFull
 from .pool import AdapterError
 from .request import Completion, Output, Request, RequestHandle
 from .sampling import SamplingParams, make_generator, sample_token
 from .text import Detokenizer
 
 __all__ = ["Completion", "Engine", "EngineStopped", "Output", "QueueFull", "Request", "RequestHandle"]
-
-
-class QueueFull(GraftingError):
-    """More requests are waiting than the engine accepts (HTTP 429)."""
-
-
-class EngineStopped(GraftingError):
-    pass
 
 
 class Engine(BackgroundLoop):
@@ -108,14 +100,7 @@ class Engine(BackgroundLoop):
         request.on_event = on_event or handle.events.put
         request.generator = make_generator(params)
         request.detok = Detokenizer(self.tokenizer, params.stop)
-        with self._lock:
-            if not self._accepting:
-                raise EngineStopped("the engine is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue}); retry later")
-            self.waiting.append(request)
-            self.stats["requests"] += 1
-            self._lock.notify_all()
+        self._enqueue(request)
         return handle
 
     def _check_adapter(self, adapter) -> None:
@@ -204,13 +189,6 @@ class Engine(BackgroundLoop):
             new.append(request)
             budget -= len(request.prompt_ids)
         return new
-
-    def _remove_waiting(self, request) -> None:
-        with self._lock:
-            try:
-                self.waiting.remove(request)
-            except ValueError:
-                pass
 
     def _retire(self) -> None:
         """Drop finished, cancelled and timed-out rows from the batch and the cache."""

@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import threading
 
+from ..errors import GraftingError
+
+
+class QueueFull(GraftingError):
+    """More requests are waiting than the engine accepts (HTTP 429)."""
+
+
+class EngineStopped(GraftingError):
+    pass
+
 
 class BackgroundLoop:
     """``start()`` runs ``step()`` on a daemon thread; ``stop()`` ends it. Subclasses define ``step`` (returns
     False when nothing could run, e.g. every request waits for an adapter read), ``_has_work``, ``_drained``,
-    ``_cancel_all`` and ``_fail_all``, and hold ``self.pool``."""
+    ``_cancel_all`` and ``_fail_all``, and hold ``self.pool``, ``self.waiting``, ``self.max_queue`` and
+    ``self.stats``."""
 
     thread_name = "grafting-loop"
 
@@ -18,6 +29,24 @@ class BackgroundLoop:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._accepting = True
+
+    def _enqueue(self, item) -> None:
+        """Queue ``item`` for the loop (any thread); refused while stopping or when the queue is full."""
+        with self._lock:
+            if not self._accepting:
+                raise EngineStopped(f"the {self.thread_name.removeprefix('grafting-')} is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue}); retry later")
+            self.waiting.append(item)
+            self.stats["requests"] += 1
+            self._lock.notify_all()
+
+    def _remove_waiting(self, item) -> None:
+        with self._lock:
+            try:
+                self.waiting.remove(item)
+            except ValueError:
+                pass
 
     def start(self):
         if self._thread is None:
