@@ -1,0 +1,175 @@
+"""``NF4Linear``: a frozen linear layer stored in NF4 that computes its own output a bounded slice at a time.
+
+The forward never holds the whole fp32 weight: rows of the weight are dequantized ``chunk_elements`` at a time
+and multiplied straight away, and the input gradient in backward is built the same way (dL/dx = g · W, slice by
+slice), so the extra memory is one slice, not the layer (the weight gets no gradient: QLoRA trains adapters on a
+frozen base). Both directions are autograd functions of each other, so higher derivatives (the bi-level
+engine's Hessian-vector products) flow through as well.
+
+It speaks the host protocol (grafting.layers): ``in_features``, ``out_features``, ``dequantize()`` and
+``quantize_(weight)``, so every registered low-rank method trains, merges (dequantize, add ΔW, re-quantize) and
+serves on it without knowing it is quantized.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import GraftingError
+from .nf4 import NF4Weight, dequantize_range, quantize_nf4
+
+_STATISTICS = ("code", "nested_absmax", "nested_code", "offset")  # float buffers kept in float32
+CHUNK_ELEMENTS = 1 << 21  # 8 MB of fp32 per slice: most layers of a small model are one slice
+
+
+class NF4Linear(nn.Module):
+    """y = x · dequant(W)ᵀ + b with W in NF4 (QLoRA, arXiv 2305.14314); weight frozen, bias as stored."""
+
+    def __init__(self, q: NF4Weight, bias: torch.Tensor | None = None, chunk_elements: int = CHUNK_ELEMENTS):
+        super().__init__()
+        if len(q.shape) != 2:
+            raise GraftingError(f"NF4Linear needs a 2-d (out, in) weight, got shape {tuple(q.shape)}")
+        self.out_features, self.in_features = int(q.shape[0]), int(q.shape[1])
+        self.block_size = q.block_size
+        self.weight_dtype = q.dtype
+        self.chunk_elements = chunk_elements
+        self.register_buffer("packed", q.packed)
+        self.register_buffer("absmax", q.absmax)
+        self.register_buffer("code", q.code)
+        self.register_buffer("nested_absmax", q.nested_absmax)
+        self.register_buffer("nested_code", q.nested_code)
+        self.register_buffer("offset", q.offset)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.requantize_error: float | None = None  # set by quantize_ (a merge): relative error it introduced
+        self.compute_dtype = q.dtype  # what dequantize() returns; follows .to(dtype) like a float weight would
+
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) must not round the statistics (the dequantized weight would change): they stay fp32, on the
+        # new device; the compute dtype follows the conversion
+        probe = fn(torch.zeros(0, device=self.packed.device))
+        stats = {n: self._buffers[n] for n in _STATISTICS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, t in stats.items():
+            self._buffers[n] = t.to(probe.device)
+        if probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        return self
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, block_size: int = 64, double_quant: bool = True,
+                    transpose: bool = False) -> "NF4Linear":
+        """Quantize a Linear (or, with ``transpose``, a GPT-2 Conv1D, whose weight is stored (in, out))."""
+        w = linear.weight.detach()
+        if transpose:
+            w = w.t().contiguous()
+        return cls(quantize_nf4(w, block_size, double_quant), linear.bias)
+
+    @property
+    def weight_nf4(self) -> NF4Weight:
+        return NF4Weight(packed=self.packed, absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                         dtype=self.weight_dtype, block_size=self.block_size, code=self.code,
+                         nested_absmax=self.nested_absmax, nested_code=self.nested_code, offset=self.offset)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the quantized weight and its statistics (the bias not included)."""
+        return self.weight_nf4.nbytes
+
+    # ---- host protocol ----------------------------------------------------------------------------------------
+    def dequantize(self) -> torch.Tensor:
+        """The dense (out, in) weight, in the dtype of this module's floating buffers (follows ``.to()``)."""
+        return self.weight_nf4.dequantize(self.compute_dtype)
+
+    @torch.no_grad()
+    def quantize_(self, weight: torch.Tensor) -> None:
+        """Re-quantize a dense (out, in) weight into this module's storage (a merge writes through here)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise GraftingError(f"quantize_: expected a weight of shape {(self.out_features, self.in_features)}, "
+                                f"got {tuple(weight.shape)}")
+        target = weight.to(self.weight_dtype).float()
+        q = quantize_nf4(target, self.block_size, self.double_quant)
+        # what re-quantizing cost, for the merge report: ||dequant(Q(W')) - W'|| / ||W'||
+        self.requantize_error = float((q.dequantize(torch.float32) - target).norm() / target.norm().clamp_min(1e-30))
+        for name in ("packed", "absmax", "nested_absmax", "nested_code", "offset", "code"):
+            buf = getattr(self, name)
+            if buf is not None:
+                buf.copy_(getattr(q, name))
+
+    # ---- compute ----------------------------------------------------------------------------------------------
+    def row_slices(self):
+        """(first row, last row + 1) of each slice dequantized at once; slices start on block boundaries."""
+        n_in, bs = self.in_features, self.block_size
+        step = bs // _gcd(n_in, bs)  # rows per block-aligned unit
+        rows = max(step, (self.chunk_elements // max(n_in, 1)) // step * step)
+        return [(r, min(r + rows, self.out_features)) for r in range(0, self.out_features, rows)]
+
+    def weight_slices(self, dtype: torch.dtype):
+        """(row range, dense rows in ``dtype``) for each slice, dequantized one at a time."""
+        q = self.weight_nf4
+        scales = q.block_scales()
+        n_in = self.in_features
+        for r0, r1 in self.row_slices():
+            w = dequantize_range(q, r0 * n_in, r1 * n_in, scales).view(r1 - r0, n_in)
+            yield (r0, r1), (w if dtype == torch.float32 else w.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise GraftingError(f"NF4Linear: input has {x.shape[-1]} features, layer expects {self.in_features}")
+        y = _NF4Matmul.apply(x, self)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"block_size={self.block_size}, double_quant={self.double_quant}")
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def nf4_matmul(x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
+    """x · Wᵀ, slice by slice (no autograd)."""
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    outs = [F.linear(x, w) for _, w in layer.weight_slices(dtype)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+
+def nf4_matmul_t(g: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
+    """g · W, slice by slice: the input gradient of x · Wᵀ (no autograd)."""
+    out = None
+    for (r0, r1), w in layer.weight_slices(g.dtype):
+        part = g[..., r0:r1] @ w
+        out = part if out is None else out.add_(part)
+    return out
+
+
+class _NF4Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return nf4_matmul(x, layer)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _NF4MatmulT.apply(g, ctx.layer), None
+
+
+class _NF4MatmulT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, layer):
+        ctx.layer = layer
+        return nf4_matmul_t(g, layer)
+
+    @staticmethod
+    def backward(ctx, h):
+        return _NF4Matmul.apply(h, ctx.layer), None

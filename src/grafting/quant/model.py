@@ -1,0 +1,98 @@
+"""Quantize a model's linear layers to NF4 in place, and read off what a quantized model holds.
+
+``quantize(model)`` follows transformers' bitsandbytes integration so a model quantized here and one quantized by
+``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`` hold the same layers: every
+``nn.Linear`` and GPT-2 ``Conv1D`` (its weight transposed to (out, in) first, as transformers does) except the
+output head, which QLoRA keeps in full precision.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import GraftingError
+from ..inject import name_matches
+from ..layers import Conv1DKind, HostLayer
+from .linear import NF4Linear
+from .nf4 import BLOCK_SIZES
+
+_CONV1D = Conv1DKind()
+
+
+def _output_heads(model: nn.Module) -> set[int]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return set() if head is None else {id(head)}
+
+
+def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every plain linear layer a quantization can replace (Linear and GPT-2 Conv1D)."""
+    return [(n, m) for n, m in model.named_modules()
+            if n and (type(m) is nn.Linear or (_CONV1D.matches(m) and not isinstance(m, NF4Linear)))]
+
+
+def quantize(model: nn.Module, targets=None, block_size: int = 64, double_quant: bool = True,
+             skip=None) -> nn.Module:
+    """Replace linear layers with :class:`NF4Linear`, in place; returns ``model``.
+
+    ``targets``: None = every Linear / Conv1D but the output head; a list of module names (a name matches when
+    equal to an entry or ending with "." + entry, as peft's ``target_modules``); or a regex matching the whole
+    name. ``skip``: names (same rules) to keep in full precision. Quantize the base before adapting it.
+    """
+    if block_size not in BLOCK_SIZES:
+        raise GraftingError(f"quantize: block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    if any(isinstance(m, HostLayer) for m in model.modules()):
+        raise GraftingError("quantize: this model already holds adapters; quantize the base model first, then "
+                            "adapt it (grafting.adapt) or load adapters onto it")
+    heads = _output_heads(model)
+    chosen = []
+    for name, module in linear_modules(model):
+        if targets is None and id(module) in heads:
+            continue
+        if targets is not None and not name_matches(targets, name):
+            continue
+        if skip is not None and name_matches(skip, name):
+            continue
+        chosen.append((name, module))
+    if not chosen:
+        raise GraftingError(f"quantize: no linear layer matches targets={targets!r}"
+                            + (f" (skip={skip!r})" if skip is not None else ""))
+    for name, module in chosen:
+        q = NF4Linear.from_linear(module, block_size, double_quant, transpose=not isinstance(module, nn.Linear))
+        q.to(module.weight.device)
+        q.compute_dtype = module.weight.dtype
+        _replace(model, name, q)
+    return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def nf4_layers(model: nn.Module) -> list[tuple[str, NF4Linear]]:
+    """(name, layer) of every NF4 layer, named as in the base model (host layers' ``base_layer`` step dropped)."""
+    from ..model import AdaptedModel
+
+    if isinstance(model, AdaptedModel):
+        model = model.base_model
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            out.append((name.replace(".base_layer", ""), m))
+    return out
+
+
+def quantized_nbytes(model: nn.Module) -> dict:
+    """Bytes the model holds: its NF4 layers (codes and statistics), and every other parameter and buffer."""
+    nf4 = sum(m.nbytes for _, m in nf4_layers(model))
+    nf4_params = {id(t) for _, m in nf4_layers(model) for t in m.buffers()}
+    other = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+                if id(t) not in nf4_params)
+    return {"nf4": nf4, "other": other, "total": nf4 + other}
+
+
+def requantize_errors(model: nn.Module) -> dict[str, float]:
+    """Relative error ||dequant(Q(W + ΔW)) - (W + ΔW)|| / ||W + ΔW|| of each NF4 layer a merge re-quantized."""
+    return {n: m.requantize_error for n, m in nf4_layers(model) if m.requantize_error is not None}

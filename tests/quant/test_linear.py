@@ -1,0 +1,163 @@
+"""NF4Linear: its own forward and backward, slice by slice, and every low-rank method trained, merged and served
+on it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import grafting as gf
+from conftest import assert_rows_match, randomize
+from grafting.quant import NF4Linear, quantize_nf4
+from grafting.quant.model import quantize, requantize_errors
+
+LOW_RANK = [m for m in gf.method_names() if gf.get_method(m).low_rank_form]
+
+
+def layer(out=48, inn=80, chunk=None, bias=True):
+    torch.manual_seed(0)
+    lin = nn.Linear(inn, out, bias=bias)
+    q = NF4Linear.from_linear(lin)
+    if chunk is not None:
+        q.chunk_elements = chunk
+    return q
+
+
+@pytest.mark.parametrize("chunk", [None, 64 * 5, 1])  # one slice; several; the smallest block-aligned unit
+def test_forward_and_input_gradient_equal_the_dense_dequantized_layer(chunk):
+    q = layer(chunk=chunk)
+    if chunk is not None:
+        assert len(q.row_slices()) > 1
+        assert all((r1 - r0) * q.in_features <= max(chunk, math.lcm(80, 64)) for r0, r1 in q.row_slices())
+    w = q.dequantize()
+    x = torch.randn(3, 5, 80, requires_grad=True)
+    y = q(x)
+    torch.testing.assert_close(y, F.linear(x, w, q.bias), atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
+    torch.testing.assert_close(gx, g @ w, atol=1e-5, rtol=1e-5)
+    # second order: d/dx <gx, v> = 0 (linear in x); d/dg of <gx, v> = v W^T: Hessian-vector products flow
+    v = torch.randn_like(gx)
+    g2 = g.clone().requires_grad_(True)
+    (gx2,) = torch.autograd.grad(q(x), x, g2, create_graph=True)
+    (dg,) = torch.autograd.grad((gx2 * v).sum(), g2)
+    torch.testing.assert_close(dg, v @ w.t(), atol=1e-5, rtol=1e-5)
+    assert not any(p.requires_grad for p in q.parameters())
+
+
+def test_rows_not_aligned_to_blocks_and_a_partial_last_block():
+    torch.manual_seed(1)
+    lin = nn.Linear(50, 13)  # 650 elements: rows straddle blocks, the last block holds 10
+    q = NF4Linear.from_linear(lin)
+    q.chunk_elements = 100
+    assert all((r0 * 50) % 64 == 0 for r0, _ in q.row_slices())
+    x = torch.randn(4, 50)
+    torch.testing.assert_close(q(x), F.linear(x, quantize_nf4(lin.weight).dequantize(), lin.bias))
+
+
+def test_to_bfloat16_keeps_the_statistics_exact():
+    q = layer()
+    dense = q.dequantize()
+    q.to(torch.bfloat16)
+    assert q.nested_absmax.dtype == torch.float32 and q.code.dtype == torch.float32
+    assert q.dequantize().dtype == torch.bfloat16
+    assert torch.equal(q.dequantize(), dense.to(torch.bfloat16))
+    x = torch.randn(2, 80, dtype=torch.bfloat16)
+    assert q(x).dtype == torch.bfloat16
+
+
+def test_wrong_input_width_is_a_clear_error():
+    with pytest.raises(gf.GraftingError, match="80"):
+        layer()(torch.randn(2, 81))
+
+
+def mlp():
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 64), nn.Tanh(), nn.Linear(64, 6))
+
+
+def dense_twin(qmodel):
+    """The same network with each NF4 layer's dequantized weight in a plain nn.Linear."""
+    twin = mlp()
+    with torch.no_grad():
+        for i in (0, 2):
+            twin[i].weight.copy_(qmodel[i].dequantize())
+            twin[i].bias.copy_(qmodel[i].bias)
+        twin[4].load_state_dict(qmodel[4].state_dict())
+    return twin
+
+
+def config(method, **kw):
+    return gf.get_method(method).make_config(target_modules=["0", "2"], **kw)
+
+
+@pytest.mark.parametrize("method", LOW_RANK)
+def test_every_low_rank_method_trains_serves_and_saves_on_an_nf4_base(method, tmp_path):
+    base = quantize(mlp(), targets=["0", "2"])
+    assert isinstance(base[0], NF4Linear) and isinstance(base[4], nn.Linear)
+    q0 = base[0]
+    packed = q0.packed.clone()
+    twin = dense_twin(base)
+    model = gf.adapt(base, config(method))
+    model.add_adapter("other", config(method, r=2))
+    randomize(model)
+    reference = gf.adapt(twin, config(method))
+    reference.add_adapter("other", config(method, r=2))
+    ref_params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".adapters." in n:
+                ref_params[n].copy_(p)
+    x = torch.randn(4, 7, 64)
+    torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
+    model(x).pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".adapters." in n for n in grads)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_params[n].grad, atol=1e-4, rtol=1e-3)
+    assert torch.equal(q0.packed, packed)
+    with torch.no_grad():
+        assert_rows_match(model, x, ["other", None, "default", "other"])
+    model.save_adapter(tmp_path / "a", name="default")
+    loaded = gf.load(quantize(mlp(), targets=["0", "2"]), tmp_path / "a")
+    model.set_active("default")
+    torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", LOW_RANK)
+def test_merge_requantizes_reports_the_error_and_unmerge_restores_the_bytes(method):
+    base = quantize(mlp(), targets=["0", "2"])
+    q0 = base[0]
+    before = {k: v.clone() for k, v in q0.state_dict().items()}
+    model = gf.adapt(base, config(method))
+    randomize(model)
+    host = dict(model.hosts())["0"]
+    with torch.no_grad():
+        target, _ = host.methods["default"].merge(host.adapters["default"], host)
+        model.merge()
+    expected = quantize_nf4(target)
+    assert torch.equal(q0.packed, expected.packed) and torch.equal(q0.absmax, expected.absmax)
+    errors = requantize_errors(model)
+    assert set(errors) == {"0", "2"}
+    want = float((expected.dequantize() - target).norm() / target.norm())
+    assert errors["0"] == pytest.approx(want, rel=1e-5) and 0 < errors["0"] < 0.2
+    model.unmerge()
+    assert all(torch.equal(v, q0.state_dict()[k]) for k, v in before.items())
+
+
+def test_quantize_targets_skip_and_errors():
+    m = quantize(mlp())
+    assert [type(m[i]).__name__ for i in (0, 2, 4)] == ["NF4Linear"] * 3  # no output-head notion here
+    m = quantize(mlp(), skip=["4"])
+    assert isinstance(m[4], nn.Linear) and isinstance(m[0], NF4Linear)
+    with pytest.raises(gf.GraftingError, match="no linear layer matches"):
+        quantize(mlp(), targets=["nope"])
+    with pytest.raises(gf.GraftingError, match="quantize the base model first"):
+        quantize(gf.adapt(mlp(), gf.LoraConfig(target_modules=["0"])))
+    with pytest.raises(gf.GraftingError, match="block_size"):
+        quantize(mlp(), block_size=100)
