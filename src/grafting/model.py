@@ -46,6 +46,8 @@ class AdaptedModel(nn.Module):
         self._frozen: set = set()  # adapters loaded for inference only (is_trainable=False)
         self._initial: dict = {}  # adapter -> {module: tensors right after an init that changed the base}
         self._hashes: dict = {}  # adapter -> (version key, content hash)
+        # adapter -> strings saved in its safetensors __metadata__ (e.g. the base fingerprint of a LoftQ init)
+        self.adapter_metadata: dict[str, dict[str, str]] = {}
         self._structure = 0  # bumped whenever adapters are added or removed (keys cached per-adapter lookups)
         if config is not None:
             self.add_adapter(adapter_name, config, calibration=calibration)
@@ -208,6 +210,7 @@ class AdaptedModel(nn.Module):
         del self.peft_config[name]
         self._structure += 1
         self._initial.pop(name, None)
+        self.adapter_metadata.pop(name, None)
         self._hashes.pop(name, None)
         self._frozen.discard(name)
         self._routing.slot_of.pop(name, None)

@@ -130,7 +130,8 @@ def save_adapter(model, path, name: str, convert_init: bool = True, export: bool
         config["base_model_name_or_path"] = getattr(getattr(model.base_model, "config", None), "_name_or_path", None) or None
     tensors = adapter_tensors(model, name, convert_init=convert, export=export)
     with atomic_dir(path) as tmp:
-        (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
+        metadata = {"format": "pt", **model.adapter_metadata.get(name, {})}
+        (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata=metadata))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -146,12 +147,13 @@ def read_shapes(path) -> dict[str, tuple]:
 def load_adapter(model, path, name: str) -> None:
     path = Path(path)
     reader = AdapterReader(path)
-    install_adapter(model, name, reader.config, reader.read_all(), path)
+    install_adapter(model, name, reader.config, reader.read_all(), path, reader.metadata)
 
 
-def install_adapter(model, name: str, config, tensors: dict, path) -> None:
+def install_adapter(model, name: str, config, tensors: dict, path, metadata: dict | None = None) -> None:
     """Add adapter ``name`` with ``tensors`` already read from the directory ``path`` (named in errors); a
-    serving pool reads files off the engine's thread and installs here between steps."""
+    serving pool reads files off the engine's thread and installs here between steps. ``metadata``: the
+    weights file's ``__metadata__``; a base fingerprint there is checked against this model's base."""
     path = Path(path)
     try:
         with filling_from_disk():
@@ -160,9 +162,44 @@ def install_adapter(model, name: str, config, tensors: dict, path) -> None:
         raise GraftingError(f"{path / CONFIG_NAME}: {e}") from None
     try:
         _fill(model, name, config, tensors, path / WEIGHTS_NAME)
+        if metadata and BASE_FINGERPRINT in metadata:
+            check_base_fingerprint(model, name, metadata[BASE_FINGERPRINT], path / WEIGHTS_NAME)
+            model.adapter_metadata[name] = {BASE_FINGERPRINT: metadata[BASE_FINGERPRINT]}
     except Exception:
         model.delete_adapter(name)
         raise
+
+
+# An adapter whose init fitted it to one exact base (LoftQ, LQ-LoRA: the adapter absorbs that base's
+# quantization error) records a hash of each target layer's dense base weight; loading it onto any other base
+# is an error rather than silently wrong outputs.
+BASE_FINGERPRINT = "grafting.base_fingerprint"
+
+
+def base_fingerprint(model, name: str) -> str:
+    """JSON {module: sha256 of its dense base weight (float32, (out, fan_in))} over the layers adapter ``name`` targets."""
+    import hashlib
+    out = {}
+    for module_name, host in model.hosts():
+        if name in host.adapters:
+            w = host.kind.to_out_in(host.dense_weight().detach()).to(torch.float32).contiguous().cpu()
+            out[module_name] = hashlib.sha256(w.numpy().tobytes()).hexdigest()[:32]
+    return json.dumps(out, sort_keys=True)
+
+
+def check_base_fingerprint(model, name: str, saved: str, where) -> None:
+    try:
+        want = json.loads(saved)
+        assert isinstance(want, dict)
+    except (ValueError, AssertionError):
+        raise GraftingError(f"{where}: metadata '{BASE_FINGERPRINT}' is not a JSON object") from None
+    have = json.loads(base_fingerprint(model, name))
+    for module_name, digest in sorted(want.items()):
+        if have.get(module_name) != digest:
+            raise GraftingError(
+                f"{where}: this adapter was initialised against one exact base (e.g. LoftQ / LQ-LoRA, whose "
+                f"factors absorb that base's quantization error), and the base it is loaded onto differs at "
+                f"module '{module_name}'. Load it onto the quantized base saved with it.")
 
 
 def fill_adapter(model, path, name: str) -> None:

@@ -86,6 +86,7 @@ class AdapterReader:
         try:
             with safe_open(str(self.file), framework="pt") as fh:
                 self._header = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+                self.metadata = dict(fh.metadata() or {})
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise GraftingError(f"{self.file}: not a readable safetensors file ({e})") from None
         self._entries = self._classify()

@@ -220,18 +220,22 @@ def _quant_state_bytes(q: NF4Weight) -> torch.Tensor:
 
 
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict transformers + bitsandbytes expect, in the 4-bit layout; tied weights written once."""
+    """The state dict transformers + bitsandbytes expect, in the 4-bit layout; tied weights written once. For an
+    adapted model, its base alone (adapters are saved with ``save_adapter``)."""
+    from ..model import AdaptedModel
+
+    base = model.base_model if isinstance(model, AdaptedModel) else model
     out: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    layers = dict(nf4_layers(model))
+    seen: set = set()
+    layers = dict(nf4_layers(base))
     owned = {id(t) for m in layers.values() for t in m.buffers()}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in owned:
+    for name, t in base.state_dict(keep_vars=True).items():
+        if id(t) in owned or ".adapters." in name:
             continue
-        if t.data_ptr() in seen and t.numel():  # tied (lm_head <- embed_tokens): transformers re-ties on load
+        if t.numel() and t.data_ptr() in seen:  # tied (lm_head <- embed_tokens): transformers re-ties on load
             continue
-        seen[t.data_ptr()] = name
-        out[name] = t.detach()
+        seen.add(t.data_ptr())
+        out[name.replace(".base_layer.", ".")] = t.detach()
     for name, layer in layers.items():
         q = layer.weight_nf4
         p = name + ".weight"
@@ -248,30 +252,38 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_pretrained(model: nn.Module, directory, shard_size: int = 5 * 2**30) -> Path:
     """Write ``model`` (its NF4 layers included) as a transformers 4-bit checkpoint that transformers +
     bitsandbytes load with ``from_pretrained(directory)``; atomic (a crash leaves no half-written directory)."""
-    from ..layers import HostLayer
+    from ..inject import ModulesToSave
+    from ..model import AdaptedModel
 
-    if any(isinstance(m, HostLayer) for m in model.modules()):
-        raise GraftingError("save_pretrained: the model holds adapters; save them with save_adapter(), or fold them "
-                            "into the base with merge_and_unload() first")
+    if isinstance(model, AdaptedModel):
+        if any(host.merged for _, host in model.hosts()):
+            raise GraftingError("save_pretrained: adapters are merged into the base; unmerge() first, or "
+                                "merge_and_unload() and save the plain model it returns")
+        if any(isinstance(m, ModulesToSave) for m in model.modules()):
+            raise GraftingError("save_pretrained: the adapter trains modules in full (modules_to_save); save the "
+                                "base before adapting it")
+    config_owner = model.base_model if isinstance(model, AdaptedModel) else model
     layers = nf4_layers(model)
     if not layers:
         raise GraftingError("save_pretrained: the model has no NF4 layer; quantize it first")
-    config = getattr(model, "config", None)
+    config = getattr(config_owner, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise GraftingError("save_pretrained: needs a transformers model (with a .config)")
     first = layers[0][1]
-    skip = [n for n, _ in linear_modules(model)]
+    skip = [n.replace(".base_layer", "") for n, _ in linear_modules(config_owner)]
     qc = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
           "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": first.double_quant,
           "bnb_4bit_compute_dtype": str(first.compute_dtype).removeprefix("torch."),
           "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": skip or None,
           "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
-    if any(m.block_size != first.block_size or m.double_quant != first.double_quant for _, m in layers):
-        raise GraftingError("save_pretrained: every NF4 layer must share one block size and double-quant setting "
-                            "(bitsandbytes' config has one of each)")
+    if any(m.double_quant != first.double_quant for _, m in layers):
+        raise GraftingError("save_pretrained: every NF4 layer must share one double-quant setting (bitsandbytes' "
+                            "config has one); block sizes may differ (each layer's quant state holds its own)")
     tensors = checkpoint_tensors(model)
     config_dict = config.to_dict()
     config_dict["quantization_config"] = qc
+    if not config_dict.get("architectures"):  # as transformers' save_pretrained: the class that loads it
+        config_dict["architectures"] = [type(config_owner).__name__]
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         writer = ShardWriter(tmp, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], shard_size)
@@ -283,7 +295,7 @@ def save_pretrained(model: nn.Module, directory, shard_size: int = 5 * 2**30) ->
             writer.abort()
             raise
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        gen = getattr(model, "generation_config", None)
+        gen = getattr(config_owner, "generation_config", None)
         if gen is not None and hasattr(gen, "to_json_string"):
             (tmp / "generation_config.json").write_text(gen.to_json_string(), encoding="utf-8")
     return directory

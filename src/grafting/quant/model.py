@@ -44,6 +44,20 @@ def quantize(model: nn.Module, targets=None, block_size: int = 64, double_quant:
     if any(isinstance(m, HostLayer) for m in model.modules()):
         raise GraftingError("quantize: this model already holds adapters; quantize the base model first, then "
                             "adapt it (grafting.adapt) or load adapters onto it")
+    chosen = quantizable(model, targets, skip)
+    if not chosen:
+        raise GraftingError(f"quantize: no linear layer matches targets={targets!r}"
+                            + (f" (skip={skip!r})" if skip is not None else ""))
+    for name, module in chosen:
+        q = NF4Linear.from_linear(module, block_size, double_quant, transpose=not isinstance(module, nn.Linear))
+        q.to(module.weight.device)
+        q.compute_dtype = module.weight.dtype
+        _replace(model, name, q)
+    return model
+
+
+def quantizable(model: nn.Module, targets=None, skip=None) -> list[tuple[str, nn.Module]]:
+    """The layers ``quantize`` would replace (same arguments)."""
     heads = _output_heads(model)
     chosen = []
     for name, module in linear_modules(model):
@@ -54,15 +68,7 @@ def quantize(model: nn.Module, targets=None, block_size: int = 64, double_quant:
         if skip is not None and name_matches(skip, name):
             continue
         chosen.append((name, module))
-    if not chosen:
-        raise GraftingError(f"quantize: no linear layer matches targets={targets!r}"
-                            + (f" (skip={skip!r})" if skip is not None else ""))
-    for name, module in chosen:
-        q = NF4Linear.from_linear(module, block_size, double_quant, transpose=not isinstance(module, nn.Linear))
-        q.to(module.weight.device)
-        q.compute_dtype = module.weight.dtype
-        _replace(model, name, q)
-    return model
+    return chosen
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -146,6 +146,12 @@ class NF4Weight:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @property
+    def payload_nbytes(self) -> int:
+        """Bytes that grow with the weight: codes and scales, without the two constant codebooks."""
+        tensors = [self.packed, self.absmax, self.nested_absmax, self.offset]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    @property
     def bits_per_parameter(self) -> float:
         return 8 * self.nbytes / self.numel
 

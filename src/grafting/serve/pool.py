@@ -159,10 +159,10 @@ class AdapterPool:
             config = reader.config
             if self.prepare is not None:
                 config, tensors = self.prepare(config, tensors)
-            result = (entry, generation, digest, config, tensors, None)
+            result = (entry, generation, digest, config, tensors, None, reader.metadata)
         except Exception as e:  # reported to the requests that asked for it
             result = (entry, generation, None, None, None, str(e) if isinstance(e, GraftingError) else
-                      f"{entry.path}: cannot read adapter '{entry.name}' ({type(e).__name__}: {e})")
+                      f"{entry.path}: cannot read adapter '{entry.name}' ({type(e).__name__}: {e})", None)
         with self._lock:
             self._ready.append(result)
         if self.on_change is not None:
@@ -176,7 +176,7 @@ class AdapterPool:
             ready, self._ready = self._ready, []
         waiting = []
         for item in ready:
-            entry, generation, digest, config, tensors, error = item
+            entry, generation, digest, config, tensors, error, metadata = item
             with self._lock:
                 current = self._registered.get(entry.name) is entry and entry.generation == generation
                 entry.loading = None
@@ -199,7 +199,7 @@ class AdapterPool:
                 continue
             internal = "pool-" + digest[:24]
             try:
-                install_adapter(self.model, internal, config, tensors, entry.path)
+                install_adapter(self.model, internal, config, tensors, entry.path, metadata)
             except Exception as e:
                 with self._lock:
                     entry.error = str(e) if isinstance(e, GraftingError) else f"{entry.path}: {e}"
