@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_compress(sub)
     from .serve import register as register_serve
     register_serve(sub)
+    from .quantize import register as register_quantize
+    register_quantize(sub)
     return parser
 
 

@@ -161,7 +161,8 @@ def from_pretrained(directory, model_class=None, dtype: torch.dtype = torch.floa
             raise GraftingError(f"{directory / 'config.json'}: 'architectures' names no transformers class "
                                 f"({archs!r}); pass model_class=")
     with _parameters_on_meta():
-        model = model_class._from_config(config, dtype=dtype)
+        build = model_class.from_config if model_class.__name__.startswith("Auto") else model_class._from_config
+        model = build(config, dtype=dtype)
     src = open_input(directory)
     try:
         _load_into(model, src, dtype)
@@ -230,12 +231,12 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     layers = dict(nf4_layers(base))
     owned = {id(t) for m in layers.values() for t in m.buffers()}
     for name, t in base.state_dict(keep_vars=True).items():
-        if id(t) in owned or ".adapters." in name:
+        if id(t) in owned or ".adapters." in name or ".copies." in name:  # adapters' own tensors
             continue
         if t.numel() and t.data_ptr() in seen:  # tied (lm_head <- embed_tokens): transformers re-ties on load
             continue
         seen.add(t.data_ptr())
-        out[name.replace(".base_layer.", ".")] = t.detach()
+        out[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = t.detach()
     for name, layer in layers.items():
         q = layer.weight_nf4
         p = name + ".weight"
@@ -252,16 +253,12 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_pretrained(model: nn.Module, directory, shard_size: int = 5 * 2**30) -> Path:
     """Write ``model`` (its NF4 layers included) as a transformers 4-bit checkpoint that transformers +
     bitsandbytes load with ``from_pretrained(directory)``; atomic (a crash leaves no half-written directory)."""
-    from ..inject import ModulesToSave
     from ..model import AdaptedModel
 
     if isinstance(model, AdaptedModel):
         if any(host.merged for _, host in model.hosts()):
             raise GraftingError("save_pretrained: adapters are merged into the base; unmerge() first, or "
                                 "merge_and_unload() and save the plain model it returns")
-        if any(isinstance(m, ModulesToSave) for m in model.modules()):
-            raise GraftingError("save_pretrained: the adapter trains modules in full (modules_to_save); save the "
-                                "base before adapting it")
     config_owner = model.base_model if isinstance(model, AdaptedModel) else model
     layers = nf4_layers(model)
     if not layers:
@@ -270,7 +267,8 @@ def save_pretrained(model: nn.Module, directory, shard_size: int = 5 * 2**30) ->
     if config is None or not hasattr(config, "to_dict"):
         raise GraftingError("save_pretrained: needs a transformers model (with a .config)")
     first = layers[0][1]
-    skip = [n.replace(".base_layer", "") for n, _ in linear_modules(config_owner)]
+    skip = [n.replace(".base_layer", "").replace(".original_module", "") for n, _ in linear_modules(config_owner)
+            if ".copies." not in n]
     qc = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
           "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": first.double_quant,
           "bnb_4bit_compute_dtype": str(first.compute_dtype).removeprefix("torch."),
@@ -282,8 +280,7 @@ def save_pretrained(model: nn.Module, directory, shard_size: int = 5 * 2**30) ->
     tensors = checkpoint_tensors(model)
     config_dict = config.to_dict()
     config_dict["quantization_config"] = qc
-    if not config_dict.get("architectures"):  # as transformers' save_pretrained: the class that loads it
-        config_dict["architectures"] = [type(config_owner).__name__]
+    config_dict["architectures"] = [type(config_owner).__name__]  # as transformers writes it: the class to build
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         writer = ShardWriter(tmp, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], shard_size)
@@ -299,3 +296,27 @@ def save_pretrained(model: nn.Module, directory, shard_size: int = 5 * 2**30) ->
         if gen is not None and hasattr(gen, "to_json_string"):
             (tmp / "generation_config.json").write_text(gen.to_json_string(), encoding="utf-8")
     return directory
+
+
+def quantize_pretrained(model_path: str, output_dir, block_size: int = 64, double_quant: bool = True,
+                        targets=None, skip=None) -> dict:
+    """Load a local / packaged transformers model, quantize it to NF4 and save a bitsandbytes 4-bit checkpoint
+    (with its tokenizer) that transformers + bitsandbytes and :func:`from_pretrained` load. Returns a summary."""
+    from ..train.models import load_model, resolve
+    from .model import quantize, quantized_nbytes
+
+    directory, extra = resolve(model_path)
+    if quantization_config(directory) is not None and not extra:
+        raise GraftingError(f"{model_path}: already a 4-bit checkpoint")
+    config = json.loads((Path(directory) / "config.json").read_text()) if not extra else {}
+    archs = config.get("architectures") or ["ForCausalLM"]
+    task = "causal_lm" if extra or any(a.endswith("ForCausalLM") for a in archs) else "embed"
+    tokenizer, model = load_model(model_path, task)
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    quantize(model, targets=targets, block_size=block_size, double_quant=double_quant, skip=skip)
+    held = quantized_nbytes(model)
+    out = save_pretrained(model, output_dir)
+    with atomic_dir(out) as tmp:  # the tokenizer joins the files save_pretrained wrote (they are carried over)
+        tokenizer.save_pretrained(str(tmp))
+    return {"path": str(out), "layers": len(nf4_layers(model)), "fp32_bytes": before, "bytes": held["total"],
+            "nf4_bytes": held["nf4"]}

@@ -21,7 +21,31 @@ from ..errors import GraftingError
 from .nf4 import NF4Weight, dequantize_range, quantize_nf4
 
 _STATISTICS = ("code", "nested_absmax", "nested_code", "offset")  # float buffers kept in float32
-CHUNK_ELEMENTS = 1 << 21  # 8 MB of fp32 per slice: most layers of a small model are one slice
+CHUNK_ELEMENTS = 1 << 21
+BACKENDS = ("torch", "bitsandbytes")
+_backend = "torch"
+
+
+def set_backend(name: str) -> None:
+    """Which kernel NF4 layers use for calls that build no input gradient (inference, a frozen prefix).
+
+    "torch" (default, the reference): grafting's own slice-by-slice path. "bitsandbytes": its ``matmul_4bit``
+    on the same bytes (the same results up to float rounding); on this project's CPU benchmark it is faster at
+    larger token counts (docs/benchmarks.md). Calls that need an input gradient always use grafting's path,
+    whose backward never materialises the whole weight (bitsandbytes' does)."""
+    global _backend
+    if name not in BACKENDS:
+        raise GraftingError(f"set_backend: expected one of {BACKENDS}, got {name!r}")
+    if name == "bitsandbytes":
+        import importlib.util
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise GraftingError("set_backend('bitsandbytes'): bitsandbytes is not installed "
+                                "(pip install bitsandbytes)")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend  # 8 MB of fp32 per slice: most layers of a small model are one slice
 
 
 class NF4Linear(nn.Module):
@@ -121,10 +145,26 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise GraftingError(f"NF4Linear: input has {x.shape[-1]} features, layer expects {self.in_features}")
+        if _backend == "bitsandbytes" and not (torch.is_grad_enabled() and x.requires_grad):
+            return self._bitsandbytes_forward(x)
         y = _NF4Matmul.apply(x, self)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+    def _bitsandbytes_forward(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import QuantState
+
+        nested = None
+        if self.double_quant:
+            nested = QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=256, dtype=torch.float32)
+        state = QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                           code=self.code, blocksize=self.block_size, quant_type="nf4", dtype=torch.float32,
+                           offset=self.offset, state2=nested)
+        bias = None if self.bias is None else self.bias.float()
+        y = bnb.matmul_4bit(x.float(), self.packed.view(-1, 1).t(), quant_state=state, bias=bias)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -158,8 +158,9 @@ def quantize_with_adapter(model: nn.Module, config, init: str = "loftq", num_ite
                             f"{type(config).__name__}")
     if bits_per_parameter is not None and init != "lq_lora":
         raise GraftingError("bits_per_parameter is LQ-LoRA's memory budget: use it with init='lq_lora'")
+    full = _trained_in_full(config)
     if init == "qlora":
-        quantize(model, block_size=block_size, double_quant=double_quant,
+        quantize(model, block_size=block_size, double_quant=double_quant, skip=full or None,
                  targets=None if quantize_others else _names(find_targets(model, config)))
         return adapt(model, config, adapter_name), {}
     if config.init_lora_weights not in (True, "kaiming", "gaussian"):
@@ -192,8 +193,8 @@ def quantize_with_adapter(model: nn.Module, config, init: str = "loftq", num_ite
         factors[name] = (d.A, d.B)
         report[name] = {"qlora_error": d.qlora_error, "errors": d.errors, "block_size": blocks[name]}
         del weights[name]
-    if quantize_others and quantizable(model):  # the output head stays in full precision
-        quantize(model, block_size=block_size, double_quant=double_quant)
+    if quantize_others and quantizable(model, skip=full or None):  # the output head stays in full precision
+        quantize(model, block_size=block_size, double_quant=double_quant, skip=full or None)
     adapted = adapt(model, config, adapter_name)
     hosts = dict(adapted.hosts())
     with torch.no_grad():
@@ -203,6 +204,12 @@ def quantize_with_adapter(model: nn.Module, config, init: str = "loftq", num_ite
             adapter.lora_B.copy_(B.reshape(adapter.lora_B.shape))
     adapted.adapter_metadata[adapter_name] = {BASE_FINGERPRINT: base_fingerprint(adapted, adapter_name)}
     return adapted, report
+
+
+def _trained_in_full(config) -> list[str]:
+    """Modules the adapter trains in full (modules_to_save, a classifier head): they stay in full precision."""
+    from ..model import _TASK_HEADS
+    return list(config.modules_to_save or []) + list(_TASK_HEADS.get(config.task_type or "", ()))
 
 
 def _names(targets) -> list[str]:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from .. import adapt
 from ..blo import Engine, Level
 from ..config import config_from_fields
 from ..errors import GraftingError
@@ -57,8 +56,8 @@ def _optimizer(kind: str, params: list, lr: float, weight_decay: float, betas=(0
 
 
 def run_bilevel(recipe: Recipe, resume: bool, world: int, rank: int):
-    from .trainer import (TrainResult, _autocast, adapter_config_for, batch_loss, evaluate, load_data_and_model,
-                          lr_at, plain_lm)
+    from .trainer import (TrainResult, _autocast, adapt_for, adapter_config_for, batch_loss, evaluate,
+                          load_data_and_model, lr_at, peak_memory_mb, plain_lm, save_quantized_base)
     if world > 1:
         raise GraftingError("bilevel: runs in one process; launch it without torchrun")
     if resume:
@@ -82,7 +81,8 @@ def run_bilevel(recipe: Recipe, resume: bool, world: int, rank: int):
     pad_id = tokenizer.pad_token_id
     cfg = adapter_config_for(recipe)
     torch.manual_seed(t.seed)
-    model = adapt(base, cfg, ADAPTER)
+    model = adapt_for(recipe, base, cfg)
+    save_quantized_base(recipe, model, out_dir)
     model.train()
     roles = model.param_groups(ADAPTER)
     outer_params = roles.get("architecture", [])
@@ -148,7 +148,8 @@ def run_bilevel(recipe: Recipe, resume: bool, world: int, rank: int):
                          trainable=summary["trainable"], total=summary["total"], output_dir=str(out_dir),
                          adapter_path=str(out_dir / "adapter"),
                          best={"metric": t.metric, "value": after[t.metric] if better else before[t.metric],
-                               "step": steps if better else 0})
+                               "step": steps if better else 0},
+                         peak_memory_mb=peak_memory_mb())
     atomic_write_bytes(out_dir / "summary.json", json.dumps({**result.__dict__, **extra}, indent=1).encode())
     return result
 

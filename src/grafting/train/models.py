@@ -51,7 +51,21 @@ def load_model(path: str, task: str, num_labels: int | None = None, label_names:
     from transformers.utils import logging as hf_logging
 
     directory, extra = resolve(path)
-    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: the head trains in full
+    hf_logging.set_verbosity_error()
+    if not extra:
+        from ..quant.checkpoint import from_pretrained, quantization_config
+        if quantization_config(directory) is not None:  # a bitsandbytes 4-bit checkpoint: NF4 layers, no bnb
+            if task == "seq_cls":
+                raise GraftingError(f"model.path '{path}' is a 4-bit checkpoint; classification needs its head "
+                                    "built on load: point model.path at the full-precision model and add a "
+                                    "'quantize:' section instead")
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            model = from_pretrained(directory, model_class=AutoModel if task == "embed" else None)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            if getattr(model.config, "pad_token_id", None) is None:
+                model.config.pad_token_id = tokenizer.pad_token_id
+            return tokenizer, model  # "newly initialized classifier" is expected: the head trains in full
     tokenizer = AutoTokenizer.from_pretrained(directory, **extra)
     if task == "seq_cls":
         kwargs = {"num_labels": num_labels}

@@ -133,6 +133,25 @@ class BilevelSpec(_Strict):
     eps: float = Field(0.01, gt=0, description="DARTS finite-difference radius")
 
 
+class QuantizeSpec(_Strict):
+    """Train on a frozen NF4 base (QLoRA; docs/quantization.md): the model is quantized after loading, and the
+    adapter initialised for it (init: qlora = zero-start as the adapter config says; loftq / lq_lora: fitted
+    to the quantization error, the base then saved beside the adapter in output_dir/base)."""
+
+    init: Literal["qlora", "loftq", "lq_lora"] = "qlora"
+    block_size: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
+    double_quant: bool = True
+    num_iter: Optional[int] = Field(None, ge=1, description="LoftQ / LQ-LoRA iterations (default 5 / 20)")
+    bits_per_parameter: Optional[float] = Field(None, gt=4, description="LQ-LoRA: memory budget over the target "
+                                                "layers, met with a block size per matrix")
+
+    @model_validator(mode="after")
+    def _budget_is_lq_lora(self):
+        if self.bits_per_parameter is not None and self.init != "lq_lora":
+            raise ValueError("quantize.bits_per_parameter is LQ-LoRA's budget: set quantize.init to lq_lora")
+        return self
+
+
 class Recipe(_Strict):
     model: ModelSpec
     adapter: dict[str, Any]
@@ -141,6 +160,7 @@ class Recipe(_Strict):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     bilevel: Optional[BilevelSpec] = None
+    quantize: Optional[QuantizeSpec] = None
     output_dir: str = "runs/grafting"
 
     @field_validator("adapter")

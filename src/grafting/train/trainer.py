@@ -46,6 +46,7 @@ class TrainResult:
     output_dir: str
     adapter_path: str
     best: dict = field(default_factory=dict)
+    peak_memory_mb: float = 0.0  # the process's peak resident memory (ru_maxrss)
 
 
 def lr_at(step: int, total: int, recipe: Recipe) -> float:
@@ -215,6 +216,29 @@ def adapter_config_for(recipe: Recipe):
     return cfg
 
 
+def adapt_for(recipe: Recipe, base, cfg):
+    """The adapted model: ``adapt``, or with a ``quantize`` section the NF4 base and its adapter init."""
+    q = recipe.quantize
+    if q is None:
+        return adapt(base, cfg, ADAPTER)
+    from ..quant import nf4_layers
+    from ..quant.loftq import quantize_with_adapter
+    if nf4_layers(base):
+        raise GraftingError(f"recipe quantize: model.path '{recipe.model.path}' is already a 4-bit checkpoint; "
+                            "remove the quantize section (its layers train as they are)")
+    model, _ = quantize_with_adapter(base, cfg, init=q.init, num_iter=q.num_iter, block_size=q.block_size,
+                                     double_quant=q.double_quant, bits_per_parameter=q.bits_per_parameter,
+                                     adapter_name=ADAPTER)
+    return model
+
+
+def save_quantized_base(recipe: Recipe, model, out_dir: Path) -> None:
+    """LoftQ / LQ-LoRA adapters belong to the exact base they were fitted to: write it beside them."""
+    if recipe.quantize is not None and recipe.quantize.init != "qlora" and not (out_dir / "base").exists():
+        from ..quant import save_pretrained
+        save_pretrained(model, out_dir / "base")
+
+
 def plain_lm(model, rows: list[dict], pad_id: int, task: str):
     """The causal LM inside ``model`` when its logits are head(hidden), so the loss can skip the full logits
     tensor (lm_loss.head_is_plain); None otherwise and for classification."""
@@ -235,7 +259,9 @@ def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
     pad_id = tokenizer.pad_token_id
     cfg = adapter_config_for(recipe)
     torch.manual_seed(t.seed)
-    model = adapt(base, cfg, ADAPTER)
+    model = adapt_for(recipe, base, cfg)
+    if main:
+        save_quantized_base(recipe, model, out_dir)
     if recipe.model.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -359,10 +385,18 @@ def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
                          tokens_per_s=state["tokens"] * world / max(state["elapsed"], 1e-9),
                          trainable=summary["trainable"], total=summary["total"], output_dir=str(out_dir),
                          adapter_path=str(out_dir / "adapter"),
-                         best={"metric": t.metric, "value": state["best"], "step": state["best_step"]})
+                         best={"metric": t.metric, "value": state["best"], "step": state["best_step"]},
+                         peak_memory_mb=peak_memory_mb())
     if main:
         atomic_write_bytes(out_dir / "summary.json", json.dumps(result.__dict__, indent=1).encode())
     return result
+
+
+def peak_memory_mb() -> float:
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
 
 
 def format_summary(r: TrainResult, metric: str) -> str:
@@ -374,5 +408,6 @@ def format_summary(r: TrainResult, metric: str) -> str:
               f"{'steps':<22}{r.steps:>24}",
               f"{'wall time':<22}{r.wall_time:>23.1f}s",
               f"{'tokens/s':<22}{r.tokens_per_s:>24,.0f}",
+              f"{'peak memory':<22}{r.peak_memory_mb:>21,.0f} MB",
               f"adapter: {r.adapter_path}"]
     return "\n".join(lines)

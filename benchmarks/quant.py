@@ -1,0 +1,203 @@
+"""The quantized base: memory of an NF4 model, and speed of the NF4 layer against fp32, bitsandbytes and torchao.
+
+Questions (issue: quantized base):
+1. Resident memory of SmolLM2-135M-Instruct (the packaged model) quantized to NF4 with double quantization, vs
+   the same model in fp32 and in bf16: the bytes its tensors hold, and the RSS of a fresh process that loads it
+   (grafting from a saved 4-bit checkpoint; fp32 from the same checkpoint dequantized). Goal: <= 0.15x fp32.
+2. Time of one NF4 linear layer (forward under no_grad, and forward + input-gradient backward) against an fp32
+   nn.Linear, bitsandbytes' Linear4bit and torchao's NF4Tensor (``linear_nf4``), at 1, 64 and 512 tokens, on a
+   GPT-2 MLP shape (768 -> 3072) and a SmolLM2 MLP shape (576 -> 1536). Goal: forward <= 2x fp32 and faster than
+   torchao. Cases are interleaved round by round (benchmarks/_common.py).
+
+    python benchmarks/quant.py [--quick] [--rounds N]
+
+The last line printed is one JSON object with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import header, interleaved, median, ms, ratio, rounded, table, x  # noqa: E402
+
+from grafting.quant import NF4Linear, quantize, quantized_nbytes, save_pretrained  # noqa: E402
+
+SHAPES = {"gpt2-mlp 768->3072": (768, 3072), "smollm2-mlp 576->1536": (576, 1536)}
+
+
+def _optional(name):
+    try:
+        return __import__(name)
+    except Exception:  # noqa: BLE001 (an optional peer that fails to import is just absent)
+        return None
+
+
+def layer_cases(fan_in: int, fan_out: int, tokens: int, backward: bool) -> dict:
+    torch.manual_seed(0)
+    lin = nn.Linear(fan_in, fan_out)
+    ours = NF4Linear.from_linear(lin)
+    x_in = torch.randn(tokens, fan_in, requires_grad=backward)
+    g = torch.randn(tokens, fan_out)
+    cases = {}
+
+    def case(fn):
+        if not backward:
+            def run():
+                with torch.no_grad():
+                    fn(x_in)
+            return run
+
+        def run_bw():
+            y = fn(x_in)
+            (gx,) = torch.autograd.grad(y, x_in, g)
+        return run_bw
+
+    cases["fp32 Linear"] = case(lin)
+    cases["grafting NF4"] = case(ours)
+    if _optional("bitsandbytes") is not None:
+        import bitsandbytes as bnb
+        bl = bnb.nn.Linear4bit(fan_in, fan_out, compute_dtype=torch.float32, quant_type="nf4",
+                               compress_statistics=True)
+        bl.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                      compress_statistics=True)
+        bl.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        bl = bl.to("cpu")
+        cases["bitsandbytes Linear4bit"] = case(bl)
+    if _optional("torchao") is not None:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
+        w_ao = to_nf4(lin.weight.detach().clone(), 64, 256)
+        b = lin.bias.detach()
+        cases["torchao NF4Tensor"] = case(lambda v: linear_nf4(v, w_ao) + b)
+    return cases
+
+
+def bench_layers(rounds: int, token_counts) -> dict:
+    rows, out = [], {}
+    for shape_name, (fan_in, fan_out) in SHAPES.items():
+        for backward in (False, True):
+            for tokens in token_counts:
+                times = interleaved(layer_cases(fan_in, fan_out, tokens, backward), rounds, warmup=2)
+                kind = "fwd+bwd" if backward else "forward"
+                key = f"{shape_name} {kind} {tokens} tok"
+                out[key] = {n: {"ms": median(t) * 1e3, "vs_fp32": ratio(times, n, "fp32 Linear")}
+                            for n, t in times.items()}
+                for n in times:
+                    rows.append([shape_name, kind, tokens, n, ms(median(times[n])), x(ratio(times, n, "fp32 Linear"))])
+    table("NF4 layer time (median per call)", rows,
+          columns=("shape", "pass", "tokens", "implementation", "median", "vs fp32"))
+    return out
+
+
+_RSS_CHILD = r"""
+import os, sys, json, resource, warnings
+warnings.filterwarnings("ignore")
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch, transformers
+def rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+kind, path = sys.argv[1], sys.argv[2]
+import grafting.quant
+before = rss()
+if kind == "nf4":
+    model = grafting.quant.from_pretrained(path)
+else:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if kind == "fp32" else torch.bfloat16)
+ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+with torch.no_grad():
+    model(ids)
+print(json.dumps({"rss_mb": rss() - before, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_memory(quick: bool) -> dict:
+    from grafting.train.models import load_model
+    if quick:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             tie_word_embeddings=True))
+        name = "tiny llama (--quick)"
+    else:
+        _, model = load_model("packaged:smollm2-135m-instruct", "causal_lm")
+        name = "SmolLM2-135M-Instruct"
+    fp32 = sum(p.numel() * p.element_size() for p in model.parameters())
+    bf16 = fp32 / 2
+    tmp = tempfile.mkdtemp(prefix="graft-quant-bench-")
+    model.save_pretrained(os.path.join(tmp, "fp32"))
+    quantize(model)
+    held = quantized_nbytes(model)
+    linear_bits = 8 * held["nf4"] / sum(m.in_features * m.out_features for m in model.modules()
+                                         if isinstance(m, NF4Linear))
+    save_pretrained(model, os.path.join(tmp, "nf4"))
+    model.to(torch.bfloat16)
+    rest_bf16 = quantized_nbytes(model)
+    rss = {}
+    for kind, path in (("fp32", "fp32"), ("bf16", "fp32"), ("nf4", "nf4")):
+        proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, kind, os.path.join(tmp, path)],
+                              capture_output=True, text=True, check=True)
+        rss[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    figures = {
+        "model": name,
+        "tensor_mb": {"fp32": fp32 / 2**20, "bf16": bf16 / 2**20, "nf4_rest_fp32": held["total"] / 2**20,
+                      "nf4_rest_bf16": rest_bf16["total"] / 2**20, "nf4_layers_only": held["nf4"] / 2**20},
+        "nf4_vs_fp32": held["total"] / fp32, "nf4_rest_bf16_vs_fp32": rest_bf16["total"] / fp32,
+        "linear_bits_per_parameter": linear_bits,
+        "rss_after_load_mb": {k: v["rss_mb"] for k, v in rss.items()},
+        "rss_nf4_vs_fp32": rss["nf4"]["rss_mb"] / rss["fp32"]["rss_mb"],
+    }
+    rows = [[k, f"{v:,.1f} MB", x(v * 2**20 / fp32)] for k, v in figures["tensor_mb"].items()]
+    rows += [[f"RSS after load: {k}", f"{v:,.1f} MB", x(v / rss["fp32"]["rss_mb"])]
+             for k, v in figures["rss_after_load_mb"].items()]
+    table(f"memory: {name} (linear layers at {linear_bits:.3f} bits per parameter)", rows,
+          columns=("what", "size", "vs fp32"))
+    return figures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks the script runs")
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    header("benchmarks/quant.py: NF4 base, memory and layer speed",
+           f"bitsandbytes {getattr(_optional('bitsandbytes'), '__version__', 'absent')}  "
+           f"torchao {getattr(_optional('torchao'), '__version__', 'absent')}")
+    memory = bench_memory(args.quick)
+    if args.quick:
+        SHAPES.clear()
+        SHAPES["quick 64->128"] = (64, 128)
+    layers = bench_layers(1 if args.quick else args.rounds, (1, 8) if args.quick else (1, 64, 512))
+    fwd = {k: v for k, v in layers.items() if " forward " in k}
+    headline = {
+        "nf4_model_vs_fp32": memory["nf4_vs_fp32"],
+        "nf4_model_rest_bf16_vs_fp32": memory["nf4_rest_bf16_vs_fp32"],
+        "nf4_linear_layers_vs_fp32": memory["linear_bits_per_parameter"] / 32,
+        "rss_nf4_vs_fp32": memory["rss_nf4_vs_fp32"],
+        "forward_vs_fp32": {k: v["grafting NF4"]["vs_fp32"] for k, v in fwd.items()},
+        "forward_vs_torchao": {k: v["grafting NF4"]["ms"] / v["torchao NF4Tensor"]["ms"]
+                               for k, v in fwd.items() if "torchao NF4Tensor" in v},
+        "forward_vs_bitsandbytes": {k: v["grafting NF4"]["ms"] / v["bitsandbytes Linear4bit"]["ms"]
+                                    for k, v in fwd.items() if "bitsandbytes Linear4bit" in v},
+        "fwd_bwd_vs_fp32": {k: v["grafting NF4"]["vs_fp32"] for k, v in layers.items() if "fwd+bwd" in k},
+    }
+    print(json.dumps(rounded(headline)))
+
+
+if __name__ == "__main__":
+    main()
