@@ -76,7 +76,7 @@ def layer_cases(fan_in: int, fan_out: int, tokens: int, backward: bool) -> dict:
         bl.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
         bl = bl.to("cpu")
         cases["bitsandbytes Linear4bit"] = case(bl)
-    if _optional("torchao") is not None:
+    if _optional("torchao") is not None and (fan_in * fan_out) % (64 * 256) == 0:  # torchao's requirement
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
         w_ao = to_nf4(lin.weight.detach().clone(), 64, 256)
         b = lin.bias.detach()
@@ -125,6 +125,23 @@ print(json.dumps({"rss_mb": rss() - before, "peak_mb": resource.getrusage(resour
 """
 
 
+def save_plain(model, directory: str) -> None:
+    """The model as a plain fp32 safetensors checkpoint (transformers refuses to save a GGUF-loaded model)."""
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    seen, tensors = set(), {}
+    for k, v in model.state_dict().items():
+        if v.data_ptr() not in seen:  # tied lm_head: transformers re-ties it on load
+            seen.add(v.data_ptr())
+            tensors[k] = v.contiguous()
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    with open(os.path.join(directory, "config.json"), "w") as fh:
+        json.dump(config, fh)
+
+
 def bench_memory(quick: bool) -> dict:
     from grafting.train.models import load_model
     if quick:
@@ -139,7 +156,7 @@ def bench_memory(quick: bool) -> dict:
     fp32 = sum(p.numel() * p.element_size() for p in model.parameters())
     bf16 = fp32 / 2
     tmp = tempfile.mkdtemp(prefix="graft-quant-bench-")
-    model.save_pretrained(os.path.join(tmp, "fp32"))
+    save_plain(model, os.path.join(tmp, "fp32"))
     quantize(model)
     held = quantized_nbytes(model)
     linear_bits = 8 * held["nf4"] / sum(m.in_features * m.out_features for m in model.modules()

@@ -306,7 +306,7 @@ def quantize_pretrained(model_path: str, output_dir, block_size: int = 64, doubl
     from .model import quantize, quantized_nbytes
 
     directory, extra = resolve(model_path)
-    if quantization_config(directory) is not None and not extra:
+    if not extra and quantization_config(directory) is not None:
         raise GraftingError(f"{model_path}: already a 4-bit checkpoint")
     config = json.loads((Path(directory) / "config.json").read_text()) if not extra else {}
     archs = config.get("architectures") or ["ForCausalLM"]

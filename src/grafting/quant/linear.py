@@ -139,7 +139,8 @@ class NF4Linear(nn.Module):
         scales = q.block_scales()
         n_in = self.in_features
         for r0, r1 in self.row_slices():
-            w = dequantize_range(q, r0 * n_in, r1 * n_in, scales).view(r1 - r0, n_in)
+            # into a reused buffer: each slice is consumed before the next is written
+            w = dequantize_range(q, r0 * n_in, r1 * n_in, scales, reuse=True).view(r1 - r0, n_in)
             yield (r0, r1), (w if dtype == torch.float32 else w.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,10 +148,11 @@ class NF4Linear(nn.Module):
             raise GraftingError(f"NF4Linear: input has {x.shape[-1]} features, layer expects {self.in_features}")
         if _backend == "bitsandbytes" and not (torch.is_grad_enabled() and x.requires_grad):
             return self._bitsandbytes_forward(x)
-        y = _NF4Matmul.apply(x, self)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        bias = self.bias
+        if bias is not None and not bias.requires_grad:  # frozen (the usual case): added inside the matmul
+            return _NF4Matmul.apply(x, self, bias)
+        y = _NF4Matmul.apply(x, self, None)
+        return y if bias is None else y + bias.to(y.dtype)
 
     def _bitsandbytes_forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
@@ -177,10 +179,12 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
-def nf4_matmul(x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
-    """x · Wᵀ, slice by slice (no autograd)."""
+def nf4_matmul(x: torch.Tensor, layer: NF4Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x · Wᵀ (+ bias), slice by slice (no autograd)."""
     dtype = x.dtype if x.is_floating_point() else torch.float32
-    outs = [F.linear(x, w) for _, w in layer.weight_slices(dtype)]
+    if bias is not None:
+        bias = bias.to(dtype)
+    outs = [F.linear(x, w, None if bias is None else bias[r0:r1]) for (r0, r1), w in layer.weight_slices(dtype)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
 
@@ -195,13 +199,13 @@ def nf4_matmul_t(g: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
 
 class _NF4Matmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, layer):
+    def forward(ctx, x, layer, bias):
         ctx.layer = layer
-        return nf4_matmul(x, layer)
+        return nf4_matmul(x, layer, bias)
 
     @staticmethod
     def backward(ctx, g):
-        return _NF4MatmulT.apply(g, ctx.layer), None
+        return _NF4MatmulT.apply(g, ctx.layer), None, None
 
 
 class _NF4MatmulT(torch.autograd.Function):
@@ -212,4 +216,4 @@ class _NF4MatmulT(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, h):
-        return _NF4Matmul.apply(h, ctx.layer), None
+        return _NF4Matmul.apply(h, ctx.layer, None), None

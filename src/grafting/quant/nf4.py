@@ -21,6 +21,7 @@ between two codes).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -196,16 +197,47 @@ def _quad_table(code: torch.Tensor) -> torch.Tensor:
     return quad
 
 
-def dequantize_range(q: NF4Weight, start: int, end: int, scales: torch.Tensor) -> torch.Tensor:
+_scratch = threading.local()
+
+
+def scratch(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A flat per-thread buffer of at least ``numel`` elements, reused across calls.
+
+    Dequantizing into fresh memory every call costs more than the dequantization: a new multi-megabyte tensor
+    is fresh pages the kernel must fault in (measured: a 768 x 3072 forward at 512 tokens went from 35 ms to
+    the ~26 ms of dequantize + matmul once the buffers were reused). Per thread, so concurrent callers never
+    share one."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    key = (name, dtype, torch.device(device))
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def dequantize_range(q: NF4Weight, start: int, end: int, scales: torch.Tensor, reuse: bool = False) -> torch.Tensor:
     """Flat elements [start, end) of the dense weight in fp32; ``start`` is a multiple of the block size.
 
-    ``scales`` are the fp32 block absmax (``q.block_scales()``), computed once per call by the caller."""
+    ``scales`` are the fp32 block absmax (``q.block_scales()``), computed once per call by the caller. With
+    ``reuse`` the result lives in this thread's scratch buffer: valid until the next reusing call."""
     bs = q.block_size
     byte0, byte1 = start // 2, -(-end // 2)
     raw = q.packed.view(-1)[byte0:byte1]
     code = q.code.float()
+    device = raw.device
     if raw.numel() % 2 == 0 and byte0 % 2 == 0:
-        values = torch.index_select(_quad_table(code), 0, raw.view(torch.int16).int() & 0xFFFF).view(-1)
+        words = raw.numel() // 2
+        if reuse:
+            index = scratch("index", words, torch.int32, device)
+            index.copy_(raw.view(torch.int16))
+            values = scratch("values", words * 4, torch.float32, device)
+        else:
+            index = raw.view(torch.int16).to(torch.int32)
+            values = torch.empty(words * 4, dtype=torch.float32, device=device)
+        index.bitwise_and_(0xFFFF)
+        torch.index_select(_quad_table(code), 0, index, out=values.view(words, 4))
     else:  # an odd byte count or offset: one gather per byte
         b = raw.long()
         values = torch.stack([code[b >> 4], code[b & 15]], 1).view(-1)
