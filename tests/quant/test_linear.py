@@ -192,3 +192,17 @@ def test_a_trainable_bias_gets_its_gradient():
     g = torch.randn(6, 48)
     q(x).backward(g)
     torch.testing.assert_close(q.bias.grad, g.sum(0))
+
+
+def test_inference_mode_and_training_calls_share_the_scratch_buffers():
+    from grafting.quant.nf4 import _scratch
+    _scratch.__dict__.clear()  # the first call of this thread creates them: under inference mode here
+    q = layer(out=96, inn=128)
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        first = q(x)
+    xg = x.clone().requires_grad_(True)
+    second = q(xg)
+    second.sum().backward()
+    torch.testing.assert_close(second.detach(), first.clone())
+    assert xg.grad is not None

@@ -213,7 +213,8 @@ def scratch(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
     key = (name, dtype, torch.device(device))
     buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+            buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
