@@ -2,8 +2,10 @@
 
 Questions (issue: quantized base):
 1. Resident memory of SmolLM2-135M-Instruct (the packaged model) quantized to NF4 with double quantization, vs
-   the same model in fp32 and in bf16: the bytes its tensors hold, and the RSS of a fresh process that loads it
-   (grafting from a saved 4-bit checkpoint; fp32 from the same checkpoint dequantized). Goal: <= 0.15x fp32.
+   the same model in fp32 and in bf16: the bytes its tensors hold (linear layers in NF4 with the rest in fp32
+   or bf16; and with the embedding and tied head in NF4 too, ``quantize(embeddings=True)``), and the RSS of a
+   fresh process that loads it (grafting from a saved 4-bit checkpoint; fp32 / bf16 from a plain one).
+   Goal: <= 0.15x fp32.
 2. Time of one NF4 linear layer (forward under no_grad, and forward + input-gradient backward) against an fp32
    nn.Linear, bitsandbytes' Linear4bit and torchao's NF4Tensor (``linear_nf4``), at 1, 64 and 512 tokens, on a
    GPT-2 MLP shape (768 -> 3072) and a SmolLM2 MLP shape (576 -> 1536). Goal: forward <= 2x fp32 and faster than
@@ -164,6 +166,10 @@ def bench_memory(quick: bool) -> dict:
     save_pretrained(model, os.path.join(tmp, "nf4"))
     model.to(torch.bfloat16)
     rest_bf16 = quantized_nbytes(model)
+    model.to(torch.float32)
+    from grafting.quant.model import _quantize_embeddings
+    _quantize_embeddings(model, 64, True)  # grafting's extension: embedding + tied head in NF4 as well
+    with_embeddings = quantized_nbytes(model)
     rss = {}
     for kind, path in (("fp32", "fp32"), ("bf16", "fp32"), ("nf4", "nf4")):
         proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, kind, os.path.join(tmp, path)],
@@ -172,7 +178,10 @@ def bench_memory(quick: bool) -> dict:
     figures = {
         "model": name,
         "tensor_mb": {"fp32": fp32 / 2**20, "bf16": bf16 / 2**20, "nf4_rest_fp32": held["total"] / 2**20,
-                      "nf4_rest_bf16": rest_bf16["total"] / 2**20, "nf4_layers_only": held["nf4"] / 2**20},
+                      "nf4_rest_bf16": rest_bf16["total"] / 2**20,
+                      "nf4_with_embeddings": with_embeddings["total"] / 2**20,
+                      "nf4_layers_only": held["nf4"] / 2**20},
+        "nf4_with_embeddings_vs_fp32": with_embeddings["total"] / fp32,
         "nf4_vs_fp32": held["total"] / fp32, "nf4_rest_bf16_vs_fp32": rest_bf16["total"] / fp32,
         "linear_bits_per_parameter": linear_bits,
         "rss_after_load_mb": {k: v["rss_mb"] for k, v in rss.items()},
@@ -204,6 +213,7 @@ def main() -> None:
     headline = {
         "nf4_model_vs_fp32": memory["nf4_vs_fp32"],
         "nf4_model_rest_bf16_vs_fp32": memory["nf4_rest_bf16_vs_fp32"],
+        "nf4_model_with_embeddings_vs_fp32": memory["nf4_with_embeddings_vs_fp32"],
         "nf4_linear_layers_vs_fp32": memory["linear_bits_per_parameter"] / 32,
         "rss_nf4_vs_fp32": memory["rss_nf4_vs_fp32"],
         "forward_vs_fp32": {k: v["grafting NF4"]["vs_fp32"] for k, v in fwd.items()},

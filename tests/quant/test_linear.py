@@ -206,3 +206,34 @@ def test_inference_mode_and_training_calls_share_the_scratch_buffers():
     second.sum().backward()
     torch.testing.assert_close(second.detach(), first.clone())
     assert xg.grad is not None
+
+
+def test_nf4_embeddings_and_a_tied_head_share_one_set_of_bytes():
+    from grafting.quant import NF4Embedding, quantized_nbytes
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+
+    def build():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+    emb_weight = build().model.embed_tokens.weight.detach().clone()
+    plain = quantize(build())
+    model = quantize(build(), embeddings=True)
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, NF4Embedding) and isinstance(head, NF4Linear) and head.packed is emb.packed
+    expect = quantize_nf4(emb_weight).dequantize()
+    ids = torch.tensor([[5, 7, 5, 199, 0]])
+    torch.testing.assert_close(emb(ids)[0], expect[ids[0]], atol=0, rtol=0)
+    torch.testing.assert_close(head.dequantize(), expect, atol=0, rtol=0)
+    with torch.no_grad():  # the same network as dequantized embeddings in a plain model
+        plain.model.embed_tokens.weight.copy_(expect)
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
+    assert quantized_nbytes(model)["total"] < 0.5 * quantized_nbytes(plain)["total"]
+    with pytest.raises(gf.GraftingError, match="bitsandbytes checkpoints cannot hold"):
+        from grafting.quant import save_pretrained
+        save_pretrained(model, "/tmp/never-written")
+    with pytest.raises(gf.GraftingError, match="token ids must be in"):
+        emb(torch.tensor([[200]]))

@@ -84,3 +84,13 @@ def test_quantize_section_is_validated(tmp_path, tiny_model_dir, jsonl_data):
         train(with_section(base, quantize={"init": "loftq", "bits_per_parameter": 4.1}))
     with pytest.raises(gf.GraftingError, match="quantize.block_size"):
         train(with_section(base, quantize={"block_size": 48}))
+    with pytest.raises(gf.GraftingError, match="quantize.embeddings"):
+        train(with_section(base, quantize={"init": "loftq", "embeddings": True}))
+
+
+def test_nf4_embeddings_in_a_recipe(tmp_path, tiny_model_dir, jsonl_data):
+    train_f, val_f = jsonl_data
+    recipe = with_section(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_f, val_f, tmp_path / "out"),
+                          quantize={"embeddings": True, "block_size": 32})  # the tiny BERT is 32 wide
+    result = train(recipe)
+    assert result.after["loss"] < result.before["loss"]

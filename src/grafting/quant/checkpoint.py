@@ -260,6 +260,10 @@ def save_pretrained(model: nn.Module, directory, shard_size: int = 5 * 2**30) ->
             raise GraftingError("save_pretrained: adapters are merged into the base; unmerge() first, or "
                                 "merge_and_unload() and save the plain model it returns")
     config_owner = model.base_model if isinstance(model, AdaptedModel) else model
+    from .embedding import NF4Embedding
+    if any(isinstance(m, NF4Embedding) for m in model.modules()):
+        raise GraftingError("save_pretrained: the model's embeddings are NF4 (quantize(embeddings=True)), which "
+                            "bitsandbytes checkpoints cannot hold; quantize without embeddings=True to save")
     layers = nf4_layers(model)
     if not layers:
         raise GraftingError("save_pretrained: the model has no NF4 layer; quantize it first")

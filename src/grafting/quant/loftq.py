@@ -136,13 +136,15 @@ def allocate_block_sizes(weights: dict[str, torch.Tensor], bits_per_parameter: f
 
 def quantize_with_adapter(model: nn.Module, config, init: str = "loftq", num_iter: int | None = None,
                           block_size: int = 64, double_quant: bool = True, quantize_others: bool = True,
-                          bits_per_parameter: float | None = None, adapter_name: str = "default"):
+                          bits_per_parameter: float | None = None, adapter_name: str = "default",
+                          embeddings: bool = False):
     """Quantize ``model`` to NF4 and add a LoRA adapter initialised for that quantized base.
 
     ``init``: "qlora" (plain quantization, adapter as the config says), "loftq" or "lq_lora". The adapter's
     target layers are decomposed; with ``quantize_others`` every other linear layer but the output head is
     quantized plainly. ``bits_per_parameter`` (LQ-LoRA only): a memory budget over the target layers, met by a
-    block size per matrix. Returns ``(adapted_model, report)``; report maps each target module to its
+    block size per matrix. ``embeddings``: the input embedding and output head in NF4 too (see
+    ``quantize``). Returns ``(adapted_model, report)``; report maps each target module to its
     ``qlora_error``, the ``errors`` per iteration and the ``block_size`` chosen. Save with
     :func:`grafting.quant.save_pretrained` (the base) and ``save_adapter`` (the adapter): the adapter records
     a fingerprint of this base and refuses to load onto another.
@@ -161,7 +163,7 @@ def quantize_with_adapter(model: nn.Module, config, init: str = "loftq", num_ite
     full = _trained_in_full(config)
     if init == "qlora":
         quantize(model, block_size=block_size, double_quant=double_quant, skip=full or None,
-                 targets=None if quantize_others else _names(find_targets(model, config)))
+                 targets=None if quantize_others else _names(find_targets(model, config)), embeddings=embeddings)
         return adapt(model, config, adapter_name), {}
     if config.init_lora_weights not in (True, "kaiming", "gaussian"):
         raise GraftingError(f"{init}: sets the factors itself; init_lora_weights={config.init_lora_weights!r} "
@@ -195,6 +197,9 @@ def quantize_with_adapter(model: nn.Module, config, init: str = "loftq", num_ite
         del weights[name]
     if quantize_others and quantizable(model, skip=full or None):  # the output head stays in full precision
         quantize(model, block_size=block_size, double_quant=double_quant, skip=full or None)
+    if embeddings:
+        from .model import _quantize_embeddings
+        _quantize_embeddings(model, block_size, double_quant)
     adapted = adapt(model, config, adapter_name)
     hosts = dict(adapted.hosts())
     with torch.no_grad():

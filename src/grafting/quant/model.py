@@ -32,12 +32,14 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def quantize(model: nn.Module, targets=None, block_size: int = 64, double_quant: bool = True,
-             skip=None) -> nn.Module:
+             skip=None, embeddings: bool = False) -> nn.Module:
     """Replace linear layers with :class:`NF4Linear`, in place; returns ``model``.
 
     ``targets``: None = every Linear / Conv1D but the output head; a list of module names (a name matches when
     equal to an entry or ending with "." + entry, as peft's ``target_modules``); or a regex matching the whole
-    name. ``skip``: names (same rules) to keep in full precision. Quantize the base before adapting it.
+    name. ``skip``: names (same rules) to keep in full precision. ``embeddings``: also the input embedding and
+    the output head (grafting's extension, see quant/embedding.py; such a model cannot be saved as a
+    bitsandbytes checkpoint). Quantize the base before adapting it.
     """
     if block_size not in BLOCK_SIZES:
         raise GraftingError(f"quantize: block_size must be one of {BLOCK_SIZES}, got {block_size}")
@@ -53,7 +55,29 @@ def quantize(model: nn.Module, targets=None, block_size: int = 64, double_quant:
         q.to(module.weight.device)
         q.compute_dtype = module.weight.dtype
         _replace(model, name, q)
+    if embeddings:
+        _quantize_embeddings(model, block_size, double_quant)
     return model
+
+
+def _quantize_embeddings(model: nn.Module, block_size: int, double_quant: bool) -> None:
+    from .embedding import NF4Embedding, tied_head
+
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    if not isinstance(emb, nn.Embedding):
+        raise GraftingError("quantize(embeddings=True): the model has no nn.Embedding input embedding "
+                            "(get_input_embeddings)")
+    head = get_out() if callable(get_out) else None
+    names = {id(m): n for n, m in model.named_modules()}
+    new = NF4Embedding.from_embedding(emb, block_size, double_quant)
+    new.compute_dtype = emb.weight.dtype
+    _replace(model, names[id(emb)], new)
+    if type(head) is nn.Linear:
+        tied = head.weight is emb.weight
+        q = tied_head(new, head.bias) if tied else NF4Linear.from_linear(head, block_size, double_quant)
+        q.compute_dtype = head.weight.dtype
+        _replace(model, names[id(head)], q)
 
 
 def quantizable(model: nn.Module, targets=None, skip=None) -> list[tuple[str, nn.Module]]:
@@ -91,11 +115,15 @@ def nf4_layers(model: nn.Module) -> list[tuple[str, NF4Linear]]:
 
 
 def quantized_nbytes(model: nn.Module) -> dict:
-    """Bytes the model holds: its NF4 layers (codes and statistics), and every other parameter and buffer."""
-    nf4 = sum(m.nbytes for _, m in nf4_layers(model))
-    nf4_params = {id(t) for _, m in nf4_layers(model) for t in m.buffers()}
+    """Bytes the model holds: its NF4 layers (codes and statistics; shared ones, as a tied head's, once), and
+    every other parameter and buffer."""
+    from .embedding import NF4Embedding
+
+    quantized = [m for m in model.modules() if isinstance(m, (NF4Linear, NF4Embedding))]
+    owned = {t.data_ptr(): t for m in quantized for t in m.buffers()}
+    nf4 = sum(t.numel() * t.element_size() for t in owned.values())
     other = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
-                if id(t) not in nf4_params)
+                if t.data_ptr() not in owned)
     return {"nf4": nf4, "other": other, "total": nf4 + other}
 
 

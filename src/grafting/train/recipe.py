@@ -144,11 +144,16 @@ class QuantizeSpec(_Strict):
     num_iter: Optional[int] = Field(None, ge=1, description="LoftQ / LQ-LoRA iterations (default 5 / 20)")
     bits_per_parameter: Optional[float] = Field(None, gt=4, description="LQ-LoRA: memory budget over the target "
                                                 "layers, met with a block size per matrix")
+    embeddings: bool = Field(False, description="the input embedding and output head in NF4 too (grafting's "
+                             "extension; the base then cannot be saved as a bitsandbytes checkpoint)")
 
     @model_validator(mode="after")
     def _budget_is_lq_lora(self):
         if self.bits_per_parameter is not None and self.init != "lq_lora":
             raise ValueError("quantize.bits_per_parameter is LQ-LoRA's budget: set quantize.init to lq_lora")
+        if self.embeddings and self.init != "qlora":
+            raise ValueError("quantize.embeddings: LoftQ / LQ-LoRA save their base as a bitsandbytes checkpoint, "
+                             "which cannot hold NF4 embeddings; use init qlora")
         return self
 
 
