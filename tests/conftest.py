@@ -69,6 +69,28 @@ def randomize(model: nn.Module, scale: float = 0.3) -> None:
                     p.copy_(torch.randn_like(p) * scale)
 
 
+def copy_adapters(src: nn.Module, dst: nn.Module) -> None:
+    """Copy every adapter parameter of ``src`` into the same-named parameter of ``dst``."""
+    dst_params = dict(dst.named_parameters())
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if ".adapters." in n:
+                dst_params[n].copy_(p)
+
+
+def adapted_twins(base: nn.Module, twin: nn.Module, config_of):
+    """``base`` and its dense ``twin``, each adapted with "default" (``config_of()``) and "other"
+    (``config_of(r=2)``), holding the same random adapter values."""
+    import grafting as gf
+    model = gf.adapt(base, config_of())
+    model.add_adapter("other", config_of(r=2))
+    randomize(model)
+    reference = gf.adapt(twin, config_of())
+    reference.add_adapter("other", config_of(r=2))
+    copy_adapters(model, reference)
+    return model, reference
+
+
 def assert_rows_match(model, x, names, atol=1e-5, rtol=1e-4) -> None:
     """Each row of a mixed batch equals the same row run with that adapter alone (None: the base)."""
     mixed = model(x, adapter_names=names)

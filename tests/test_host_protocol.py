@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import grafting as gf
-from conftest import assert_rows_match, randomize
+from conftest import adapted_twins, assert_rows_match, randomize
 
 LOW_RANK = [m for m in gf.method_names() if gf.get_method(m).low_rank_form]
 
@@ -77,26 +77,13 @@ def config(method, **kw):
     return gf.get_method(method).make_config(target_modules=["0"], **kw)
 
 
-def copy_adapters(src: gf.AdaptedModel, dst: gf.AdaptedModel) -> None:
-    dst_params = dict(dst.named_parameters())
-    with torch.no_grad():
-        for n, p in src.named_parameters():
-            if ".adapters." in n:
-                dst_params[n].copy_(p)
-
-
 @pytest.mark.parametrize("method", LOW_RANK)
 def test_packed_base_hosts_forward_training_mixed_batches_and_save_load(method, tmp_path):
     base = packed_model()
     q = base[0]
     packed_before = q.packed.clone()
     twin = dense_twin(base)
-    model = gf.adapt(base, config(method))
-    model.add_adapter("other", config(method, r=2))
-    randomize(model)
-    reference = gf.adapt(twin, config(method))
-    reference.add_adapter("other", config(method, r=2))
-    copy_adapters(model, reference)
+    model, reference = adapted_twins(base, twin, lambda **kw: config(method, **kw))
     x = torch.randn(4, 5, 12)
     torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import grafting as gf
-from conftest import assert_rows_match, randomize
+from conftest import adapted_twins, assert_rows_match, randomize
 from grafting.quant import NF4Linear, quantize_nf4
 from grafting.quant.model import quantize, requantize_errors
 
@@ -102,16 +102,8 @@ def test_every_low_rank_method_trains_serves_and_saves_on_an_nf4_base(method, tm
     q0 = base[0]
     packed = q0.packed.clone()
     twin = dense_twin(base)
-    model = gf.adapt(base, config(method))
-    model.add_adapter("other", config(method, r=2))
-    randomize(model)
-    reference = gf.adapt(twin, config(method))
-    reference.add_adapter("other", config(method, r=2))
+    model, reference = adapted_twins(base, twin, lambda **kw: config(method, **kw))
     ref_params = dict(reference.named_parameters())
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".adapters." in n:
-                ref_params[n].copy_(p)
     x = torch.randn(4, 7, 64)
     torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
     model(x).pow(2).sum().backward()

@@ -15,54 +15,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GraftingError
-from .linear import _STATISTICS, NF4Linear
+from .linear import NF4Linear
 from .nf4 import NF4Weight, quantize_nf4
+from .storage import NF4Storage
 
 
-class NF4Embedding(nn.Module):
+class NF4Embedding(NF4Storage):
     """``F.embedding`` over an NF4 (num_embeddings, embedding_dim) table; rows dequantized on lookup."""
 
     def __init__(self, q: NF4Weight, padding_idx: int | None = None):
-        super().__init__()
+        if len(q.shape) != 2 or q.shape[1] % q.block_size:
+            raise GraftingError(f"NF4Embedding: embedding_dim {q.shape[-1]} is not a multiple of the block size "
+                                f"{q.block_size}; rows must be whole blocks")
+        super().__init__(q)
         self.num_embeddings, self.embedding_dim = int(q.shape[0]), int(q.shape[1])
-        if self.embedding_dim % q.block_size:
-            raise GraftingError(f"NF4Embedding: embedding_dim {self.embedding_dim} is not a multiple of the block "
-                                f"size {q.block_size}; rows must be whole blocks")
         self.padding_idx = padding_idx
-        self.block_size = q.block_size
-        self.weight_dtype = q.dtype
-        self.compute_dtype = q.dtype
-        for name in ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset"):
-            self.register_buffer(name, getattr(q, name))
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, block_size: int = 64, double_quant: bool = True) -> "NF4Embedding":
         if emb.max_norm is not None or emb.sparse:
             raise GraftingError("NF4Embedding: max_norm and sparse embeddings are not supported")
         return cls(quantize_nf4(emb.weight.detach(), block_size, double_quant), emb.padding_idx)
-
-    @property
-    def weight_nf4(self) -> NF4Weight:
-        return NF4Weight(self.packed, self.absmax, torch.Size((self.num_embeddings, self.embedding_dim)),
-                         self.weight_dtype, self.block_size, self.code, self.nested_absmax, self.nested_code,
-                         self.offset)
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight_nf4.nbytes
-
-    def dequantize(self) -> torch.Tensor:
-        return self.weight_nf4.dequantize(self.compute_dtype)
-
-    def _apply(self, fn, recurse=True):
-        probe = fn(torch.zeros(0, device=self.packed.device))
-        stats = {n: self._buffers[n] for n in _STATISTICS if self._buffers.get(n) is not None}
-        super()._apply(fn, recurse)
-        for n, t in stats.items():
-            self._buffers[n] = t.to(probe.device)
-        if probe.is_floating_point():
-            self.compute_dtype = probe.dtype
-        return self
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The dense rows ``ids`` (flat), dequantized: only the blocks those rows hold are read."""

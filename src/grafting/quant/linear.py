@@ -19,9 +19,9 @@ from torch import nn
 
 from ..errors import GraftingError
 from .nf4 import NF4Weight, dequantize_range, quantize_nf4
+from .storage import NF4Storage
 
-_STATISTICS = ("code", "nested_absmax", "nested_code", "offset")  # float buffers kept in float32
-CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS = 1 << 21  # 8 MB of fp32 per slice: most layers of a small model are one slice
 BACKENDS = ("torch", "bitsandbytes")
 _backend = "torch"
 
@@ -45,41 +45,20 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    return _backend  # 8 MB of fp32 per slice: most layers of a small model are one slice
+    return _backend
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(NF4Storage):
     """y = x · dequant(W)ᵀ + b with W in NF4 (QLoRA, arXiv 2305.14314); weight frozen, bias as stored."""
 
     def __init__(self, q: NF4Weight, bias: torch.Tensor | None = None, chunk_elements: int = CHUNK_ELEMENTS):
-        super().__init__()
         if len(q.shape) != 2:
             raise GraftingError(f"NF4Linear needs a 2-d (out, in) weight, got shape {tuple(q.shape)}")
+        super().__init__(q)
         self.out_features, self.in_features = int(q.shape[0]), int(q.shape[1])
-        self.block_size = q.block_size
-        self.weight_dtype = q.dtype
         self.chunk_elements = chunk_elements
-        self.register_buffer("packed", q.packed)
-        self.register_buffer("absmax", q.absmax)
-        self.register_buffer("code", q.code)
-        self.register_buffer("nested_absmax", q.nested_absmax)
-        self.register_buffer("nested_code", q.nested_code)
-        self.register_buffer("offset", q.offset)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.requantize_error: float | None = None  # set by quantize_ (a merge): relative error it introduced
-        self.compute_dtype = q.dtype  # what dequantize() returns; follows .to(dtype) like a float weight would
-
-    def _apply(self, fn, recurse=True):
-        # .to(bf16) must not round the statistics (the dequantized weight would change): they stay fp32, on the
-        # new device; the compute dtype follows the conversion
-        probe = fn(torch.zeros(0, device=self.packed.device))
-        stats = {n: self._buffers[n] for n in _STATISTICS if self._buffers.get(n) is not None}
-        super()._apply(fn, recurse)
-        for n, t in stats.items():
-            self._buffers[n] = t.to(probe.device)
-        if probe.is_floating_point():
-            self.compute_dtype = probe.dtype
-        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Module, block_size: int = 64, double_quant: bool = True,
@@ -90,26 +69,7 @@ class NF4Linear(nn.Module):
             w = w.t().contiguous()
         return cls(quantize_nf4(w, block_size, double_quant), linear.bias)
 
-    @property
-    def weight_nf4(self) -> NF4Weight:
-        return NF4Weight(packed=self.packed, absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-                         dtype=self.weight_dtype, block_size=self.block_size, code=self.code,
-                         nested_absmax=self.nested_absmax, nested_code=self.nested_code, offset=self.offset)
-
-    @property
-    def double_quant(self) -> bool:
-        return self.nested_absmax is not None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the quantized weight and its statistics (the bias not included)."""
-        return self.weight_nf4.nbytes
-
-    # ---- host protocol ----------------------------------------------------------------------------------------
-    def dequantize(self) -> torch.Tensor:
-        """The dense (out, in) weight, in the dtype of this module's floating buffers (follows ``.to()``)."""
-        return self.weight_nf4.dequantize(self.compute_dtype)
-
+    # ---- host protocol: in_features, out_features, dequantize() (NF4Storage), quantize_ ----------------------
     @torch.no_grad()
     def quantize_(self, weight: torch.Tensor) -> None:
         """Re-quantize a dense (out, in) weight into this module's storage (a merge writes through here)."""
