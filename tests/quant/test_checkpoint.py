@@ -128,6 +128,22 @@ def test_a_different_block_size_loads_and_bad_tensors_are_named(checkpoints, tmp
         from_pretrained(tmp_path / "b128")
 
 
+def test_a_block_size_bitsandbytes_does_not_write_is_named(checkpoints, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    _, _, bnb_dir, _ = checkpoints
+    shutil.copytree(bnb_dir, tmp_path / "odd")
+    tensors = load_file(tmp_path / "odd" / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("quant_state.bitsandbytes__nf4"))
+    state = json.loads(bytes(tensors[key].tolist()).decode())
+    state["blocksize"] = 48
+    tensors[key] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+    save_file(tensors, tmp_path / "odd" / "model.safetensors")
+    with pytest.raises(gf.GraftingError, match="blocksize 48 is not one of"):
+        from_pretrained(tmp_path / "odd")
+
+
 def test_a_plain_checkpoint_is_refused_and_saving_needs_nf4_layers(checkpoints, tmp_path):
     _, fp, _, _ = checkpoints
     with pytest.raises(gf.GraftingError, match="no quantization_config"):
