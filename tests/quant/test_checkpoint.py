@@ -150,3 +150,20 @@ def test_a_plain_checkpoint_is_refused_and_saving_needs_nf4_layers(checkpoints, 
         from_pretrained(fp)
     with pytest.raises(gf.GraftingError, match="no NF4 layer"):
         save_pretrained(transformers.AutoModelForCausalLM.from_pretrained(fp), tmp_path / "y")
+
+
+@torch.no_grad()
+def test_sharded_checkpoints_and_a_resave_leaves_no_stale_shards(checkpoints, tmp_path):
+    _, fp, _, bnb = checkpoints
+    model = quantize(transformers.AutoModelForCausalLM.from_pretrained(fp))
+    save_pretrained(model, tmp_path / "q", shard_size=40_000)
+    shards = sorted(p.name for p in (tmp_path / "q").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "q" / "model.safetensors.index.json").is_file()
+    assert torch.equal(from_pretrained(tmp_path / "q")(IDS).logits, bnb(IDS).logits)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    assert torch.equal(theirs(IDS).logits, bnb(IDS).logits)
+    (tmp_path / "q" / "notes.txt").write_text("kept")
+    save_pretrained(model, tmp_path / "q")  # now one file: the old shards and index must go
+    assert sorted(p.name for p in (tmp_path / "q").iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+    assert (tmp_path / "q" / "notes.txt").read_text() == "kept"
+    assert torch.equal(from_pretrained(tmp_path / "q")(IDS).logits, bnb(IDS).logits)

@@ -90,9 +90,9 @@ def remove_stale(path: Path) -> list[Path]:
     return removed
 
 
-def _carry_over(path: Path, tmp: Path) -> None:
+def _carry_over(path: Path, tmp: Path, drop=None) -> None:
     for f in path.iterdir():
-        if (tmp / f.name).exists():
+        if (tmp / f.name).exists() or (drop is not None and drop(f.name)):
             continue
         # another writer may replace ``path`` meanwhile: a file gone by now was not ours to keep
         with contextlib.suppress(FileNotFoundError):
@@ -107,11 +107,11 @@ def _carry_over(path: Path, tmp: Path) -> None:
                 shutil.copy2(f, tmp / f.name)  # e.g. a filesystem without hard links
 
 
-def _install(tmp: Path, path: Path) -> None:
+def _install(tmp: Path, path: Path, drop=None) -> None:
     """Put the finished ``tmp`` at ``path``; at every instant ``path`` is absent (first save) or complete."""
     for _ in range(100):  # each retry means another writer moved ``path`` in between: that ends quickly
         if path.is_dir():
-            _carry_over(path, tmp)
+            _carry_over(path, tmp, drop)
             # one atomic swap: two renames would leave no directory at ``path`` if killed between them
             if _exchange(tmp, path):
                 shutil.rmtree(tmp, ignore_errors=True)  # now the previous contents
@@ -143,11 +143,12 @@ def _install(tmp: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path) -> Iterator[Path]:
+def atomic_dir(path, drop=None) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` in one rename.
 
     Files already in ``path`` that the block did not write are carried over (hard links), so saving into a
-    directory that holds other files keeps them."""
+    directory that holds other files keeps them; except those whose name ``drop(name)`` is true (a
+    checkpoint's stale shards and index must not outlive the save that replaced them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
@@ -159,7 +160,7 @@ def atomic_dir(path) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        _install(tmp, path)
+        _install(tmp, path, drop)
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

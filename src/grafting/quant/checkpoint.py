@@ -250,6 +250,11 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _weights_file(name: str) -> bool:
+    """A checkpoint's weights or index: what a new save replaces instead of keeping beside its own."""
+    return name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"))
+
+
 def save_pretrained(model: nn.Module, directory, shard_size: int = 5 * 2**30) -> Path:
     """Write ``model`` (its NF4 layers included) as a transformers 4-bit checkpoint that transformers +
     bitsandbytes load with ``from_pretrained(directory)``; atomic (a crash leaves no half-written directory)."""
@@ -286,7 +291,7 @@ def save_pretrained(model: nn.Module, directory, shard_size: int = 5 * 2**30) ->
     config_dict["quantization_config"] = qc
     config_dict["architectures"] = [type(config_owner).__name__]  # as transformers writes it: the class to build
     directory = Path(directory)
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, drop=_weights_file) as tmp:
         writer = ShardWriter(tmp, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], shard_size)
         try:
             for k, v in tensors.items():
