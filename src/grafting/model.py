@@ -247,7 +247,7 @@ class AdaptedModel(nn.Module):
                 for pname, p in self.base_model.named_parameters():
                     if pname.endswith("bias") and ".copies." not in pname and "original_module" not in pname:
                         p.requires_grad_(True)
-            elif bias == "lora_only":
+            elif isinstance(bias, str) and bias.endswith("_only"):  # the adapted layers' biases (lora_only, vera_only)
                 for _, host in self.hosts():
                     if name in host.adapters and getattr(host.base_layer, "bias", None) is not None:
                         host.base_layer.bias.requires_grad_(True)

@@ -134,6 +134,11 @@ def merge_adapters(adapters: list, method: str, output_dir, *, params: list[dict
         raise GraftingError(f"merge_adapters: energy must be in (0, 1], got {energy!r}")
     spec = get_merge_method(method)
     readers = [AdapterReader(a) for a in adapters]
+    other = [r for r in readers if r.method.name not in ("lora", "dora")]
+    if other:  # the output is a LoRA adapter built from lora_A / lora_B; other methods have a full-model path
+        raise GraftingError(f"merge_adapters: {other[0].path} is a '{other[0].method.name}' adapter; merging "
+                            "into an adapter takes LoRA / DoRA inputs. Merge it into the base model instead "
+                            "(an adapter entry in a full-model merge applies any method's ΔW)")
     fan = {bool(getattr(r.config, "fan_in_fan_out", False)) for r in readers}
     if len(fan) > 1:
         raise GraftingError("merge_adapters: the adapters disagree on fan_in_fan_out (they are for different bases)")
