@@ -64,31 +64,39 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--inits-only", action="store_true", help="skip the fp32 / NF4-checkpoint comparison")
     ap.add_argument("--quick", action="store_true", help="3 steps, 1 seed, tiny data: checks the script runs")
     args = ap.parse_args()
     steps, seeds = (3, 1) if args.quick else (args.steps, args.seeds)
     header("benchmarks/qlora.py: QLoRA on SmolLM2-135M, NF4 vs fp32 base; LoftQ vs QLoRA init",
            f"steps {steps}  seeds {seeds}")
     tmp = tempfile.mkdtemp(prefix="graft-qlora-bench-")
-    nf4_dir = os.path.join(tmp, "smollm2-nf4")
-    subprocess.run([sys.executable, "-m", "grafting.cli.main", "quantize", "packaged:smollm2-135m-instruct", nf4_dir],
-                   check=True, stdout=subprocess.DEVNULL)
     results = {}
-    results["fp32 base"] = run("fp32", recipe("packaged:smollm2-135m-instruct", os.path.join(tmp, "fp32"), steps, 0,
-                                              None, args.quick), tmp)
-    results["NF4 base (4-bit checkpoint)"] = run("nf4", recipe(nf4_dir, os.path.join(tmp, "nf4"), steps, 0, None,
-                                                               args.quick), tmp)
+    if not args.inits_only:
+        nf4_dir = os.path.join(tmp, "smollm2-nf4")
+        subprocess.run([sys.executable, "-m", "grafting.cli.main", "quantize", "packaged:smollm2-135m-instruct",
+                        nf4_dir], check=True, stdout=subprocess.DEVNULL)
+        results["fp32 base"] = run("fp32", recipe("packaged:smollm2-135m-instruct", os.path.join(tmp, "fp32"), steps,
+                                                  0, None, args.quick), tmp)
+        results["NF4 base (4-bit checkpoint)"] = run("nf4", recipe(nf4_dir, os.path.join(tmp, "nf4"), steps, 0, None,
+                                                                   args.quick), tmp)
     inits = {"qlora": [], "loftq": []}
-    for seed in range(seeds):
+    for seed in range(args.first_seed, args.first_seed + seeds):
         for init in inits:
             out = os.path.join(tmp, f"{init}-{seed}")
             inits[init].append(run(f"{init}-{seed}", recipe("packaged:smollm2-135m-instruct", out, steps, seed,
                                                              {"init": init}, args.quick), tmp))
-    rows = [[name, f"{v['loss_before']:.4f}", f"{v['loss_after']:.4f}", f"{v['peak_mb']:,.0f} MB",
-             f"{v['seconds']:.0f} s"] for name, v in results.items()]
-    ratio = results["NF4 base (4-bit checkpoint)"]["peak_mb"] / results["fp32 base"]["peak_mb"]
-    table(f"same LoRA run ({steps} steps), held-out loss and peak memory", rows,
-          columns=("base", "loss before", "loss after", "peak RSS", "wall"))
+    headline = {"steps": steps, "seeds": list(range(args.first_seed, args.first_seed + seeds))}
+    if results:
+        rows = [[name, f"{v['loss_before']:.4f}", f"{v['loss_after']:.4f}", f"{v['peak_mb']:,.0f} MB",
+                 f"{v['seconds']:.0f} s"] for name, v in results.items()]
+        table(f"same LoRA run ({steps} steps), held-out loss and peak memory", rows,
+              columns=("base", "loss before", "loss after", "peak RSS", "wall"))
+        headline.update({"fp32_loss_after": results["fp32 base"]["loss_after"],
+                         "nf4_loss_after": results["NF4 base (4-bit checkpoint)"]["loss_after"],
+                         "nf4_vs_fp32_peak_memory": results["NF4 base (4-bit checkpoint)"]["peak_mb"]
+                         / results["fp32 base"]["peak_mb"]})
 
     def stat(xs):
         return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
@@ -103,12 +111,10 @@ def main() -> None:
     table(f"init on the NF4 base, {seeds} seeds (quantized after loading)", rows,
           columns=("init", "loss at start", "loss after", "per seed"))
     wins = sum(a < b for a, b in zip(summary["loftq"]["per_seed"], summary["qlora"]["per_seed"]))
-    headline = {"fp32_loss_after": results["fp32 base"]["loss_after"],
-                "nf4_loss_after": results["NF4 base (4-bit checkpoint)"]["loss_after"],
-                "nf4_vs_fp32_peak_memory": ratio,
-                "qlora_init_loss_after_mean": summary["qlora"]["loss_after"][0],
-                "loftq_init_loss_after_mean": summary["loftq"]["loss_after"][0],
-                "loftq_wins_of_seeds": f"{wins}/{seeds}", "steps": steps}
+    headline.update({"qlora_init_loss_after_mean": summary["qlora"]["loss_after"][0],
+                     "loftq_init_loss_after_mean": summary["loftq"]["loss_after"][0],
+                     "qlora_per_seed": summary["qlora"]["per_seed"], "loftq_per_seed": summary["loftq"]["per_seed"],
+                     "loftq_wins_of_seeds": f"{wins}/{seeds}"})
     print(json.dumps(rounded(headline)))
 
 
