@@ -58,13 +58,14 @@ def loftq_decompose(w: torch.Tensor, r: int, scaling: float = 1.0, num_iter: int
     if num_iter < 1:
         raise GraftingError(f"LoftQ: num_iter must be at least 1, got {num_iter}")
     W = w.detach().float()
-    q0 = quantize_nf4(W, block_size, double_quant)
-    qlora = float((W - q0.dequantize(torch.float32)).norm())
-    low = torch.zeros_like(W)
-    errors = []
+    q = quantize_nf4(W, block_size, double_quant)
+    Q = q.dequantize(torch.float32)
+    qlora = float((W - Q).norm())
+    errors, low = [], None
     for t in range(num_iter):
-        q = q0 if t == 0 else quantize_nf4(W - low, block_size, double_quant)
-        Q = q.dequantize(torch.float32)
+        if t:
+            q = quantize_nf4(W - low, block_size, double_quant)
+            Q = q.dequantize(torch.float32)
         A, B = _svd_r(W - Q, r, scaling)
         low = scaling * (B @ A)
         errors.append(float((W - Q - low).norm()))

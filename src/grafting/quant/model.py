@@ -28,7 +28,7 @@ def _output_heads(model: nn.Module) -> set[int]:
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every plain linear layer a quantization can replace (Linear and GPT-2 Conv1D)."""
     return [(n, m) for n, m in model.named_modules()
-            if n and (type(m) is nn.Linear or (_CONV1D.matches(m) and not isinstance(m, NF4Linear)))]
+            if n and (type(m) is nn.Linear or _CONV1D.matches(m))]
 
 
 def quantize(model: nn.Module, targets=None, block_size: int = 64, double_quant: bool = True,
