@@ -114,3 +114,32 @@ def step_recorder(name: str):
         yield StepConfig, calls
     finally:
         unregister(name)
+
+
+@contextlib.contextmanager
+def calibration_recorder(name: str):
+    """Register (for the block) a LoRA method whose init reads activations and records, per module, how many
+    activation rows it saw; yields (its config class, that dict)."""
+    from grafting.methods.lora import Lora
+    from grafting.registry import unregister
+
+    seen: dict = {}
+
+    @dataclass
+    class CalibConfig(gf.LoraConfig):
+        peft_type = "GRAFT_TEST_CALIB"
+
+    @gf.register(name, config=CalibConfig)
+    class Calib(Lora):
+        """Test only: an init that reads calibration activations."""
+
+        def needs_calibration(self, cfg):
+            return True
+
+        def init(self, adapter, host, cfg, activations):
+            seen[id(host)] = activations.shape
+
+    try:
+        yield CalibConfig, seen
+    finally:
+        unregister(name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 import grafting as gf
@@ -88,3 +89,26 @@ def test_trainer_calls_per_step_hooks(tmp_path, tiny_model_dir, jsonl_data):
     assert [(step, total, len(layers)) for step, total, layers in calls] == [(1, 3, 4), (2, 3, 4), (3, 3, 4)]
     saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "GRAFT_TEST_STEPS"
+
+
+@pytest.mark.parametrize("bilevel", [False, True], ids=["plain", "bilevel"])
+def test_inits_that_read_activations_see_the_first_training_batches(tmp_path, tiny_model_dir, jsonl_data, bilevel):
+    from toy_method import calibration_recorder
+
+    with calibration_recorder("test-calib") as (_, seen):
+        r = with_adapter(write_recipe(tmp_path / "r.yaml", tiny_model_dir, *jsonl_data, tmp_path / "out",
+                                      max_steps=1, batch_size=4, calibration_batches=2), method="test-calib")
+        if bilevel:  # the bi-level trainer builds its model through the same path; it then refuses LoRA
+            raw = yaml.safe_load(r.read_text())
+            raw["bilevel"] = {}
+            r.write_text(yaml.safe_dump(raw))
+            with pytest.raises(gf.GraftingError, match="no architecture parameters"):
+                train(r)
+            assert len(seen) == 4 and all(s[1] == 32 for s in seen.values())  # its rows are a shuffled split
+            return
+        train(r)
+        from grafting.train.trainer import load_data_and_model
+        rows = load_data_and_model(load_recipe(r))[2]
+    # every token position of the first 2 batches of 4 training rows, each batch padded to its longest row
+    positions = sum(4 * max(len(row["input_ids"]) for row in rows[i:i + 4]) for i in (0, 4))
+    assert list(seen.values()) == [torch.Size([positions, 32])] * 4  # query and value in 2 BERT layers

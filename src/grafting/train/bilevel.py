@@ -57,7 +57,8 @@ def _optimizer(kind: str, params: list, lr: float, weight_decay: float, betas=(0
 
 def run_bilevel(recipe: Recipe, resume: bool, world: int, rank: int):
     from .trainer import (TrainResult, _autocast, adapt_for, adapter_config_for, batch_loss, evaluate,
-                          load_data_and_model, lr_at, peak_memory_mb, plain_lm, save_quantized_base)
+                          calibration_batches, load_data_and_model, lr_at, peak_memory_mb, plain_lm,
+                          save_quantized_base)
     if world > 1:
         raise GraftingError("bilevel: runs in one process; launch it without torchrun")
     if resume:
@@ -81,7 +82,7 @@ def run_bilevel(recipe: Recipe, resume: bool, world: int, rank: int):
     pad_id = tokenizer.pad_token_id
     cfg = adapter_config_for(recipe)
     torch.manual_seed(t.seed)
-    model = adapt_for(recipe, base, cfg)
+    model = adapt_for(recipe, base, cfg, calibration_batches(recipe, cfg, train_rows, pad_id))
     save_quantized_base(recipe, model, out_dir)
     model.train()
     roles = model.param_groups(ADAPTER)

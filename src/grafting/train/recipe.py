@@ -108,6 +108,8 @@ class TrainSpec(_Strict):
     seed: int = 0
     bf16: bool = False
     progress: bool = True
+    calibration_batches: int = Field(8, ge=1, description="training batches an activation-reading init (EVA, "
+                                     "CorDA) sees before training starts")
 
 
 class BilevelSpec(_Strict):

@@ -22,6 +22,7 @@ import torch
 
 from .. import adapt
 from ..errors import GraftingError
+from ..registry import get_method
 from ..io.atomic import atomic_write_bytes
 from . import checkpoint
 from .data import collate, encode, load_splits
@@ -216,11 +217,29 @@ def adapter_config_for(recipe: Recipe):
     return cfg
 
 
-def adapt_for(recipe: Recipe, base, cfg):
+def calibration_batches(recipe: Recipe, cfg, rows: list[dict], pad_id: int) -> list[dict] | None:
+    """Model inputs for an init that reads activations (EVA, CorDA: ``Method.needs_calibration``): the first
+    ``train.calibration_batches`` training batches (labels dropped, so the model computes no loss); None when
+    the method reads none."""
+    if not get_method(cfg.method).needs_calibration(cfg):
+        return None
+    t = recipe.train
+    batches = []
+    for i in range(0, min(len(rows), t.calibration_batches * t.batch_size), t.batch_size):
+        batch = collate(rows[i:i + t.batch_size], pad_id, recipe.model.task)
+        batches.append({k: v for k, v in batch.items() if k != "labels"})
+    return batches
+
+
+def adapt_for(recipe: Recipe, base, cfg, calibration: list[dict] | None = None):
     """The adapted model: ``adapt``, or with a ``quantize`` section the NF4 base and its adapter init."""
     q = recipe.quantize
     if q is None:
-        return adapt(base, cfg, ADAPTER)
+        return adapt(base, cfg, ADAPTER, calibration=calibration)
+    if calibration is not None:
+        raise GraftingError(f"recipe quantize: adapter method '{cfg.method}' initialises from activations here, "
+                            "which the quantized-base inits (qlora, loftq, lq_lora) do not feed; remove the "
+                            "quantize section or use a data-free init")
     from ..quant import nf4_layers
     from ..quant.loftq import quantize_with_adapter
     if nf4_layers(base):
@@ -259,7 +278,7 @@ def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
     pad_id = tokenizer.pad_token_id
     cfg = adapter_config_for(recipe)
     torch.manual_seed(t.seed)
-    model = adapt_for(recipe, base, cfg)
+    model = adapt_for(recipe, base, cfg, calibration_batches(recipe, cfg, train_rows, pad_id))
     if main:
         save_quantized_base(recipe, model, out_dir)
     if recipe.model.gradient_checkpointing:
