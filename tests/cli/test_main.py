@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -66,9 +67,13 @@ def test_methods_lists_every_registered_method_with_its_fields(capsys):
         assert {f["name"] for f in row["fields"]} == own - set(row["flags"])
         assert row["peft_type"] == cls.peft_type and row["description"]
     assert rows["dora"]["flags"] == {"use_dora": True}
+    for name, row in rows.items():  # every built-in method cites its paper by arXiv id
+        if type(gf.get_method(name)).__module__.startswith("grafting.methods."):
+            assert re.search(r"arXiv:\d{4}\.\d{4,5}", row["paper"]), (name, row["paper"])
     assert main(["methods"]) == 0
     text = capsys.readouterr().out
     assert "toy-shared" in text and "exact_norm=False" in text
+    assert "paper: VeRA: Vector-based Random Matrix Adaptation (Kopiczko et al., 2024, arXiv:2310.11454)." in text
 
 
 def test_inspect_a_plug_in_adapter_with_shared_tensors(tmp_path, capsys):

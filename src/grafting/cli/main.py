@@ -65,7 +65,8 @@ def method_table() -> list[dict]:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             fields.append({"name": f.name, "default": default})
         rows.append({"name": m.name, "peft_type": m.config_class.peft_type, "flags": m.flags,
-                     "config": m.config_class.__name__, "description": m.description, "fields": fields,
+                     "config": m.config_class.__name__, "description": m.description, "paper": m.paper,
+                     "fields": fields,
                      "layer_kinds": sorted(m.layer_kinds), "mergeable": m.mergeable, "low_rank": m.low_rank_form})
     return rows
 
@@ -79,6 +80,8 @@ def cmd_methods(args) -> int:
         flags = "".join(f", {k}={v}" for k, v in row["flags"].items())
         print(f"{row['name']}  ({row['config']}, peft_type {row['peft_type']}{flags})")
         print(f"    {row['description']}")
+        if row["paper"]:
+            print(f"    paper: {row['paper']}")
         fields = ", ".join(f"{f['name']}={f['default']!r}" for f in row["fields"])
         print(f"    fields: {fields}")
         print(f"    layers: {', '.join(row['layer_kinds'])}; mergeable: {row['mergeable']}; "

@@ -39,6 +39,14 @@ class Method:
         doc = (type(self).__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
+    @property
+    def paper(self) -> str:
+        """The paper the method implements: the first line of its module's docstring, which by convention names
+        it with its arXiv id (``"VeRA: ... (Kopiczko et al., 2024, arXiv:2310.11454)."``)."""
+        import sys
+        doc = (getattr(sys.modules.get(type(self).__module__), "__doc__", None) or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
     def make_config(self, **fields):
         """A config of this method (the registered config class with this method's flags)."""
         return self.config_class(**{**fields, **self.flags})
