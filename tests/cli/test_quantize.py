@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+import bnb_reference  # noqa: F401  (bitsandbytes' reference kernels on every CPU: see the module)
+
 from grafting.cli.main import main
 from grafting.quant import NF4Linear, from_pretrained, quantize
 

@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+import bnb_reference  # noqa: F401  (bitsandbytes' reference kernels on every CPU: see the module)
+
 import grafting as gf
 from grafting.quant import NF4Linear
 from grafting.quant.checkpoint import from_pretrained, save_pretrained

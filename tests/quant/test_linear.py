@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+
+import bnb_reference  # noqa: F401  (bitsandbytes' reference kernels on every CPU: see the module)
 import torch.nn.functional as F
 from torch import nn
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import bnb_reference  # noqa: F401  (bitsandbytes' reference kernels on every CPU: see the module)
+
 import grafting as gf
 from grafting.quant import from_pretrained, quantize_nf4, save_pretrained
 from grafting.quant.loftq import allocate_block_sizes, loftq_decompose, lq_decompose, quantize_with_adapter

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import bnb_reference  # noqa: F401  (bitsandbytes' reference kernels on every CPU: see the module)
+
 from grafting.errors import GraftingError
 from grafting.quant import NF4_CODE, dynamic_code, quantize_nf4
 
