@@ -17,7 +17,7 @@ One trainable block is shared by every shard of the weight. In the (out, fan_in)
 D = 0 at init in the other modes, so training starts from the base. Paper / peft defaults: r = 64 (even),
 mini_r = 1, no dropout.
 
-This follows peft's port (peft/tuners/miss, the author's own), the reference for what is ambiguous in the paper:
+This follows peft's port (peft/tuners/miss), the reference for what is ambiguous in the paper:
 the same config fields (``MissConfig``), the same single key ``miss_block`` per layer, the same forward (dropout on
 the input of the balance / mini forms only, none for bat) and merge, and peft's shape rules (r ≤ fan_in; bat:
 r divides fan_in and out; mini: mini_r divides out), refused here at creation with the module named. The three
