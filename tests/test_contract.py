@@ -21,7 +21,8 @@ CASES = [(m, k) for m in gf.method_names() for k in KINDS if k in gf.get_method(
 
 def config_for(method: str, **kw) -> gf.AdapterConfig:
     # a method is reached through its config; the config's ``method`` property must name it
-    cfg = gf.get_method(method).make_config(**{"target_modules": ["target"], **kw})
+    m = gf.get_method(method)
+    cfg = m.make_config(**{"target_modules": ["target"], **m.tiny_fields, **kw})
     assert cfg.method == method
     return cfg
 

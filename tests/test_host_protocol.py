@@ -74,7 +74,8 @@ def dense_twin(packed: nn.Sequential) -> nn.Sequential:
 
 
 def config(method, **kw):
-    return gf.get_method(method).make_config(target_modules=["0"], **kw)
+    m = gf.get_method(method)
+    return m.make_config(**{"target_modules": ["0"], **m.tiny_fields, **kw})
 
 
 @pytest.mark.parametrize("method", LOW_RANK)

@@ -94,7 +94,8 @@ def dense_twin(qmodel):
 
 
 def config(method, **kw):
-    return gf.get_method(method).make_config(target_modules=["0", "2"], **kw)
+    m = gf.get_method(method)
+    return m.make_config(**{"target_modules": ["0", "2"], **m.tiny_fields, **kw})
 
 
 @pytest.mark.parametrize("method", LOW_RANK)
