@@ -18,10 +18,10 @@ loaded onto (the SVD is deterministic, so a saved adapter always applies to the 
 only, no ``fan_in_fan_out`` (peft refuses both); the SVD runs in float32 on the dense (dequantized) weight.
 
 One deliberate difference: peft writes W_world into the base layer; here the dropped part stays in the adapter
-as frozen buffers (−U_r Σ_r and V_rᵀ, not saved), so the adapter's ΔW relative to the untouched base is
+as frozen buffers (U_r Σ_r and V_rᵀ, recomputed, never saved), so the adapter's ΔW relative to the untouched base is
     ΔW = s·(B diag(Δσ)) A − (U_r Σ_r) V_rᵀ = [s·B diag(Δσ), −U_r Σ_r] [A; V_rᵀ]   (rank 2r).
 Outputs, merged weights and files are peft's; in addition ``disabled()`` is the true base, a packed/quantized
-base is never re-quantized, deleting the adapter restores nothing because nothing changed, and several KaSA
+base is never re-quantized, deleting the adapter leaves the base as it was, and several KaSA
 adapters (or KaSA next to others) each see the original base, so mixed batches serve every one correctly (peft
 truncates cumulatively and refuses mixing with non-KaSA adapters). The cost: one frozen rank-r product more
 per forward. Since the init truncates on purpose, a fresh KaSA adapter changes the output
