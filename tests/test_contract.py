@@ -42,6 +42,9 @@ def adapted(method, kind, **kw):
 def test_zero_init_gives_base_output(method, kind):
     model, reference = adapted(method, kind)
     x = reference.make_input()
+    if not gf.get_method(method).starts_at_base:  # declared: its init changes the function on purpose
+        assert not torch.allclose(model(x), reference(x), atol=1e-4)
+        return
     torch.testing.assert_close(model(x), reference(x), atol=1e-6, rtol=1e-5)
 
 

@@ -187,7 +187,7 @@ def config_from_peft_dict(d: Any, where: str = "adapter_config.json") -> Adapter
 
 def config_from_fields(fields: dict, where: str = "adapter") -> AdapterConfig:
     """A config from ``{method: NAME, ...fields}`` (recipes); ``method`` defaults to ``lora``."""
-    from .registry import get_method
+    from .registry import fixed_flags, get_method
     if not isinstance(fields, dict):
         raise GraftingError(f"{where}: expected a mapping of adapter fields, got {type(fields).__name__}")
     fields = dict(fields)
@@ -199,7 +199,7 @@ def config_from_fields(fields: dict, where: str = "adapter") -> AdapterConfig:
     if "peft_type" in fields and fields["peft_type"] != method.config_class.peft_type:
         raise GraftingError(f"{where}: field 'peft_type' is {fields['peft_type']!r} but method '{name}' is "
                             f"{method.config_class.peft_type!r}")
-    cfg = method.config_class.from_peft_dict({**fields, **method.flags}, where)
+    cfg = method.config_class.from_peft_dict({**fields, **fixed_flags(method)}, where)
     if cfg.method != name:
         raise GraftingError(f"{where}: these fields build method '{cfg.method}', not '{name}'")
     return cfg

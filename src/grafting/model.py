@@ -22,7 +22,7 @@ from .init_stage import run_init
 from .inject import (ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates, name_matches,
                      replace_module)
 from .layers import HostLayer
-from .registry import get_method, method_for_config
+from .registry import fixed_flags, get_method, method_for_config
 
 _UIDS = itertools.count(1)  # adapter modules get a uid: id() may be reused after an adapter is freed
 
@@ -128,7 +128,7 @@ class AdaptedModel(nn.Module):
         config.validate()
         method = method_for_config(config)
         if not isinstance(config, method.config_class):  # LoraConfig(use_dora=True) -> DoraConfig
-            config = method.config_class.from_peft_dict({**config.to_peft_dict(), **method.flags})
+            config = method.config_class.from_peft_dict({**config.to_peft_dict(), **fixed_flags(method)})
         if method.needs_calibration(config) and calibration is None:
             raise GraftingError(f"method '{method.name}' initialises from activations: pass "
                                 "add_adapter(..., calibration=batches)")

@@ -17,12 +17,24 @@ from .errors import GraftingError
 _METHODS: dict = {}
 
 
+class _Given:
+    """A flag value meaning "the field holds any value but None": a variant that peft enables by giving a
+    sub-config (``{"some_config": GIVEN}``) rather than by a fixed value such as ``use_dora: True``."""
+
+    def __repr__(self) -> str:
+        return "<given>"
+
+
+GIVEN = _Given()
+
+
 def register(name: str, config: type | None = None, flags: dict | None = None) -> Callable:
     """Class decorator: ``@register("lora", config=LoraConfig) class Lora(Method): ...`` registers one instance.
 
     ``config``: the method's config dataclass (a subclass of :class:`~grafting.config.AdapterConfig`; its
     ``peft_type`` names the PEFT family). ``flags``: config field values that select this method among those
-    with the same ``peft_type`` (``{"use_dora": True}``); the method with the most matching flags wins."""
+    with the same ``peft_type`` (``{"use_dora": True}``, or :data:`GIVEN` for "set to anything but None"); the
+    method with the most matching flags wins."""
     from .config import AdapterConfig
 
     def deco(cls):
@@ -70,7 +82,13 @@ def methods() -> list:
 
 
 def _flags_match(method, get: Callable[[str], Any]) -> bool:
-    return all(get(k) == v for k, v in method.flags.items())
+    return all(get(k) is not None if v is GIVEN else get(k) == v for k, v in method.flags.items())
+
+
+def fixed_flags(method) -> dict:
+    """The flags with a fixed value: the fields to set when building the method's config from other fields
+    (a :data:`GIVEN` flag keeps the config's own value or default)."""
+    return {k: v for k, v in method.flags.items() if v is not GIVEN}
 
 
 def _best(candidates: list):
@@ -100,10 +118,11 @@ def method_for_peft_dict(d: dict, where: str):
         known = sorted({m.config_class.peft_type for m in _METHODS.values()})
         raise GraftingError(f"{where}: field 'peft_type' is {peft_type!r}; grafting reads {', '.join(known)} "
                             f"adapters (methods: {', '.join(sorted(_METHODS))})")
+    # a flag the file leaves out takes the family root's default (LoraConfig's use_dora=False), never a
+    # variant's own (DoraConfig's use_dora=True would read every such file as that variant); absent: None
     defaults = {}
-    for m in family:
-        defaults.update({f.name: f.default for f in dataclasses.fields(m.config_class)
-                         if f.default is not dataclasses.MISSING})
+    for root in {_family_root(m.config_class) for m in family}:
+        defaults.update({f.name: f.default for f in dataclasses.fields(root) if f.default is not dataclasses.MISSING})
     found = _best([m for m in family if _flags_match(m, lambda k: d.get(k, defaults.get(k)))])
     if found is None:
         raise GraftingError(f"{where}: no registered {peft_type} method matches its flags")

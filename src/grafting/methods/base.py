@@ -35,6 +35,10 @@ class Method:
     #: config fields for tiny layers (the contract tests adapt 12 -> 10 layers) where a default sized for real
     #: models cannot fit them (a block size that must divide the layer's widths)
     tiny_fields: dict = {}
+    #: a freshly initialised adapter leaves the model's output unchanged (a zero update, or an init that
+    #: compensates its change of the base, as PiSSA). False for a method whose init changes the function on
+    #: purpose (e.g. one that drops part of the base weight's spectrum); the contract tests then check that it does
+    starts_at_base: bool = True
 
     @property
     def description(self) -> str:
@@ -52,7 +56,8 @@ class Method:
 
     def make_config(self, **fields):
         """A config of this method (the registered config class with this method's flags)."""
-        return self.config_class(**{**fields, **self.flags})
+        from ..registry import fixed_flags
+        return self.config_class(**{**fields, **fixed_flags(self)})
 
     # ---- building ---------------------------------------------------------------------------------------------
     def create_shared(self, cfg, targets: list) -> nn.Module | None:
