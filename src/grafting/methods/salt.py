@@ -1,8 +1,9 @@
 """SALT: Singular Value Adaptation with Low-Rank Transformation (Elsayed et al., 2025, arXiv:2503.16055).
 
-The base weight's SVD W = U diag(σ) Vᵀ (thin, k = min(out, fan_in) triplets) is frozen. Sec. 3: the top r
-singular values get a trainable scale and shift, σ_i ← α_i σ_i + β_i (i ≤ r), and the remaining k − r
-dimensional singular subspace gets a LoRA-style low-rank update X Y (X: (k−r) × r_lora, Y: r_lora × (k−r)):
+The base weight's SVD W = U diag(σ) Vᵀ (thin, k = min(out, fan_in) triplets) is frozen. The method (the paper's
+Sec. 3; equation numbers not cited, the rule below is the official code's): the top r singular values get a
+trainable scale and shift, σ_i ← α_i σ_i + β_i (i ≤ r), and the remaining k − r dimensional singular subspace
+gets a LoRA-style low-rank update X Y (X: (k−r) × r_lora, Y: r_lora × (k−r)):
     W' = U · ReLU(Σ') · Vᵀ,    Σ' = diag(α ⊙ σ_top + β) ⊕ (diag(σ_rest) + X Y),
 so ΔW = W' − W = U (ReLU(Σ') − diag(σ)) Vᵀ. As in the official code (github.com/BioMedIA-MBZUAI/SALT,
 ``SALTLinear.get_modified_singular_values`` / ``forward``): the ReLU acts elementwise on the whole k × k matrix

@@ -1,10 +1,11 @@
 """SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation (Cao, 2024, arXiv:2409.00055).
 
 The base weight's SVD W = U diag(S) Vᵀ splits it into a trainable principal part and a frozen residual:
-    W = W_res + s · U_p diag(S_p) V_pᵀ,        W_res = W − s · U_p,0 diag(S_p,0) V_p,0ᵀ   (Sec. 3),
+    W = W_res + s · U_p diag(S_p) V_pᵀ,        W_res = W − s · U_p,0 diag(S_p,0) V_p,0ᵀ,
 with U_p, S_p, V_p the top-r singular triplets at init, all three trained, and an orthonormal regularizer on the
-singular vectors (Sec. 3.2)
-    J = ||U_pᵀU_p − I||_F + ||V_pᵀV_p − I||_F      (Frobenius norms, not squared).
+singular vectors
+    J = ||U_pᵀU_p − I||_F + ||V_pᵀV_p − I||_F     (Frobenius norms, not squared: the official ``calc_ortho``).
+Equation numbers are not cited: only the abstract and the official code were available when this was written.
 Following the official code (github.com/Gunale0926/SORSA, sorsalib): ``sorsa_A`` = V_pᵀ (r × fan_in),
 ``sorsa_S`` = S_p, ``sorsa_B`` = U_p (out × r); s = alpha / r, or 1 when ``alpha`` is None (their default; S_p is
 *not* divided by s, so with s ≠ 1 the trained part starts at s·U S Vᵀ and the residual absorbs the difference);
@@ -12,15 +13,17 @@ dropout acts on the adapter branch's input only. The penalty is averaged over th
 layer) and its gradient is scaled by γ / lr: γ is "the learning rate of the regularizer" (paper and README, 4e-4
 in their runs; lr the optimizer's peak learning rate), so one SGD step moves U_p, V_p by γ·∇J whatever lr is.
 This penalty hook cannot see the optimizer, so the loss term is (γ / learning_rate)·mean J when
-``learning_rate`` is given (the official weighting) and γ·mean J otherwise. Paper defaults: r = 128 on 7B
-models (official library default 4), alpha None, dropout 0, γ = 4e-4, lr 2e-5 (weight 20).
+``learning_rate`` is given (the official weighting) and γ·mean J otherwise. Official settings (Llama 2 7B
+script): r = 128 (library default 4), alpha None, dropout 0, γ = 4e-4, lr 3e-5 (penalty weight ≈ 13.3); the
+official trainer adds the penalty's gradient after gradient clipping, grafting's trainer before it.
 
 Two equivalent placements of the frozen part (same outputs, same gradients):
 - default: the base stays the original W and the adapter keeps the initial triplets as frozen buffers
   (``sorsa_A0/S0/B0``): ΔW = s (B diag(S) A − B0 diag(S0) A0), a rank-2r low-rank update [B, −B0][S A; S0 A0].
   Disabling the adapter gives the original model, several adapters can share a layer, merges are exact.
 - ``residual_base=True`` (the paper's and official code's form, like PiSSA): the init writes W_res into the base
-  and the forward adds only the rank-r part. Saving writes the default form (the buffers hold the initial
+  and the forward adds only the rank-r part (other adapters and disabled rows of that layer then see W_res, as
+  with PiSSA). Saving writes the default form (the buffers hold the initial
   triplets, so it applies to the original base: config ``residual_base`` false); deleting the adapter restores W.
 The file is grafting's own ``SORSA`` type (peft has none): trained and initial triplets per layer, so ΔW is known
 from the file alone (``factors_from_tensors``, rank 2r) and merging or serving from disk needs no SVD.
