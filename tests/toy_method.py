@@ -92,8 +92,8 @@ class Toy(gf.Method):
 
 @contextlib.contextmanager
 def step_recorder(name: str):
-    """Register (for the block) a LoRA method whose ``on_step`` appends (step, total, [module names]) to a list;
-    yields (its config class, that list)."""
+    """Register (for the block) a LoRA method whose ``on_step`` appends (step, total, [module names], whether
+    every adapter parameter still holds its gradient) to a list; yields (its config class, that list)."""
     from grafting.methods.lora import Lora
     from grafting.registry import unregister
 
@@ -108,7 +108,8 @@ def step_recorder(name: str):
         """Test only: records the trainer's per-step calls."""
 
         def on_step(self, layers, shared, cfg, step, total):
-            calls.append((step, total, sorted(module for module, _, _ in layers)))
+            grads = all(p.grad is not None for _, _, a in layers for p in a.parameters())
+            calls.append((step, total, sorted(module for module, _, _ in layers), grads))
 
     try:
         yield StepConfig, calls

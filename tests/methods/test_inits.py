@@ -165,7 +165,7 @@ def test_per_step_hooks_see_the_adapter_s_layers():
         model = gf.adapt(Net(), CountingConfig(target_modules=["v_proj"]))
         model.add_adapter("plain", gf.LoraConfig(target_modules=["q_proj"]))
         model.on_step(3, 10)
-        assert calls == [(3, 10, ["layers.0.v_proj", "layers.1.v_proj"])]
+        assert calls == [(3, 10, ["layers.0.v_proj", "layers.1.v_proj"], False)]  # no backward yet: no gradients
         model.set_active("plain")
         model.on_step(4, 10)
         assert len(calls) == 1  # only active adapters' methods run

@@ -108,8 +108,9 @@ class Method:
         raise NotImplementedError
 
     def on_step(self, layers: list, shared: nn.Module | None, cfg, step: int, total: int) -> None:
-        """Called by the trainer after each optimizer step (rank budgets, rank sampling). ``layers``: (module
-        name, host, adapter) triples of this adapter."""
+        """Called by the trainer after each optimizer step (rank budgets, rank sampling), before the gradients
+        are cleared: parameters' ``.grad`` still hold this step's gradients. ``step``: optimizer steps done
+        (1 after the first). ``layers``: (module name, host, adapter) triples of this adapter."""
 
     def regularizer(self, layers: list, shared: nn.Module | None, cfg) -> torch.Tensor | None:
         """A penalty the training loss adds for this adapter (BiLoRA's and BiDoRA's orthogonality terms, weighted

@@ -353,9 +353,11 @@ def _run(recipe: Recipe, resume: bool, world: int, rank: int) -> TrainResult:
         if o.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], o.max_grad_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         state["step"] = step = step + 1
-        model.on_step(step, total)  # methods' per-step hooks (rank budgets, rank sampling)
+        # methods' per-step hooks (rank budgets, rank sampling), with this step's gradients still in place
+        # (gradient-based importance scores read them)
+        model.on_step(step, total)
+        optimizer.zero_grad(set_to_none=True)
         if world > 1:
             total_loss = torch.tensor([step_loss])
             torch.distributed.all_reduce(total_loss)
