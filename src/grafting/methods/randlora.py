@@ -10,15 +10,16 @@ layer (A spans min(out, fan_in)). Paper / peft defaults: r = 32, randlora_alpha 
 
 Everything follows peft's port (peft/tuners/randlora), so adapters move between the libraries unchanged:
 - Shared bases: ``torch.Generator().manual_seed(projection_prng_key)``; A of shape (r, 1, min_g) drawn first,
-  then the n_g bases B (max_g, 1, r) one after another, each Kaiming-uniform (a = √5) in bfloat16 (what peft
-  draws wherever bf16 is supported, i.e. on CPU and every recent GPU), each tensor divided by its own std, then
-  cast to the base weight's dtype; min_g / max_g / n_g come from the largest adapted (out, fan_in) shape. With
-  ``sparse`` / ``very_sparse`` the bases are ternary (-1, 0, 1) from ``torch.rand`` (A then B in one draw each)
-  with P(±1) = 1/6 (sparse) or 1/(2√min_g) (very sparse), divided by their std (float32). The same key gives
-  the same bases, bit for bit.
+  then the n_g bases B (max_g, 1, r) one after another, each Kaiming-uniform (a = √5) in bfloat16, each tensor
+  divided by its own std, then cast to the base weight's dtype; min_g / max_g / n_g come from the largest
+  adapted (out, fan_in) shape. (peft draws in bfloat16 wherever accelerate reports bf16 support: CPU and Ampere
+  or newer GPUs; on older GPUs it draws float16, so a save_projection=false adapter trained there regenerates
+  differently here; files with the bases saved are unaffected.) With ``sparse`` / ``very_sparse`` the bases
+  are ternary (-1, 0, 1) from ``torch.rand`` (A then B in one draw each) with P(±1) = 1/6 (sparse) or
+  1/(2√min_g) (very sparse), divided by their std (float32). The same key gives the same bases, bit for bit.
 - Each layer uses the slices A[:, :, :min] and B[:max, :n, :]; the n·r columns of the flattened B pair with the
-  rows of the flattened (r, n, min) tensor λ[k, j]·A[k]·γ[j] in peft's flattening order (a fixed permutation of
-  the random terms; it changes no property of the method but must match for adapters to agree).
+  rows of the flattened (r, n, min) tensor λ[k, j]·A[k]·γ[j] in peft's flattening order (a fixed relabelling of
+  the i.i.d. random basis columns: statistically the paper's sum, and it must match for adapters to agree).
 - On disk: ``randlora_lambda`` (r, n) and ``randlora_gamma`` (n, min) per layer; with ``save_projection`` the
   bases once as ``base_model.randlora_A`` / ``base_model.randlora_B`` (peft also writes a copy of both under
   every layer: read when present, not written), otherwise regenerated from the key on load.
