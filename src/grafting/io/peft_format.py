@@ -64,11 +64,17 @@ def _slots(model, name: str) -> dict:
 
 
 def _peft_aliases(model, name: str) -> dict:
-    """Keys peft may also write, which we read but never require: with ``bias="all"`` peft saves the biases
+    """Keys peft may also write, which we read but never require: a method's per-layer copies of its shared
+    tensors (``Method.peft_optional_keys``); with ``bias="all"`` peft saves the biases
     of a modules_to_save wrapper's original and copy under its wrapper names as well; when an embedding is a
     target, peft saves the full embedding matrix too (it may have been resized), which then replaces the base's."""
     out = {}
     for module_name, host in model.hosts():
+        if name in host.adapters:  # per-layer copies of shared tensors (Method.peft_optional_keys)
+            method, adapter = host.methods[name], host.adapters[name]
+            for suffix, attr in method.peft_optional_keys(host.kind.name).items():
+                out[f"{PREFIX}{module_name}.{suffix}"] = (adapter, attr, method.peft_shape(adapter, host, attr),
+                                                          method, host)
         # peft also saves the full weight of embedding-like targets (embeddings, and lm_head by name, tied or
         # not) in case the vocabulary was resized; it is the base's own weight, so it is read into the base
         if name in host.adapters and (host.kind.name == "embedding" or module_name.split(".")[-1] in _PEFT_EMBEDDING_NAMES) \

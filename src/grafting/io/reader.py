@@ -96,6 +96,7 @@ class AdapterReader:
         for kind in self.method.layer_kinds:
             try:
                 suffixes.update(self.method.peft_keys(kind))
+                suffixes.update(self.method.peft_optional_keys(kind))
             except NotImplementedError:
                 pass
         shared = self.method.shared_keys(self.config)

@@ -162,6 +162,12 @@ class Method:
         """PEFT checkpoint key suffix -> adapter attribute (a parameter or buffer) for a layer of ``kind``."""
         raise NotImplementedError
 
+    def peft_optional_keys(self, kind: str) -> dict[str, str]:
+        """Per-layer key suffix -> adapter attribute for tensors a PEFT file may also hold under every layer but
+        that are never required and never written: copies of shared tensors some peft tuners save per layer as
+        well as once under :meth:`shared_keys`. Read (shape-checked) into that attribute when present."""
+        return {}
+
     def shared_keys(self, cfg) -> dict[str, str]:
         """Full checkpoint key -> attribute of the :meth:`create_shared` module (e.g. ``base_model.vera_A``)."""
         return {}
