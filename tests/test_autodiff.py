@@ -18,7 +18,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import grafting as gf
-from conftest import make_toy, randomize
+from toys import make_toy, randomize
 
 EPS = 1e-6
 MODES = {"lora": lambda **kw: gf.LoraConfig(**kw),

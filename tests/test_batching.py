@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import grafting as gf
-from conftest import assert_rows_match as _rows_match
+from toys import assert_rows_match as _rows_match
 from test_model import Net, tiny_gpt2
 
 

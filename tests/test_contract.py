@@ -14,7 +14,7 @@ import torch
 
 import grafting as gf
 import toy_method  # noqa: F401  (registers "toy-shared")
-from conftest import KINDS, assert_rows_match, make_toy, randomize
+from toys import KINDS, assert_rows_match, make_toy, randomize
 
 CASES = [(m, k) for m in gf.method_names() for k in KINDS if k in gf.get_method(m).layer_kinds]
 

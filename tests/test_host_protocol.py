@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import grafting as gf
-from conftest import adapted_twins, assert_rows_match, randomize
+from toys import adapted_twins, assert_rows_match, randomize
 
 LOW_RANK = [m for m in gf.method_names() if gf.get_method(m).low_rank_form]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import grafting as gf
-from conftest import make_toy, randomize
+from toys import make_toy, randomize
 
 
 def adapted(kind, method, dropout=0.0):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import grafting as gf
-from conftest import randomize
+from toys import randomize
 
 
 class Block(nn.Module):

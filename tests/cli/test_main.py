@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import grafting as gf
-from conftest import make_toy
+from toys import make_toy
 from grafting.cli.main import main
 
 

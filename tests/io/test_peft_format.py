@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import grafting as gf
-from conftest import make_toy, randomize
+from toys import make_toy, randomize
 
 CFG = dict(r=4, lora_alpha=8, target_modules=["target"])
 

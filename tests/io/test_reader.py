@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import grafting as gf
 import toy_method  # noqa: F401  (registers "toy-shared")
-from conftest import make_toy, randomize
+from toys import make_toy, randomize
 from grafting.io import peft_format
 from grafting.io.reader import AdapterReader
 

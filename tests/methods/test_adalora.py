@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import grafting as gf
-from conftest import assert_rows_match
+from toys import assert_rows_match
 from grafting.methods.adalora import AdaLoraConfig, budget_schedule
 
 peft = pytest.importorskip("peft")

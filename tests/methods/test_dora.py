@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import grafting as gf
-from conftest import make_toy, randomize
+from toys import make_toy, randomize
 
 
 def dora_model(kind="linear", r=3, alpha=6):

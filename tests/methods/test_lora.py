@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import grafting as gf
-from conftest import make_toy, randomize
+from toys import make_toy, randomize
 
 
 def adapter_of(model):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import grafting as gf
-from conftest import make_toy
+from toys import make_toy
 from grafting.methods.salt import SaltConfig, canonical_svd
 
 

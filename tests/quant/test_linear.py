@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import grafting as gf
-from conftest import adapted_twins, assert_rows_match, randomize
+from toys import adapted_twins, assert_rows_match, randomize
 from grafting.quant import NF4Linear, quantize_nf4
 from grafting.quant.model import quantize, requantize_errors
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import grafting as gf
-from conftest import make_toy
+from toys import make_toy
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

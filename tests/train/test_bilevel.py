@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import grafting as gf
-from conftest import write_recipe
+from recipe_files import write_recipe
 from grafting.train import load_recipe, train
 
 peft = pytest.importorskip("peft")

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import write_recipe
+from recipe_files import write_recipe
 from grafting import GraftingError
 from grafting.cli.main import main
 from grafting.train import load_recipe, train

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import grafting as gf
-from conftest import write_recipe
+from recipe_files import write_recipe
 from grafting.train import load_recipe, train
 from grafting.train import optim as optim_module
 

@@ -12,7 +12,7 @@ import yaml
 import grafting as gf
 from grafting.quant import NF4Linear, from_pretrained, nf4_layers, quantize, save_pretrained
 from grafting.train import train
-from conftest import write_recipe
+from recipe_files import write_recipe
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_recipe
+from recipe_files import write_recipe
 from grafting import GraftingError
 from grafting.train import load_recipe, train
 from grafting.train.trainer import lr_at

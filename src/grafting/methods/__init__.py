@@ -1,3 +1,5 @@
 """Built-in adapter methods: one file each, registered on import."""
 
-from . import adalora, autolora, bidora, bilora, dora, kasa, loldu, lora, miss, nola, randlora, salt, sorsa, vera  # noqa: F401
+from . import (  # noqa: F401
+    adalora, autolora, bidora, bilora, dora, kasa, loldu, lora, miss, nola, randlora, salt, sorsa, vera,
+)

@@ -1,5 +1,4 @@
-"""AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning (Zhang, Chen, Bukharin, He, Cheng,
-Chen & Zhao, ICLR 2023, arXiv:2303.10512).
+"""AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning (Zhang et al., 2023, arXiv:2303.10512).
 
 Eq. (1): the update is kept in SVD form, ΔW = P Λ Q, with P (out x r) the left and Q (r x fan_in) the right
 singular vectors and Λ = diag(λ) the singular values; peft names them lora_B = P, lora_A = Q, lora_E = λ (r x 1).
