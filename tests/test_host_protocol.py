@@ -17,7 +17,10 @@ from torch import nn
 import grafting as gf
 from conftest import adapted_twins, assert_rows_match, randomize
 
-LOW_RANK = [m for m in gf.method_names() if gf.get_method(m).low_rank_form]
+# methods whose init rewrites the base (SoMA's residual) re-quantize it, so no dense twin matches them and the
+# packed bytes change by design; their own tests cover them
+LOW_RANK = [m for m in gf.method_names() if gf.get_method(m).low_rank_form
+            and not gf.get_method(m).changes_base(gf.get_method(m).make_config())]
 
 
 @torch.no_grad()
