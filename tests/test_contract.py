@@ -39,7 +39,7 @@ def adapted(method, kind, **kw):
 
 def base_after_init(model, reference):
     """The reference network with the model's base weights as they are after adapting: an init that rewrites
-    the base (a PiSSA-like residual, a method's default for SoMA) makes that the base which disabling the
+    the base (a PiSSA-like residual, some methods' default) makes that the base which disabling the
     adapter and unmerging give back; for every other method it is the reference itself."""
     if not gf.get_method(model.peft_config["default"].method).changes_base(model.peft_config["default"]):
         return reference

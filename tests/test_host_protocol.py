@@ -17,8 +17,8 @@ from torch import nn
 import grafting as gf
 from conftest import adapted_twins, assert_rows_match, randomize
 
-# methods whose init rewrites the base (SoMA's residual) re-quantize it, so no dense twin matches them and the
-# packed bytes change by design; their own tests cover them
+# methods whose init rewrites the base (a residual, PiSSA-like) re-quantize it by design, so no dense twin can
+# match them and the packed bytes change: they are left out here and tested on a packed base in their own files
 LOW_RANK = [m for m in gf.method_names() if gf.get_method(m).low_rank_form
             and not gf.get_method(m).changes_base(gf.get_method(m).make_config())]
 

@@ -127,3 +127,17 @@ def test_bad_configs_are_refused_clearly():
         SomaConfig(use_rslora=True, target_modules=["a"])
     with pytest.raises(gf.GraftingError, match="r=12 exceeds the 10 singular components"):
         gf.adapt(Net(), SomaConfig(r=12, target_modules=["a"]))
+
+
+@torch.no_grad()
+def test_on_a_packed_base_the_residual_is_requantized_and_the_adapter_adds_the_minor_part():
+    from test_host_protocol import PackedInt4Linear, packed_model
+    base = packed_model()
+    q = base[0]
+    W = q.dequantize().clone()
+    model = gf.adapt(base, SomaConfig(r=3, lora_alpha=3, target_modules=["0"]))
+    ad = dict(model.hosts())["0"].adapters["default"]
+    expected = PackedInt4Linear((W.double() - ad.lora_B.double() @ ad.lora_A.double()).float(), q.bias)
+    assert torch.equal(q.packed, expected.packed) and torch.equal(q.scales, expected.scales)
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(model.base_model[0](x), q(x) + (x @ ad.lora_A.t()) @ ad.lora_B.t())
