@@ -17,7 +17,10 @@ from torch import nn
 import grafting as gf
 from toys import adapted_twins, assert_rows_match, randomize
 
-LOW_RANK = [m for m in gf.method_names() if gf.get_method(m).low_rank_form]
+# methods whose init rewrites the base (a residual, PiSSA-like) re-quantize it by design, so no dense twin can
+# match them and the packed bytes change: they are left out here and tested on a packed base in their own files
+LOW_RANK = [m for m in gf.method_names() if gf.get_method(m).low_rank_form
+            and not gf.get_method(m).changes_base(gf.get_method(m).make_config())]
 
 
 @torch.no_grad()

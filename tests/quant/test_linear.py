@@ -17,7 +17,10 @@ from toys import adapted_twins, assert_rows_match, randomize
 from grafting.quant import NF4Linear, quantize_nf4
 from grafting.quant.model import quantize, requantize_errors
 
-LOW_RANK = [m for m in gf.method_names() if gf.get_method(m).low_rank_form]
+# methods whose init rewrites the base (a residual, PiSSA-like) re-quantize it by design, so no dense twin can
+# match them and the packed bytes change: they are left out here and tested on a packed base in their own files
+LOW_RANK = [m for m in gf.method_names() if gf.get_method(m).low_rank_form
+            and not gf.get_method(m).changes_base(gf.get_method(m).make_config())]
 
 
 def layer(out=48, inn=80, chunk=None, bias=True):
