@@ -1,5 +1,4 @@
-"""DyLoRA: search-free dynamic low-rank adaptation (Valipour, Rezagholizadeh, Kobyzev & Ghodsi, EACL 2023,
-arXiv:2210.07558).
+"""DyLoRA: search-free dynamic low-rank adaptation (Valipour et al., EACL 2023, arXiv:2210.07558).
 
 One LoRA pair of rank r_max is trained so that every truncation to its first b components is itself a good
 adapter. Eq. (3)-(5): at each training step a rank b ~ p_B (uniform over {r_min, ..., r_max}, Sec. 3) is drawn

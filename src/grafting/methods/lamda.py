@@ -1,5 +1,7 @@
-"""LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional Adaptation (Azizi, Kundu & Pedram,
-EMNLP Findings 2024, arXiv:2406.12832).
+"""LaMDA: spectrally decomposed low-dimensional adaptation (Azizi et al., 2024, arXiv:2406.12832).
+
+Full title: "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional Adaptation" (Azizi, Kundu &
+Pedram, EMNLP Findings 2024).
 
 The adaptation path is LoRA's with a small square matrix between the projections (Fig. 1c; the paper writes
 it for row vectors, Y = XW + α·XASB):

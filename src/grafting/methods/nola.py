@@ -1,5 +1,4 @@
-"""NOLA: Compressing LoRA using Linear Combination of Random Basis (Koohpayegani, Navaneet, Nooralinejad, Kolouri,
-Pirsiavash; 2023, ICLR 2024; arXiv:2310.02556).
+"""NOLA: Compressing LoRA using Linear Combination of Random Basis (Koohpayegani et al., 2024, arXiv:2310.02556).
 
 Sec. 3: LoRA's factors are re-parameterised as linear combinations of frozen random matrices,
     ΔW = s · B A,     A = Σ_{i=1..k} α_i A_i  (r × fan_in),     B = Σ_{j=1..l} β_j B_j  (out × r),

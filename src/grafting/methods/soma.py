@@ -1,5 +1,6 @@
-"""SoMA: Singular Value Decomposed Minor Components Adaptation for Domain Generalizable Representation Learning
-(Yun, Chae, Lee & Ro, CVPR 2025, arXiv:2412.04077; first released as "SoRA").
+"""SoMA: Singular Value Decomposed Minor Components Adaptation (Yun et al., CVPR 2025, arXiv:2412.04077).
+
+Full title: "... for Domain Generalizable Representation Learning" (Yun, Chae, Lee & Ro); first released as "SoRA".
 
 The pre-trained weight is split by its SVD, W = U S Vᵀ, into the r *minor* singular components and the rest;
 only the minor ones are tuned, the residual stays frozen:
