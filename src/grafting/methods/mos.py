@@ -19,9 +19,14 @@ Following the official code (github.com/Forence1999/MoS, modules/Tied_LoRA.py, w
   after (r − p)·l shards drawn *without replacement* (a random permutation) from the shared part; B's are drawn
   the same way, independently. Vector j of A is the concatenation of shards j·l … j·l + l − 1 (B likewise, as
   columns). The routing is fixed at creation and never trained.
-- Init: the A pool Kaiming-uniform (a = √5) with the fan of a whole vector (bound 1/√fan_in), the B pool zero, so
-  the adapter starts as the base. Dropout on the layer input (``lora_dropout``). The official "random scaling"
-  vectors are constant 1 there (any other value is refused), so they are left out.
+- Init: the A pool Kaiming-uniform (a = √5) with the fan of a whole vector (bound 1/√fan_in; with layers of
+  different widths, the largest fan_in), the B pool zero, so the adapter starts as the base. Dropout on the layer
+  input (``lora_dropout``). The official "random scaling" vectors are constant 1 there (any other value is
+  refused), so they are left out.
+- Defaults: the official scripts (ft_llama2_*.sh) use lora_alpha = 16 and lora_dropout = 0.1 on all seven LLaMA
+  projections and take r, e, p and l per run; here lora_alpha = 16, dropout 0 (as peft's LoRA), r = 8, e = 2,
+  p = 1, l = 2 (r ≤ p + (e − p)·layers must hold, so a model needs at least 7 adapted layers of one width for
+  the defaults; ``tiny_fields`` holds settings for a single small layer).
 
 Where grafting generalises the official code (which is written for LLaMA's seven projection types):
 - One global pool per factor (A and B) shared by *all* adapted layers, instead of one pool per projection type.
