@@ -45,12 +45,18 @@ TASKS = {
 }
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 #: the size knob of methods whose budget is not set by ``r`` (default: ``r`` when the config has it)
-KNOBS: dict[str, str] = {}
-#: fields a method needs from the protocol (schedules that must know the step count)
+KNOBS: dict[str, str] = {"adalora": "init_r", "salt": "r_lora"}
+#: fields a method needs from the protocol or from its knob (schedules that must know the step count)
 EXTRA = {
-    "adalora": lambda a: {"total_step": a.steps, "tinit": max(1, a.steps // 10), "tfinal": max(1, a.steps // 5),
-                          "deltaT": max(1, a.steps // 20)},
+    # AdaLoRA starts at init_r and cuts to target_r (the paper's 1.5x ratio); the budget counts the start
+    "adalora": lambda steps, f: {"target_r": max(1, (2 * f.get("init_r", 12)) // 3), "total_step": steps,
+                                 "tinit": max(1, steps // 10), "tfinal": max(1, steps // 5),
+                                 "deltaT": max(1, steps // 20)},
 }
+
+
+def with_extra(fields: dict, steps: int = 100) -> dict:
+    return {**fields, **EXTRA[fields["method"]](steps, fields)} if fields["method"] in EXTRA else fields
 #: methods trained through a bi-level recipe (their architecture parameters train on held-out rows)
 BILEVEL = ("autolora", "bilora", "bidora")
 #: LoRA initialisations compared as rows of their own (those the installed grafting accepts)
@@ -106,19 +112,20 @@ def match_budget(base, fields: dict, target: int) -> tuple[dict, int, str]:
     from grafting.errors import GraftingError
     knob = knob_of(fields)
     if knob is None:
-        return fields, count_adapter_parameters(base, fields), "no size knob"
-    best = None
+        return fields, count_adapter_parameters(base, with_extra(fields)), "no size knob"
+    best, previous = None, None
     for value in CANDIDATES:
         trial = {**fields, knob: value}
         try:
-            n = count_adapter_parameters(base, trial)
+            n = count_adapter_parameters(base, with_extra(trial))
         except (GraftingError, ValueError, RuntimeError):
             continue
         gap = abs(math.log(n / target)) if n > 0 else math.inf
         if best is None or gap < best[0]:
             best = (gap, trial, n)
-        if n > 2 * target:
-            break
+        if n > 2 * target and previous is not None and n > previous:
+            break  # growing past the budget (RandLoRA shrinks as r grows: its search runs on)
+        previous = n
     if best is None:
         raise SystemExit(f"{fields['method']}: no {knob} in {CANDIDATES} builds an adapter on MiniLM")
     gap, trial, n = best
@@ -130,13 +137,13 @@ def match_budget(base, fields: dict, target: int) -> tuple[dict, int, str]:
     import grafting as gf
     default = {f.name: f.default for f in dataclasses.fields(gf.get_method(fields["method"]).config_class)}[knob]
     trial = {**fields, knob: default}
-    return trial, count_adapter_parameters(base, trial), f"{knob}={default} (its default; budget not reachable)"
+    return trial, count_adapter_parameters(base, with_extra(trial)), f"{knob}={default} (its default; budget not reachable)"
 
 
 def recipe(task: str, fields: dict, seed: int, out: Path, a) -> dict:
     r = {
         "model": {"path": "packaged:all-minilm-l6-v2", "task": "seq_cls"},
-        "adapter": {**fields, **EXTRA.get(fields["method"], lambda _: {})(a), "target_modules": TARGETS,
+        "adapter": {**with_extra(fields, a.steps), "target_modules": TARGETS,
                     "task_type": "SEQ_CLS"},
         "data": {**TASKS[task], "max_train_samples": a.train_samples, "max_eval_samples": a.eval_samples, "seed": 0},
         "optim": {"lr": a.lr, "head_lr": 3 * a.lr},
@@ -210,16 +217,17 @@ def main() -> None:
     ap.add_argument("--skip", nargs="+", default=[], help="row labels to leave out")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--task", default="tweets", choices=sorted(TASKS))
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--train-samples", type=int, default=1600)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--train-samples", type=int, default=1280)
     ap.add_argument("--eval-samples", type=int, default=400)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--budget-r", type=int, default=8, help="the budget: LoRA's adapter parameters at this rank")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     ap.add_argument("--plot", type=Path, default=None, help="write the accuracy-vs-parameters scatter here")
     ap.add_argument("--json", type=Path, default=None, help="write every run's figures here")
+    ap.add_argument("--match-only", action="store_true", help="print each row's matched size and stop")
     a = ap.parse_args()
     if a.run:
         return run_one(a.run)
@@ -246,6 +254,8 @@ def main() -> None:
         matched[label] = match_budget(base, rows[label], target)
         print(f"# {label}: {matched[label][2]}, {matched[label][1]:,} adapter parameters", flush=True)
     del base
+    if a.match_only:
+        return None
 
     results: dict = {label: [] for label in labels}
     with tempfile.TemporaryDirectory(prefix="grafting-methods-") as tmp, \
@@ -263,7 +273,7 @@ def main() -> None:
             print(f"# {label} seed {seed}: {shown}", flush=True)
 
     summary: dict = {}
-    print(f"\n| method | size | adapter parameters | step time | peak RSS | accuracy | macro-F1 |")
+    print("\n| method | size | adapter parameters | step time | peak RSS | accuracy | macro-F1 |")
     print("|---|---|---|---|---|---|---|")
     for label in labels:
         ok = [r for r in results[label] if "error" not in r]

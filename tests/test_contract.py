@@ -125,7 +125,8 @@ def test_only_adapter_parameters_get_gradients(method, kind):
     randomize(model)
     model(reference.make_input()).pow(2).sum().backward()
     for name, p in model.named_parameters():
-        in_active = "adapters.default." in name
+        # the active adapter's own tensors, and its trained model-level tensors (shared by its layers)
+        in_active = "adapters.default." in name or name.startswith("shared_tensors.default.")
         assert p.requires_grad == in_active, name
         if in_active:
             assert p.grad is not None and p.grad.abs().sum() > 0, name

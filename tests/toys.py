@@ -51,7 +51,7 @@ def randomize(model: nn.Module, scale: float = 0.3) -> None:
     """Give every adapter parameter a non-trivial value (so deltas are visible)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "adapters." in name:
+            if "adapters." in name or "shared_tensors." in name:  # trained model-level tensors too (MoS pools)
                 if name.endswith("lora_magnitude"):
                     p.mul_(1.0 + scale * torch.rand_like(p))
                 else:
@@ -63,7 +63,7 @@ def copy_adapters(src: nn.Module, dst: nn.Module) -> None:
     dst_params = dict(dst.named_parameters())
     with torch.no_grad():
         for n, p in src.named_parameters():
-            if ".adapters." in n:
+            if ".adapters." in n or n.startswith("shared_tensors."):
                 dst_params[n].copy_(p)
 
 

@@ -228,7 +228,11 @@ def _fill(model, name: str, config, tensors: dict, f: Path) -> None:
         raise GraftingError(f"{f}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     for key, (module, attr, shape, method, host) in slots.items():
         t = tensors[key]
-        if t.dtype not in _FLOAT_DTYPES:
+        target = getattr(module, attr)
+        if not target.is_floating_point():  # an index buffer (a routing table): its exact integer dtype
+            if t.dtype != target.dtype:
+                raise GraftingError(f"{f}: tensor '{key}' has dtype {t.dtype}; expected {target.dtype}")
+        elif t.dtype not in _FLOAT_DTYPES:
             raise GraftingError(f"{f}: tensor '{key}' has dtype {t.dtype}; expected a floating dtype")
         if tuple(t.shape) != shape:
             hint = ""

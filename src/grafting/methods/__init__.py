@@ -1,6 +1,6 @@
 """Built-in adapter methods: one file each, registered on import."""
 
 from . import (  # noqa: F401
-    adalora, autolora, bidora, bilora, dora, dylora, kasa, lamda, loldu, lora, miss, nola, randlora, salt, soma,
-    sorsa, vera,
+    adalora, autolora, bidora, bilora, dora, dylora, hydra, kasa, lamda, loldu, lora, miss, mos, nola, randlora,
+    salt, soma, sorsa, vera,
 )
