@@ -39,7 +39,10 @@ def random_init_wanted() -> bool:
 def run_init(model, name, method, config, hosts, calibration) -> None:
     """The init stage: after every layer exists, each adapter may read its layer's activations over the
     calibration batches and the base weight, and may change the base weight (then recorded for save/delete)."""
-    activations = collect_activations(model, hosts, calibration) if method.needs_calibration(config) else {}
+    activations = {}
+    if method.needs_calibration(config):
+        activations = {n: method.calibration_statistic(config, xs)
+                       for n, xs in collect_activations(model, hosts, calibration).items()}
     changes = method.changes_base(config)
     if changes:
         for module_name, host in hosts:
@@ -66,14 +69,16 @@ def run_init(model, name, method, config, hosts, calibration) -> None:
 
 @torch.no_grad()
 def collect_activations(model, hosts, calibration, max_rows: int = 65536) -> dict:
-    """Inputs seen by each target layer's base over the calibration batches, as (rows, fan_in) tensors."""
+    """Inputs seen by each target layer's base over the calibration batches: per layer, one (rows, fan_in) tensor
+    per forward call, at most ``max_rows`` rows in all."""
     seen: dict = {n: [] for n, _ in hosts}
     handles = []
     for module_name, host in hosts:
         def hook(_module, args, module_name=module_name):
             x = args[0]
-            if x.is_floating_point() and sum(t.shape[0] for t in seen[module_name]) < max_rows:
-                seen[module_name].append(x.detach().reshape(-1, x.shape[-1]).float())
+            room = max_rows - sum(t.shape[0] for t in seen[module_name])
+            if x.is_floating_point() and room > 0:
+                seen[module_name].append(x.detach().reshape(-1, x.shape[-1])[:room].float())
         handles.append(host.base_layer.register_forward_pre_hook(hook))
     count = 0
     token = model._routing._enabled.set(False)  # the base alone: activations of the layer the adapter wraps
@@ -95,4 +100,4 @@ def collect_activations(model, hosts, calibration, max_rows: int = 65536) -> dic
     missing = [n for n, xs in seen.items() if not xs]
     if missing:
         raise GraftingError(f"calibration: the batches never reached modules {missing[:5]}")
-    return {n: torch.cat(xs)[:max_rows] for n, xs in seen.items()}
+    return seen

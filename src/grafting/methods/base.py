@@ -59,6 +59,12 @@ class Method:
         """:meth:`init` needs activations: ``add_adapter(..., calibration=batches)`` must provide them."""
         return False
 
+    def calibration_statistic(self, cfg, inputs: list):
+        """What :meth:`init` receives as ``activations`` from one layer's inputs over the calibration batches
+        (``inputs``: one (rows, fan_in) float tensor per forward call). Default: the rows concatenated; a method
+        whose statistic is per call (CorDA's per-batch normalised covariance) reduces them here."""
+        return torch.cat(inputs)
+
     def changes_base(self, cfg) -> bool:
         """:meth:`init` changes the base weight (PiSSA, OLoRA): the model records the initial adapter so that
         saving can write a delta against the original base, and deleting the adapter restores the base."""
