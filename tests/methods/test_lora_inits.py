@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import grafting as gf
 from grafting.io.reader import AdapterReader
@@ -233,3 +234,126 @@ def test_bad_init_settings_name_the_field(field, value):
     init = {"init_lora_weights": "corda"} if field == "corda_config" else {}
     with pytest.raises(gf.GraftingError, match=field):
         gf.LoraConfig(**{**init, field: value})
+
+
+# ---- EVA --------------------------------------------------------------------------------------------------------
+EVA_KW = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "mlp.0"])
+
+
+def eva_batches(n=4, rows=12, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(3.0, 0.2, 8)  # distinct variances: components that settle
+    return [torch.randn(rows, 8, generator=g) * scale for _ in range(n)]
+
+
+def peft_eva(base, calib, eva_config, **kw):
+    import peft
+    from peft.tuners.lora.config import EvaConfig
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+    model = peft_model(copy.deepcopy(base), init_lora_weights="eva", eva_config=EvaConfig(**eva_config), **kw)
+    initialize_lora_eva_weights(model, dataloader=calib, forward_fn=lambda m, x: m(x), prepare_model_inputs_fn=None,
+                                prepare_layer_inputs_fn=None, show_progress_bar=False)
+    return model
+
+
+@pytest.mark.parametrize("eva_config", [{}, {"rho": 1.0}, {"whiten": True, "adjust_scaling_factors": False}])
+def test_eva_a_and_redistributed_ranks_equal_peft(eva_config):
+    torch.manual_seed(0)
+    base, calib = Net(), eva_batches()
+    ours = gf.adapt(copy.deepcopy(base), gf.LoraConfig(init_lora_weights="eva", eva_config=eva_config, **EVA_KW),
+                    calibration=calib)
+    theirs = peft_eva(base, calib, eva_config, **EVA_KW)
+    cfg, their_cfg = ours.peft_config["default"], theirs.peft_config["default"]
+    assert cfg.rank_pattern == their_cfg.rank_pattern and cfg.alpha_pattern == their_cfg.alpha_pattern
+    assert sorted(n for n, h in ours.hosts() if "default" in h.adapters) == sorted(their_cfg.target_modules)
+    if not eva_config:
+        assert cfg.rank_pattern  # the default rho = 2 moved ranks between layers here (the test is not vacuous)
+    sd = theirs.state_dict()
+    for name, host in ours.hosts():
+        if "default" in host.adapters:
+            a = host.adapters["default"]
+            mine, peft_a = a.lora_A.detach(), sd[f"base_model.model.{name}.lora_A.default.weight"]
+            if eva_config.get("whiten") and not name.endswith("mlp.0"):
+                # q_proj and v_proj see the same input and share one SVD; peft 0.21.2 whitens that shared tensor
+                # in place once per layer (rows divided by √σ twice), grafting once as the paper says: same
+                # directions, other lengths
+                mine, peft_a = F.normalize(mine, dim=1), F.normalize(peft_a, dim=1)
+            torch.testing.assert_close(mine, peft_a, atol=1e-5, rtol=1e-4)
+            assert a.scaling == theirs.base_model.model.get_submodule(name).scaling["default"]
+            assert not a.lora_B.any()
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(ours(x), base(x))  # B = 0 and the base untouched: the base model's output
+
+
+def test_eva_a_spans_the_top_principal_directions_of_the_layer_inputs():
+    """With rho = 1 every layer keeps r ranks; its A must be the top-r right singular vectors of its centred inputs
+    (Eq. 2), computed here directly from all calibration rows of a plain copy."""
+    torch.manual_seed(0)
+    base, calib = Net(), eva_batches(n=6)
+    model = gf.adapt(copy.deepcopy(base), gf.LoraConfig(init_lora_weights="eva", eva_config={"rho": 1.0, "tau": 0.999},
+                                                        **EVA_KW), calibration=calib)
+    seen = []
+    h = base.layers[1].mlp[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        for b in calib:
+            base(b)
+    h.remove()
+    X = torch.cat(seen)
+    _, _, Vh = torch.linalg.svd(X - X.mean(0), full_matrices=False)
+    A = dict(model.hosts())["layers.1.mlp.0"].adapters["default"].lora_A.detach()
+    # approximate: a randomized SVD, stopped once the components settle (cosine >= tau), as in the paper
+    torch.testing.assert_close((A @ Vh[:2].t()).abs(), torch.eye(2), atol=3e-2, rtol=0)
+
+
+def test_incremental_svd_is_seeded_and_leaves_the_caller_s_generator_alone():
+    from grafting.methods.lora_eva import IncrementalSvd
+    x = torch.randn(12, 8)
+    state = torch.random.get_rng_state()
+    a, b = IncrementalSvd(3), IncrementalSvd(3)
+    a.update(x)
+    torch.randn(5)
+    b.update(x)
+    assert torch.equal(a.components, b.components)
+    torch.random.set_rng_state(state)
+    a.update(x)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_eva_masks_padding_and_unlabelled_positions():
+    from grafting.methods.lora_eva import eva_mask
+    cfg = gf.LoraConfig(init_lora_weights="eva", target_modules=["q_proj"])
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]]),
+             "labels": torch.tensor([[-100, 5, 5], [5, -100, 5]])}
+    assert eva_mask(cfg, batch).tolist() == [[False, True, False], [True, False, True]]
+    cfg = gf.LoraConfig(init_lora_weights="eva", eva_config={"use_label_mask": False}, target_modules=["q_proj"])
+    assert eva_mask(cfg, batch).tolist() == [[True, True, False], [True, True, True]]
+    assert eva_mask(cfg, torch.zeros(2, 3)) is None
+
+
+def test_eva_adapter_saves_for_peft_and_loads_back(tmp_path):
+    torch.manual_seed(0)
+    base, calib = Net(), eva_batches()
+    model = gf.adapt(copy.deepcopy(base), gf.LoraConfig(init_lora_weights="eva", **EVA_KW), calibration=calib)
+    perturb(model)
+    x = torch.randn(4, 8)
+    model.save_adapter(tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] == "eva" and saved["rank_pattern"] == model.peft_config["default"].rank_pattern
+    import peft
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gf.load(copy.deepcopy(base), tmp_path / "a")(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("value", [{"rho": 0.5}, {"tau": 1.5}, {"whiten": "yes"}, {"rank": 3}, [1.0]])
+def test_bad_eva_config_names_the_field(value):
+    with pytest.raises(gf.GraftingError, match="eva_config"):
+        gf.LoraConfig(init_lora_weights="eva", eva_config=value, target_modules=["q_proj"])
+
+
+def test_eva_that_never_converges_stops_with_an_error_naming_tau(monkeypatch):
+    from grafting.methods import lora_eva
+    monkeypatch.setattr(lora_eva, "MAX_STEPS", 3)  # peft would cycle the batches forever
+    with pytest.raises(gf.GraftingError, match=r"eva_config\['tau'\]"):
+        gf.adapt(Net(), gf.LoraConfig(init_lora_weights="eva", eva_config={"tau": 1.0}, **EVA_KW),
+                 calibration=eva_batches())

@@ -25,21 +25,21 @@ from torch import nn
 from ..config import AdapterConfig, pattern_value
 from ..init_stage import random_init_wanted
 from ..registry import register
-from . import lora_inits
+from . import lora_eva, lora_inits
 from .base import Method
 
 BIAS_MODES = ("none", "all", "lora_only")
 #: init_lora_weights values grafting builds (and "pissa_niter_<N>"); the strings after "kaiming" change the base
-INIT_MODES = (True, False, "gaussian", "kaiming", "pissa", "olora", "milora", "corda")
+INIT_MODES = (True, False, "gaussian", "kaiming", "pissa", "olora", "milora", "corda", "eva")
 # inits that only shape the starting point of training: a saved adapter holds its trained factors in full and
 # the base is untouched, so it loads as plain LoRA
 _LOAD_AS_PLAIN = ("eva", "orthogonal", "lora_ga", "mica")
+_CALIBRATED = ("corda", "eva")
 
 _PEFT_IGNORED = {
     "alora_invocation_tokens": (None,),
     "arrow_config": (None,),
     "ensure_weight_tying": (False, None),
-    "eva_config": (None,),
     "kasa_config": (None,),
     "layer_replication": (None,),
     "loftq_config": ({}, None),
@@ -68,7 +68,8 @@ class LoraConfig(AdapterConfig):
     (factors from the base weight's SVD / QR, base replaced by the residual), ``"pissa_niter_<N>"`` (PiSSA by
     randomized SVD), ``"milora"`` (the minor singular components), ``"corda"`` (context-oriented SVD from
     calibration activations; ``corda_config``: peft's CordaConfig fields as a mapping, ``corda_method`` ``"ipm"``
-    or ``"kpm"``), ``False`` (random non-zero B: the adapter changes the output from the start; for tests).
+    or ``"kpm"``), ``"eva"`` (A from the SVD of calibration activations, B = 0, ranks redistributed across layers;
+    ``eva_config``: peft's EvaConfig fields as a mapping), ``False`` (random non-zero B: the adapter changes the output from the start; for tests).
     """
 
     peft_type = "LORA"
@@ -85,6 +86,7 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     corda_config: dict | None = None
+    eva_config: dict | None = None
 
     def check(self, bad) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -124,6 +126,7 @@ class LoraConfig(AdapterConfig):
                     raise bad(f"{name}[{key!r}]", "a positive number", value)
 
         lora_inits.check_corda_config(self, bad)
+        lora_eva.check_eva_config(self, bad)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The rank and alpha for one module, after rank_pattern / alpha_pattern (PEFT's matching rule)."""
@@ -310,16 +313,30 @@ class Lora(Method):
         return lora_inits.changes_base(cfg.init_lora_weights)
 
     def needs_calibration(self, cfg):
-        return cfg.init_lora_weights == "corda"
+        return cfg.init_lora_weights in _CALIBRATED
+
+    def calibration_mask(self, cfg, batch):
+        return lora_eva.eva_mask(cfg, batch) if cfg.init_lora_weights == "eva" else None
 
     def calibration_statistic(self, cfg, inputs):
         if cfg.init_lora_weights == "corda":
             return lora_inits.corda_statistic(cfg, inputs)
+        if cfg.init_lora_weights == "eva":
+            return inputs  # incremental, batch by batch, in plan()
         return super().calibration_statistic(cfg, inputs)
+
+    def plan(self, cfg, statistics):
+        if cfg.init_lora_weights == "eva":
+            return lora_eva.eva_plan(cfg, statistics)
+        return cfg, statistics
 
     def init(self, adapter, host, cfg, activations):
         if lora_inits.changes_base(cfg.init_lora_weights):
             decompose_init(adapter, host, cfg, activations)
+        elif cfg.init_lora_weights == "eva":
+            with torch.no_grad():
+                adapter.lora_A.copy_(activations)
+                adapter.lora_B.zero_()
 
     def undo_init(self, initial, adapter, host, cfg):
         A0, B0 = initial["lora_A"], initial["lora_B"]
@@ -334,7 +351,7 @@ class Lora(Method):
     def original_base_config(self, cfg):
         import dataclasses
         factor = 2 ** 0.5 if cfg.use_rslora else 2  # keeps α/r (α/√r) when r doubles
-        return dataclasses.replace(cfg, init_lora_weights=True, corda_config=None, r=2 * cfg.r, lora_alpha=cfg.lora_alpha * factor,
+        return dataclasses.replace(cfg, init_lora_weights=True, corda_config=None, eva_config=None, r=2 * cfg.r, lora_alpha=cfg.lora_alpha * factor,
                                    rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
                                    alpha_pattern={k: 2 * v for k, v in cfg.alpha_pattern.items()})
 
