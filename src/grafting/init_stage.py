@@ -54,6 +54,13 @@ def run_init(model, name, method, config, hosts, activations: dict | None = None
             why = host.can_write_weight()
             if why is not None:
                 raise GraftingError(f"module '{module_name}': this init rewrites the base weight, but {why}")
+            others = sorted(a for a in host.adapters if a != name)
+            if others:  # they were trained on the original weight: their outputs would change silently
+                raise GraftingError(
+                    f"module '{module_name}': init_lora_weights={getattr(config, 'init_lora_weights', None)!r} "
+                    f"rewrites the base weight, which adapters {others} also apply to. Add it to a model without "
+                    "them, or load a copy saved converted to the original base (save_adapter's default; peft: "
+                    "path_initial_model_for_weight_conversion)")
     done = []
     try:
         for module_name, host in hosts:

@@ -357,3 +357,21 @@ def test_eva_that_never_converges_stops_with_an_error_naming_tau(monkeypatch):
     with pytest.raises(gf.GraftingError, match=r"eva_config\['tau'\]"):
         gf.adapt(Net(), gf.LoraConfig(init_lora_weights="eva", eva_config={"tau": 1.0}, **EVA_KW),
                  calibration=eva_batches())
+
+
+@pytest.mark.parametrize("how", ["add", "load"])
+def test_a_base_changing_init_is_refused_next_to_adapters_that_use_the_original_base(how, tmp_path):
+    """Before: adding (or loading peft's native) PiSSA next to another adapter rewrote the base under it."""
+    torch.manual_seed(0)
+    base = Net()
+    model = gf.adapt(copy.deepcopy(base), gf.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+                     adapter_name="x")
+    x = torch.randn(3, 8)
+    before = model(x).detach()
+    with pytest.raises(gf.GraftingError, match=r"rewrites the base weight, which adapters \['x'\]"):
+        if how == "add":
+            model.add_adapter("p", gf.LoraConfig(init_lora_weights="pissa", **KW))
+        else:
+            model.load_adapter(peft_native(tmp_path, base, "pissa")[1], "p")
+    torch.testing.assert_close(model(x), before)  # nothing changed
+    assert model.adapter_names() == ["x"]
