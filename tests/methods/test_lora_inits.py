@@ -107,6 +107,11 @@ def test_milora_saves_as_plain_lora_peft_loads_and_native_file_round_trips(tmp_p
     model.save_adapter(tmp_path / "native", convert_init=False)
     assert json.loads((tmp_path / "native" / "adapter_config.json").read_text())["init_lora_weights"] == "milora"
     torch.testing.assert_close(gf.load(copy.deepcopy(base), tmp_path / "native")(x), model(x), atol=1e-5, rtol=1e-4)
+    reader, converted = AdapterReader(tmp_path / "native"), AdapterReader(tmp_path / "converted")
+    for module in reader.modules():  # the native file read as tensors: the same ΔW against the original base
+        w0 = base.get_submodule(module).weight.detach()
+        torch.testing.assert_close(reader.delta_weight(module, w0), converted.delta_weight(module), atol=1e-5,
+                                   rtol=1e-4)
 
 
 # ---- adapters peft saved without conversion ---------------------------------------------------------------------
@@ -247,7 +252,6 @@ def eva_batches(n=4, rows=12, seed=2):
 
 
 def peft_eva(base, calib, eva_config, **kw):
-    import peft
     from peft.tuners.lora.config import EvaConfig
     from peft.tuners.lora.eva import initialize_lora_eva_weights
     model = peft_model(copy.deepcopy(base), init_lora_weights="eva", eva_config=EvaConfig(**eva_config), **kw)

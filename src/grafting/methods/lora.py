@@ -8,7 +8,7 @@ Inits that change the base weight (both as in peft, so adapters move between the
 - PiSSA (Meng et al., 2024, arXiv:2404.02948, Sec. 3): W = U S Vᵀ; A = √S_r V_rᵀ, B = U_r √S_r (S_r divided by
   the scale first), and the base becomes the residual W − s·B A.
 - OLoRA (Büyükakyüz, 2024, arXiv:2406.01775, Sec. 3): W = Q R; B = Q[:, :r], A = R[:r], base W − s·B A.
-More inits that change the base (pissa_niter_N, MiLoRA, CorDA) are in lora_inits.py.
+More inits that change the base (pissa_niter_N, MiLoRA, CorDA) are in lora_inits.py, EVA in lora_eva.py.
 A save writes a delta against the *original* base (peft's conversion: ΔW = s(BA − B₀A₀) = s[B, −B₀][A; A₀],
 rank 2r and α doubled, init ``True``) unless ``save_adapter(..., convert_init=False)``.
 """
@@ -69,7 +69,8 @@ class LoraConfig(AdapterConfig):
     randomized SVD), ``"milora"`` (the minor singular components), ``"corda"`` (context-oriented SVD from
     calibration activations; ``corda_config``: peft's CordaConfig fields as a mapping, ``corda_method`` ``"ipm"``
     or ``"kpm"``), ``"eva"`` (A from the SVD of calibration activations, B = 0, ranks redistributed across layers;
-    ``eva_config``: peft's EvaConfig fields as a mapping), ``False`` (random non-zero B: the adapter changes the output from the start; for tests).
+    ``eva_config``: peft's EvaConfig fields as a mapping), ``False`` (random non-zero B: the adapter changes the
+    output from the start; for tests).
     """
 
     peft_type = "LORA"
@@ -151,27 +152,8 @@ class LoraConfig(AdapterConfig):
                 d = {**d, "init_lora_weights": True}  # its trained factors are complete; the base is untouched
             elif isinstance(init, str) and (init.lower() in ("corda", "loftq") or init.startswith("pissa_niter_")) \
                     and str(where).endswith("adapter_config.json"):  # a file; in memory (recipes) the init runs
-                raise _unsupported_init(init, where)
+                raise lora_inits.unsupported_init(init, where)
         return super().from_peft_dict(d, where)
-
-
-def _unsupported_init(init: str, where: str):
-    from ..errors import GraftingError
-    return GraftingError(
-        f"{where}: field 'init_lora_weights' = {init!r}: the adapter's factors apply to a residual base that this "
-        "init computed from calibration data or random draws the file does not record (corda, loftq, randomized "
-        "'pissa_niter_*'), so loading it onto the original base would give wrong outputs. Save it from peft with "
-        "save_pretrained(..., path_initial_model_for_weight_conversion=<dir of the adapter right after init>) "
-        "(a plain LoRA against the original base) and load that.")
-
-
-def _needs_original_base(init: str, module_name: str):
-    from ..errors import GraftingError
-    return GraftingError(
-        f"module '{module_name}': the adapter was saved with field 'init_lora_weights' = {init!r} and no conversion, "
-        "so its factors apply to a residual base; its ΔW against the original base needs that base weight "
-        "(pass base_weight / a base model), or save it converted (grafting: save_adapter's default; peft: "
-        "path_initial_model_for_weight_conversion)")
 
 
 class LoraAdapter(nn.Module):
@@ -351,7 +333,8 @@ class Lora(Method):
     def original_base_config(self, cfg):
         import dataclasses
         factor = 2 ** 0.5 if cfg.use_rslora else 2  # keeps α/r (α/√r) when r doubles
-        return dataclasses.replace(cfg, init_lora_weights=True, corda_config=None, eva_config=None, r=2 * cfg.r, lora_alpha=cfg.lora_alpha * factor,
+        return dataclasses.replace(cfg, init_lora_weights=True, corda_config=None, eva_config=None, r=2 * cfg.r,
+                                   lora_alpha=cfg.lora_alpha * factor,
                                    rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
                                    alpha_pattern={k: 2 * v for k, v in cfg.alpha_pattern.items()})
 
@@ -379,7 +362,7 @@ class Lora(Method):
 
     def factors_from_tensors(self, tensors, cfg, module_name, kind, shared):
         if cfg.init_lora_weights in lora_inits.DETERMINISTIC:
-            raise _needs_original_base(cfg.init_lora_weights, module_name)
+            raise lora_inits.needs_original_base(cfg.init_lora_weights, module_name)
         return lora_factors_from_tensors(tensors, cfg, module_name)
 
     def delta_weight_from_tensors(self, tensors, cfg, module_name, kind, shared, base_weight=None):
@@ -388,10 +371,10 @@ class Lora(Method):
         init = cfg.init_lora_weights
         if init not in lora_inits.DETERMINISTIC:
             return delta
-        # saved without conversion (peft's native form): the factors apply to the residual W − s·B₀A₀, and B₀A₀
-        # is a function of the original W and r alone, so the delta against W is s·B A − s·B₀A₀
+        # saved without conversion (peft's native form): the factors apply to the residual W − s·B₀A₀, and
+        # B₀A₀ is a function of the original W and r alone, so the delta against W is s·B A − s·B₀A₀
         if base_weight is None:
-            raise _needs_original_base(init, module_name)
+            raise lora_inits.needs_original_base(init, module_name)
         A0, B0 = lora_inits.initial_factors(base_weight, init, A.shape[0], scale)
         return delta - (B0 @ A0) * scale
 

@@ -35,6 +35,8 @@ import re
 import torch
 from torch import nn
 
+from ..errors import GraftingError
+
 CORDA_DEFAULTS = {"cache_file": None, "covariance_file": None, "corda_method": "ipm", "verbose": False,
                   "use_float16_for_covariance": False, "prune_temporary_fields": True}
 _NITER = re.compile(r"^pissa_niter_(\d+)$")
@@ -97,7 +99,8 @@ def corda_statistic(cfg, inputs: list) -> torch.Tensor:
 
 
 def corda_decomposition(w: torch.Tensor, cov: torch.Tensor):
-    """W C = U S Vᵀ and W = U S (Vᵀ C⁻¹), C damped until it inverts accurately (peft's collect_eigens_for_layer)."""
+    """W C = U S Vᵀ and W = U S (Vᵀ C⁻¹), C damped until it inverts accurately (as peft's
+    collect_eigens_for_layer)."""
     cov = cov.float()
     eye = torch.eye(cov.shape[0], device=cov.device)
     damp = 0.01
@@ -140,3 +143,20 @@ def decompose(w: torch.Tensor, init: str, r: int, scale: float, pending=None, st
 def initial_factors(w: torch.Tensor, init: str, r: int, scale: float):
     """The factors a deterministic init (pissa, olora, milora) gave on the original weight ``w`` (out × in)."""
     return decompose(w.float(), init, r, scale)
+
+
+def unsupported_init(init: str, where: str):
+    return GraftingError(
+        f"{where}: field 'init_lora_weights' = {init!r}: the adapter's factors apply to a residual base that this "
+        "init computed from calibration data or random draws the file does not record (corda, loftq, randomized "
+        "'pissa_niter_*'), so loading it onto the original base would give wrong outputs. Save it from peft with "
+        "save_pretrained(..., path_initial_model_for_weight_conversion=<dir of the adapter right after init>) "
+        "(a plain LoRA against the original base) and load that.")
+
+
+def needs_original_base(init: str, module_name: str):
+    return GraftingError(
+        f"module '{module_name}': the adapter was saved with field 'init_lora_weights' = {init!r} and no conversion, "
+        "so its factors apply to a residual base; its ΔW against the original base needs that base weight "
+        "(pass base_weight / a base model), or save it converted (grafting: save_adapter's default; peft: "
+        "path_initial_model_for_weight_conversion)")
