@@ -180,7 +180,7 @@ def test_corda_factors_and_residual_equal_peft(method):
 
 
 def test_corda_modes_split_w_c_into_principal_and_minor_parts():
-    """ipm adapts the r largest singular directions of W·C, kpm the r smallest (Eq. 4-6): checked from the
+    """ipm adapts the r largest singular directions of W·C, kpm the r smallest (Sec. 3): checked from the
     covariance computed here by hooks on a plain copy."""
     torch.manual_seed(0)
     base, calib = Net(), batches()
@@ -291,7 +291,7 @@ def test_eva_a_and_redistributed_ranks_equal_peft(eva_config):
 
 def test_eva_a_spans_the_top_principal_directions_of_the_layer_inputs():
     """With rho = 1 every layer keeps r ranks; its A must be the top-r right singular vectors of its centred inputs
-    (Eq. 2), computed here directly from all calibration rows of a plain copy."""
+    (Sec. 3), computed here directly from all calibration rows of a plain copy."""
     torch.manual_seed(0)
     base, calib = Net(), eva_batches(n=6)
     model = gf.adapt(copy.deepcopy(base), gf.LoraConfig(init_lora_weights="eva", eva_config={"rho": 1.0, "tau": 0.999},

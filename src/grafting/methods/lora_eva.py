@@ -1,14 +1,14 @@
 """EVA: Explained Variance Adaptation (Paischer et al., 2024, arXiv:2410.07170): ``init_lora_weights="eva"``.
 
-Sec. 3 / Eq. (2)-(4) of the paper: for each target layer, the SVD of its inputs X over calibration batches,
+Sec. 3 of the paper: for each target layer, the SVD of its inputs X over calibration batches,
 X = U Σ Vᵀ, computed incrementally batch by batch (incremental PCA, Ross et al. 2008) until the top components
 stop moving: a component counts as converged when its cosine similarity with the previous batch's is ≥ τ (peft's
 ``tau``, default 0.99). A = the layer's top right singular vectors V_rᵀ (whitened by Σ^{-1/2} if ``whiten``),
-B = 0, so the base is untouched and training starts from it. Rank redistribution (Eq. 4): each layer computes up
+B = 0, so the base is untouched and training starts from it. Rank redistribution (Sec. 3): each layer computes up
 to round(ρ·r) components; the budget Σ r over layers goes to the components with the largest explained variance
 ratio across all layers, so a layer ends with between 0 and round(ρ·r) ranks (0: no adapter on that layer). With
-``adjust_scaling_factors`` a layer's α is multiplied by new_rank / r (its α/r unchanged). Paper defaults: ρ = 2
-(1 = no redistribution), τ = 0.99.
+``adjust_scaling_factors`` a layer's α is multiplied by new_rank / r (its α/r unchanged). Defaults (peft's
+EvaConfig): ρ = 2 (1 = no redistribution), τ = 0.99.
 
 Following peft's port (peft.tuners.lora.eva, whose results these match): the incremental PCA centres the data
 and uses a randomized SVD with 2·n components, 4 iterations and seed 42 (the caller's random state is kept);

@@ -4,18 +4,18 @@ Every init here sets A, B from a decomposition of the layer's weight W (out × i
 residual W_res = W − s·B A, so that at step 0 the adapted layer computes exactly W x (s = the LoRA scale; the
 kept singular values are divided by s first, as peft does, so that s·B A is the chosen component itself).
 
-- ``"pissa"`` (PiSSA, Meng et al., 2024, arXiv:2404.02948, Eq. 2-4): W = U S Vᵀ, A = √S_r V_rᵀ,
+- ``"pissa"`` (PiSSA, Meng et al., 2024, arXiv:2404.02948, Sec. 3): W = U S Vᵀ, A = √S_r V_rᵀ,
   B = U_r √S_r with the r *principal* components (full SVD).
 - ``"pissa_niter_N"`` (the same paper's fast SVD, Sec. 4.5 / Halko et al. 2011): the principal components from
   ``torch.svd_lowrank(W, r, niter=N)``, which draws a random test matrix from torch's global generator. The
   draws happen in the same order as peft's (per layer: nn.Linear's init of A and B, then the SVD), so the same
   seed gives the same factors as peft on the same base.
 - ``"olora"`` (OLoRA, Büyükakyüz, 2024, arXiv:2406.01775, Sec. 3): W = Q R, B = Q[:, :r], A = R[:r].
-- ``"milora"`` (MiLoRA, Wang et al., 2024, arXiv:2406.09044, Eq. 3-5): the r *minor* singular components,
+- ``"milora"`` (MiLoRA, Wang et al., 2024, arXiv:2406.09044, Sec. 3): the r *minor* singular components,
   A = √S_m V_mᵀ, B = U_m √S_m with the last r of U, S, V (the principal ones stay in the frozen base). peft
-  0.21.2 does not ship it: it is a grafting extension (init value ``"milora"``). The paper's code scales like
-  PiSSA's; we divide S_m by s as for ``"pissa"``, so W_res + s·B A = W holds for any α.
-- ``"corda"`` (CorDA, Yang et al., 2024, arXiv:2406.05223, Eq. 3-6): context-oriented SVD. From the layer
+  0.21.2 does not ship it: it is a grafting extension (init value ``"milora"``). S_m is divided by s as peft
+  does for ``"pissa"``, so W_res + s·B A = W holds for any α (the split of √S_m between A and B follows PiSSA).
+- ``"corda"`` (CorDA, Yang et al., 2024, arXiv:2406.05223, Sec. 3): context-oriented SVD. From the layer
   inputs X of the calibration batches, C = mean over batches of X̂ᵀX̂ (X̂ = X / |max X| per batch, peft's
   normalisation), damped as C + λ·mean(diag C)·I (λ = 0.01, doubled until the inverse is accurate), then
   W C = U S Vᵀ and W = U S (Vᵀ C⁻¹). ``corda_method="ipm"`` (instruction-previewed) adapts the r principal
