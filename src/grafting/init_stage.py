@@ -36,16 +36,31 @@ def random_init_wanted() -> bool:
     return not _FILLING.get()
 
 
-def run_init(model, name, method, config, hosts, calibration) -> None:
-    """The init stage: after every layer exists, each adapter may read its layer's activations over the
-    calibration batches and the base weight, and may change the base weight (then recorded for save/delete)."""
-    activations = collect_activations(model, hosts, calibration) if method.needs_calibration(config) else {}
+def calibration_statistics(model, method, config, hosts, calibration) -> dict:
+    """Per target layer, the method's statistic of the inputs that layer's base saw over the calibration batches
+    (``Method.calibration_statistic``; rows chosen by ``Method.calibration_mask``)."""
+    inputs = collect_activations(model, hosts, calibration, mask_fn=lambda b: method.calibration_mask(config, b))
+    return {n: method.calibration_statistic(config, xs) for n, xs in inputs.items()}
+
+
+def run_init(model, name, method, config, hosts, activations: dict | None = None) -> None:
+    """The init stage: after every layer exists, each adapter may read its layer's calibration statistic
+    (``activations``: module -> statistic, from :func:`calibration_statistics`) and the base weight, and may
+    change the base weight (then recorded for save/delete)."""
+    activations = activations or {}
     changes = method.changes_base(config)
     if changes:
         for module_name, host in hosts:
             why = host.can_write_weight()
             if why is not None:
                 raise GraftingError(f"module '{module_name}': this init rewrites the base weight, but {why}")
+            others = sorted(a for a in host.adapters if a != name)
+            if others:  # they were trained on the original weight: their outputs would change silently
+                raise GraftingError(
+                    f"module '{module_name}': init_lora_weights={getattr(config, 'init_lora_weights', None)!r} "
+                    f"rewrites the base weight, which adapters {others} also apply to. Add it to a model without "
+                    "them, or load a copy saved converted to the original base (save_adapter's default; peft: "
+                    "path_initial_model_for_weight_conversion)")
     done = []
     try:
         for module_name, host in hosts:
@@ -65,21 +80,29 @@ def run_init(model, name, method, config, hosts, calibration) -> None:
 
 
 @torch.no_grad()
-def collect_activations(model, hosts, calibration, max_rows: int = 65536) -> dict:
-    """Inputs seen by each target layer's base over the calibration batches, as (rows, fan_in) tensors."""
+def collect_activations(model, hosts, calibration, max_rows: int = 65536, mask_fn=None) -> dict:
+    """Inputs seen by each target layer's base over the calibration batches, in eval mode (no dropout noise): per
+    layer, one (rows, fan_in) tensor per forward call, at most ``max_rows`` rows in all. ``mask_fn(batch)``: a
+    boolean mask over the batch's leading dimensions (e.g. non-padding tokens) selecting the rows kept, or None."""
     seen: dict = {n: [] for n, _ in hosts}
+    mask = None
     handles = []
     for module_name, host in hosts:
         def hook(_module, args, module_name=module_name):
             x = args[0]
-            if x.is_floating_point() and sum(t.shape[0] for t in seen[module_name]) < max_rows:
-                seen[module_name].append(x.detach().reshape(-1, x.shape[-1]).float())
+            room = max_rows - sum(t.shape[0] for t in seen[module_name])
+            if x.is_floating_point() and room > 0:
+                rows = x.detach()[mask] if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]) else x
+                seen[module_name].append(rows.detach().reshape(-1, x.shape[-1])[:room].float())
         handles.append(host.base_layer.register_forward_pre_hook(hook))
     count = 0
     token = model._routing._enabled.set(False)  # the base alone: activations of the layer the adapter wraps
+    modes = [(m, m.training) for m in model.base_model.modules()]
+    model.base_model.eval()
     try:
         for batch in calibration:
             count += 1
+            mask = mask_fn(batch) if mask_fn is not None else None
             if isinstance(batch, dict):
                 model.base_model(**batch)
             elif isinstance(batch, (tuple, list)):
@@ -88,6 +111,8 @@ def collect_activations(model, hosts, calibration, max_rows: int = 65536) -> dic
                 model.base_model(batch)
     finally:
         model._routing._enabled.reset(token)
+        for m, training in modes:
+            m.training = training
         for h in handles:
             h.remove()
     if count == 0:
@@ -95,4 +120,4 @@ def collect_activations(model, hosts, calibration, max_rows: int = 65536) -> dic
     missing = [n for n, xs in seen.items() if not xs]
     if missing:
         raise GraftingError(f"calibration: the batches never reached modules {missing[:5]}")
-    return {n: torch.cat(xs)[:max_rows] for n, xs in seen.items()}
+    return seen

@@ -18,7 +18,7 @@ from .batching import RowRouting, Routing, bucket_of
 from .config import AdapterConfig
 from .errors import GraftingError
 from .hashing import content_hashes
-from .init_stage import run_init
+from .init_stage import calibration_statistics, run_init
 from .inject import (ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates, name_matches,
                      replace_module)
 from .layers import HostLayer
@@ -149,6 +149,13 @@ class AdaptedModel(nn.Module):
                     raise GraftingError(f"method '{method.name}' does not support {host.kind.name} layers "
                                         f"(module '{module_name}')")
                 hosts.append((module_name, host))
+            statistics = None
+            if method.needs_calibration(config):
+                statistics = calibration_statistics(self, method, config, hosts, calibration)
+                config, statistics = method.plan(config, statistics)
+                config.validate()
+                keep = {n for n, _ in find_targets(self.base_model, config, to_save + heads)}
+                hosts = [(n, h) for n, h in hosts if n in keep]
             shared = method.create_shared(config, hosts)
             if shared is not None:
                 self.shared_tensors[name] = shared
@@ -165,7 +172,7 @@ class AdaptedModel(nn.Module):
                 for _, saved in find_modules_to_save(self.base_model, present, self._routing,
                                                      required=[m for m in to_save if m not in task_heads]):
                     saved.add(name)
-            run_init(self, name, method, config, hosts, calibration)
+            run_init(self, name, method, config, hosts, statistics)
         except Exception:
             for host in created:
                 host.remove(name)

@@ -75,6 +75,23 @@ class Method:
         """:meth:`init` needs activations: ``add_adapter(..., calibration=batches)`` must provide them."""
         return False
 
+    def calibration_statistic(self, cfg, inputs: list):
+        """What :meth:`init` receives as ``activations`` from one layer's inputs over the calibration batches
+        (``inputs``: one (rows, fan_in) float tensor per forward call). Default: the rows concatenated; a method
+        whose statistic is per call (CorDA's per-batch normalised covariance) reduces them here."""
+        return torch.cat(inputs)
+
+    def calibration_mask(self, cfg, batch) -> torch.Tensor | None:
+        """A boolean mask over one calibration batch's leading dimensions choosing the rows whose layer inputs
+        count (EVA: non-padding, labelled tokens), or None for every row."""
+        return None
+
+    def plan(self, cfg, statistics: dict):
+        """Revise the config from every target layer's calibration statistic before the adapters are built
+        (EVA redistributes ranks across layers): returns ``(config, statistics)``; a module the revised config
+        no longer targets gets no adapter, and :meth:`init` receives the returned statistic of its layer."""
+        return cfg, statistics
+
     def changes_base(self, cfg) -> bool:
         """:meth:`init` changes the base weight (PiSSA, OLoRA): the model records the initial adapter so that
         saving can write a delta against the original base, and deleting the adapter restores the base."""

@@ -1,4 +1,4 @@
-"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv:2106.09685), with rsLoRA scaling and PiSSA / OLoRA inits.
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv:2106.09685), with rsLoRA scaling and decomposing inits.
 
 Eq. (3) of the LoRA paper: h = W0 x + ΔW x = W0 x + (α/r)·B A x, with A ∈ R^{r×k}, B ∈ R^{d×r}, B = 0 at init
 so training starts from the base model. rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732) replaces α/r by
@@ -8,6 +8,7 @@ Inits that change the base weight (both as in peft, so adapters move between the
 - PiSSA (Meng et al., 2024, arXiv:2404.02948, Sec. 3): W = U S Vᵀ; A = √S_r V_rᵀ, B = U_r √S_r (S_r divided by
   the scale first), and the base becomes the residual W − s·B A.
 - OLoRA (Büyükakyüz, 2024, arXiv:2406.01775, Sec. 3): W = Q R; B = Q[:, :r], A = R[:r], base W − s·B A.
+More inits that change the base (pissa_niter_N, MiLoRA, CorDA) are in lora_inits.py, EVA in lora_eva.py.
 A save writes a delta against the *original* base (peft's conversion: ΔW = s(BA − B₀A₀) = s[B, −B₀][A; A₀],
 rank 2r and α doubled, init ``True``) unless ``save_adapter(..., convert_init=False)``.
 """
@@ -24,22 +25,21 @@ from torch import nn
 from ..config import AdapterConfig, pattern_value
 from ..init_stage import random_init_wanted
 from ..registry import register
+from . import lora_eva, lora_inits
 from .base import Method
 
 BIAS_MODES = ("none", "all", "lora_only")
-#: init_lora_weights values grafting builds; "pissa" and "olora" change the base weight (see module docstring)
-INIT_MODES = (True, False, "gaussian", "kaiming", "pissa", "olora")
-BASE_CHANGING_INITS = ("pissa", "olora")
+#: init_lora_weights values grafting builds (and "pissa_niter_<N>"); the strings after "kaiming" change the base
+INIT_MODES = (True, False, "gaussian", "kaiming", "pissa", "olora", "milora", "corda", "eva")
 # inits that only shape the starting point of training: a saved adapter holds its trained factors in full and
 # the base is untouched, so it loads as plain LoRA
 _LOAD_AS_PLAIN = ("eva", "orthogonal", "lora_ga", "mica")
+_CALIBRATED = ("corda", "eva")
 
 _PEFT_IGNORED = {
     "alora_invocation_tokens": (None,),
     "arrow_config": (None,),
-    "corda_config": (None,),
     "ensure_weight_tying": (False, None),
-    "eva_config": (None,),
     "kasa_config": (None,),
     "layer_replication": (None,),
     "loftq_config": ({}, None),
@@ -65,8 +65,12 @@ class LoraConfig(AdapterConfig):
     ``use_rslora``). rank_pattern / alpha_pattern: per-module overrides, keys matched like PEFT (regex searched at
     the end of the module name). bias: ``none``, ``all`` or ``lora_only``. init_lora_weights: ``True`` /
     ``"kaiming"`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``"pissa"`` / ``"olora"``
-    (factors from the base weight's SVD / QR, base replaced by the residual), ``False`` (random non-zero B: the
-    adapter changes the output from the start; for tests).
+    (factors from the base weight's SVD / QR, base replaced by the residual), ``"pissa_niter_<N>"`` (PiSSA by
+    randomized SVD), ``"milora"`` (the minor singular components), ``"corda"`` (context-oriented SVD from
+    calibration activations; ``corda_config``: peft's CordaConfig fields as a mapping, ``corda_method`` ``"ipm"``
+    or ``"kpm"``), ``"eva"`` (A from the SVD of calibration activations, B = 0, ranks redistributed across layers;
+    ``eva_config``: peft's EvaConfig fields as a mapping), ``False`` (random non-zero B: the adapter changes the
+    output from the start; for tests).
     """
 
     peft_type = "LORA"
@@ -82,6 +86,8 @@ class LoraConfig(AdapterConfig):
     fan_in_fan_out: bool = False
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    corda_config: dict | None = None
+    eva_config: dict | None = None
 
     def check(self, bad) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -100,15 +106,16 @@ class LoraConfig(AdapterConfig):
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower() in ("true", "false"):
             raise bad("init_lora_weights", "the boolean true/false, not a string", init)
-        if not any(init is m or (isinstance(m, str) and init == m) for m in INIT_MODES):
+        if not any(init is m or (isinstance(m, str) and init == m) for m in INIT_MODES) \
+                and not lora_inits.is_pissa_niter(init):
             import difflib
             close = difflib.get_close_matches(str(init), [str(m) for m in INIT_MODES], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise bad("init_lora_weights", f"one of {INIT_MODES}{hint}", init)
-        if init in BASE_CHANGING_INITS and self.use_dora:
+            raise bad("init_lora_weights", f"one of {INIT_MODES} or 'pissa_niter_<N>'{hint}", init)
+        if lora_inits.changes_base(init) and self.use_dora:
             raise bad("init_lora_weights", f"not {init!r} with use_dora (the magnitude would describe the residual "
                       "base, and no conversion to the original base exists)", init)
-        if init in BASE_CHANGING_INITS and self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+        if lora_inits.changes_base(init) and self.use_rslora and (self.rank_pattern or self.alpha_pattern):
             raise bad("init_lora_weights", f"not {init!r} with use_rslora and rank/alpha patterns (peft cannot "
                       "convert such an adapter to the original base either)", init)
         for name, pattern, kind in (("rank_pattern", self.rank_pattern, int),
@@ -118,6 +125,9 @@ class LoraConfig(AdapterConfig):
             for key, value in pattern.items():
                 if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
                     raise bad(f"{name}[{key!r}]", "a positive number", value)
+
+        lora_inits.check_corda_config(self, bad)
+        lora_eva.check_eva_config(self, bad)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The rank and alpha for one module, after rank_pattern / alpha_pattern (PEFT's matching rule)."""
@@ -140,18 +150,10 @@ class LoraConfig(AdapterConfig):
             init = d.get("init_lora_weights")
             if isinstance(init, str) and init.lower() in _LOAD_AS_PLAIN:
                 d = {**d, "init_lora_weights": True}  # its trained factors are complete; the base is untouched
-            elif isinstance(init, str) and (init.lower() in ("corda", "loftq") or init.startswith("pissa_niter_")):
-                raise _unsupported_init(init, where)
+            elif isinstance(init, str) and (init.lower() in ("corda", "loftq") or init.startswith("pissa_niter_")) \
+                    and str(where).endswith("adapter_config.json"):  # a file; in memory (recipes) the init runs
+                raise lora_inits.unsupported_init(init, where)
         return super().from_peft_dict(d, where)
-
-
-def _unsupported_init(init: str, where: str):
-    from ..errors import GraftingError
-    return GraftingError(
-        f"{where}: field 'init_lora_weights' = {init!r}: this init changes the base weights in a way grafting does "
-        "not reproduce (corda, loftq, randomized 'pissa_niter_*'), so loading the adapter onto the original base "
-        "would give wrong outputs. Save it from peft with path_initial_model_for_weight_conversion (a plain LoRA "
-        "against the original base) and load that.")
 
 
 class LoraAdapter(nn.Module):
@@ -202,25 +204,26 @@ def create_lora(host, cfg, module_name: str) -> LoraAdapter:
     w = host.dense_weight()
     adapter = LoraAdapter(a_shape, b_shape, r, alpha, cfg.scaling(r, alpha), cfg.lora_dropout,
                           factor_dtype(host), w.device)
-    if random_init_wanted():  # loading overwrites every factor: no random numbers for it to discard
+    if not random_init_wanted():  # loading overwrites every factor: no random numbers for it to discard
+        return adapter
+    if lora_inits.is_pissa_niter(cfg.init_lora_weights) and host.kind.name in ("linear", "conv1d"):
+        niter = int(cfg.init_lora_weights.rsplit("_", 1)[1])
+        lora_inits.draw_randomized_svd(adapter, host.kind.to_out_in(w), niter)
+    else:
         init_factors(adapter, cfg.init_lora_weights, host.kind.name)
     return adapter
 
 
-def decompose_init(adapter: LoraAdapter, host, init: str) -> None:
-    """PiSSA / OLoRA: factors from the base weight, base replaced by the residual W − s·B A (peft's code path)."""
+def decompose_init(adapter: LoraAdapter, host, cfg, statistic=None) -> None:
+    """Factors from a decomposition of the base weight, base replaced by the residual W − s·B A (lora_inits)."""
     from ..errors import GraftingError
+    init = cfg.init_lora_weights
     if host.kind.name not in ("linear", "conv1d"):
         raise GraftingError(f"init_lora_weights={init!r} supports linear layers, not {host.kind.name}")
     w = host.kind.to_out_in(host.dense_weight()).to(torch.float32)
-    r, s = adapter.r, adapter.scaling
-    if init == "pissa":
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-        Sr = S[:r] / s
-        A, B = torch.diag(Sr.sqrt()) @ Vh[:r], U[:, :r] @ torch.diag(Sr.sqrt())
-    else:
-        Q, R = torch.linalg.qr(w)
-        A, B = R[:r], Q[:, :r]
+    s = adapter.scaling
+    A, B = lora_inits.decompose(w, init, adapter.r, s, pending=adapter.__dict__.pop("_pending_svd", None),
+                                statistic=statistic, cfg=cfg)
     with torch.no_grad():
         adapter.lora_A.copy_(A)
         adapter.lora_B.copy_(B)
@@ -289,11 +292,33 @@ class Lora(Method):
         return create_lora(host, cfg, module_name)
 
     def changes_base(self, cfg):
-        return cfg.init_lora_weights in BASE_CHANGING_INITS
+        return lora_inits.changes_base(cfg.init_lora_weights)
+
+    def needs_calibration(self, cfg):
+        return cfg.init_lora_weights in _CALIBRATED
+
+    def calibration_mask(self, cfg, batch):
+        return lora_eva.eva_mask(cfg, batch) if cfg.init_lora_weights == "eva" else None
+
+    def calibration_statistic(self, cfg, inputs):
+        if cfg.init_lora_weights == "corda":
+            return lora_inits.corda_statistic(cfg, inputs)
+        if cfg.init_lora_weights == "eva":
+            return inputs  # incremental, batch by batch, in plan()
+        return super().calibration_statistic(cfg, inputs)
+
+    def plan(self, cfg, statistics):
+        if cfg.init_lora_weights == "eva":
+            return lora_eva.eva_plan(cfg, statistics)
+        return cfg, statistics
 
     def init(self, adapter, host, cfg, activations):
-        if cfg.init_lora_weights in BASE_CHANGING_INITS:
-            decompose_init(adapter, host, cfg.init_lora_weights)
+        if lora_inits.changes_base(cfg.init_lora_weights):
+            decompose_init(adapter, host, cfg, activations)
+        elif cfg.init_lora_weights == "eva":
+            with torch.no_grad():
+                adapter.lora_A.copy_(activations)
+                adapter.lora_B.zero_()
 
     def undo_init(self, initial, adapter, host, cfg):
         A0, B0 = initial["lora_A"], initial["lora_B"]
@@ -308,7 +333,8 @@ class Lora(Method):
     def original_base_config(self, cfg):
         import dataclasses
         factor = 2 ** 0.5 if cfg.use_rslora else 2  # keeps α/r (α/√r) when r doubles
-        return dataclasses.replace(cfg, init_lora_weights=True, r=2 * cfg.r, lora_alpha=cfg.lora_alpha * factor,
+        return dataclasses.replace(cfg, init_lora_weights=True, corda_config=None, eva_config=None, r=2 * cfg.r,
+                                   lora_alpha=cfg.lora_alpha * factor,
                                    rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
                                    alpha_pattern={k: 2 * v for k, v in cfg.alpha_pattern.items()})
 
@@ -335,7 +361,22 @@ class Lora(Method):
         return peft_lora_keys(kind)
 
     def factors_from_tensors(self, tensors, cfg, module_name, kind, shared):
+        if cfg.init_lora_weights in lora_inits.DETERMINISTIC:
+            raise lora_inits.needs_original_base(cfg.init_lora_weights, module_name)
         return lora_factors_from_tensors(tensors, cfg, module_name)
+
+    def delta_weight_from_tensors(self, tensors, cfg, module_name, kind, shared, base_weight=None):
+        A, B, scale = lora_factors_from_tensors(tensors, cfg, module_name)
+        delta = (B.float() @ A.float()) * scale
+        init = cfg.init_lora_weights
+        if init not in lora_inits.DETERMINISTIC:
+            return delta
+        # saved without conversion (peft's native form): the factors apply to the residual W − s·B₀A₀, and
+        # B₀A₀ is a function of the original W and r alone, so the delta against W is s·B A − s·B₀A₀
+        if base_weight is None:
+            raise lora_inits.needs_original_base(init, module_name)
+        A0, B0 = lora_inits.initial_factors(base_weight, init, A.shape[0], scale)
+        return delta - (B0 @ A0) * scale
 
     def rank_from_shapes(self, shapes):
         return shapes["lora_A"][0] if "lora_A" in shapes else None
