@@ -179,6 +179,7 @@ def test_adapter_config_flags_select_kasa_and_plain_lora_files_stay_lora():
     (dict(use_dora=True), "use_dora"),
     (dict(fan_in_fan_out=True), "fan_in_fan_out"),
     (dict(init_lora_weights="pissa"), "init_lora_weights"),
+    (dict(init_lora_weights="eva"), "init_lora_weights"),
     (dict(r=0), "r"),
 ])
 def test_bad_config_names_the_field(fields, named):

@@ -39,7 +39,7 @@ from ..errors import GraftingError
 from ..init_stage import random_init_wanted
 from ..registry import GIVEN, register
 from .base import Method
-from .lora import BASE_CHANGING_INITS, LoraConfig, create_lora, factor_dtype, lora_deterministic
+from .lora import LoraConfig, create_lora, factor_dtype, lora_deterministic
 
 KASA_DEFAULTS = {"beta": 1e-4, "gamma": 1e-3}
 
@@ -68,9 +68,9 @@ class KasaConfig(LoraConfig):
             raise bad("use_dora", "false with kasa_config (peft has no DoRA + KaSA variant)", self.use_dora)
         if self.fan_in_fan_out:
             raise bad("fan_in_fan_out", "false: KaSA adapts nn.Linear layers only (as peft)", self.fan_in_fan_out)
-        if self.init_lora_weights in BASE_CHANGING_INITS:
-            raise bad("init_lora_weights", "not an init that rewrites the base (KaSA truncates it already)",
-                      self.init_lora_weights)
+        if self.init_lora_weights not in (True, False, "gaussian", "kaiming"):
+            raise bad("init_lora_weights", "true, false, 'gaussian' or 'kaiming' (KaSA truncates the base itself; "
+                      "inits that rewrite it or read activations do not combine with that)", self.init_lora_weights)
 
 
 def truncated_part(w_out_in: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
