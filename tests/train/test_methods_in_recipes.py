@@ -37,7 +37,8 @@ def test_adapter_method_selects_the_config(tmp_path, tiny_model_dir, jsonl_data)
     ({"method": "lora", "exact_norm": True}, "unknown field 'exact_norm'"),
     ({"method": "lora", "use_dora": True}, "build method 'dora', not 'lora'"),
     ({"init_lora_weights": "gausian"}, "did you mean 'gaussian'"),
-    ({"init_lora_weights": "corda"}, "corda"),
+    ({"init_lora_weights": "corda", "corda_config": {"corda_method": "pca"}}, "corda_method"),
+    ({"init_lora_weights": "loftq"}, "init_lora_weights"),
     ({"lora_alpha": 0}, "lora_alpha"),
 ])
 def test_bad_method_sections_name_the_problem(tmp_path, tiny_model_dir, jsonl_data, adapter, needle):
@@ -114,3 +115,15 @@ def test_inits_that_read_activations_see_the_first_training_batches(tmp_path, ti
     # every token position of the first 2 batches of 4 training rows, each batch padded to its longest row
     positions = sum(4 * max(len(row["input_ids"]) for row in rows[i:i + 4]) for i in (0, 4))
     assert list(seen.values()) == [torch.Size([positions, 32])] * 4  # query and value in 2 BERT layers
+
+
+@pytest.mark.parametrize("init", ["eva", "corda"])
+def test_data_aware_inits_train_from_a_recipe(tmp_path, tiny_model_dir, jsonl_data, init):
+    r = with_adapter(write_recipe(tmp_path / "r.yaml", tiny_model_dir, *jsonl_data, tmp_path / "out", max_steps=2,
+                                  batch_size=4, calibration_batches=2), init_lora_weights=init)
+    train(r)
+    saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    if init == "eva":  # A from the activations, the base untouched: the trained factors are a plain LoRA
+        assert saved["init_lora_weights"] is True and saved["r"] == 4
+    else:  # CorDA rewrote the base: saved as a plain LoRA against the original one (rank 2r)
+        assert saved["init_lora_weights"] is True and saved["r"] == 8
