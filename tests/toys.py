@@ -91,3 +91,15 @@ def assert_rows_match(model, x, names, atol=1e-5, rtol=1e-4) -> None:
             model.set_active(name)
             single = model(x)
         torch.testing.assert_close(mixed[i], single[i], atol=atol, rtol=rtol)
+
+
+class Mlp(nn.Module):
+    """12 -> 10 -> 6 -> 3 with tanh, seeded: the method tests' small model (targets ``a`` and ``b``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(12, 10), nn.Linear(10, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))

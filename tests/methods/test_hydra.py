@@ -10,16 +10,7 @@ from torch import nn
 
 import grafting as gf
 from grafting.methods.hydra import HydraConfig
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b, self.head = nn.Linear(12, 10), nn.Linear(10, 6), nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+from toys import Mlp as Net
 
 
 def cfg(**kw):

@@ -14,20 +14,11 @@ import grafting as gf
 from grafting.config import config_from_peft_dict
 from grafting.io.reader import AdapterReader
 from grafting.methods.kasa import KasaConfig
+from toys import Mlp as Net
 
 peft = pytest.importorskip("peft")
 
 TARGETS = ["a", "b"]
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b, self.head = nn.Linear(12, 10), nn.Linear(10, 6), nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
 def peft_kasa(**kw):

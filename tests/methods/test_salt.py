@@ -10,21 +10,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import grafting as gf
 from toys import make_toy
 from grafting.methods.salt import SaltConfig, canonical_svd
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b, self.head = nn.Linear(12, 10), nn.Linear(10, 6), nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+from toys import Mlp as Net
 
 
 def cfg(**kw):

@@ -17,6 +17,7 @@ merge/unmerge and save/load all work. A low-rank method also returns its factors
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -220,3 +221,32 @@ class Method:
             raise NotImplementedError(f"method '{self.name}' does not compute ΔW from tensors")
         A, B, scale = f
         return (B.float() @ A.float()) * scale
+
+
+class FactorMethod(Method):
+    """A method whose adapter assembles ΔW = scaling·B·A from its own tensors (VeRA, RandLoRA, NOLA, MoS).
+
+    The adapter provides ``factors()`` -> (A, B) in the (out, fan_in) view, a float ``scaling`` and, under the
+    attribute named by ``dropout``, the dropout on the layer input. Forward (two thin matmuls, never a dense ΔW),
+    ΔW, the determinism check and the gathered mixed-batch kernel follow from those."""
+
+    low_rank_form = True
+    dropout: str = "lora_dropout"
+
+    def delta(self, adapter, host, x, base_out):
+        A, B = adapter.factors()
+        h = getattr(adapter, self.dropout)(x.to(A.dtype))
+        return (F.linear(F.linear(h, A), B) * adapter.scaling).to(base_out.dtype)
+
+    def delta_weight(self, adapter, host):
+        A, B = adapter.factors()
+        w = host.dense_weight()
+        return host.kind.from_out_in((B @ A) * adapter.scaling, w).to(w.dtype)
+
+    def deterministic(self, adapter):
+        drop = getattr(adapter, self.dropout)
+        return isinstance(drop, nn.Identity) or not drop.training
+
+    def low_rank(self, adapter):
+        A, B = adapter.factors()
+        return A, B, adapter.scaling

@@ -50,14 +50,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import GraftingError
 from ..init_stage import random_init_wanted
 from ..registry import register
-from .base import Method
+from .base import FactorMethod
 
 
 def _int(value, low: int) -> bool:
@@ -201,11 +200,10 @@ class MosAdapter(nn.Module):
 
 
 @register("mos", config=MosConfig)
-class Mos(Method):
+class Mos(FactorMethod):
     """Mixture of Shards: LoRA factors assembled from routed shards of pools shared by all layers."""
 
     layer_kinds = frozenset({"linear", "conv1d"})
-    low_rank_form = True
     # one 12 -> 10 layer: every shared shard is drawn (r - p <= e - p) and l divides gcd(12, 10)
     tiny_fields = {"r": 2, "valid_param_lora_r": 2, "valid_param_private_r": 1, "num_chunk_per_vec": 2}
 
@@ -217,23 +215,6 @@ class Mos(Method):
     def create(self, host, cfg, module_name, shared):
         route_A, route_B = shared.routes[module_name]
         return MosAdapter(route_A, route_B, cfg.lora_alpha / cfg.r, cfg.lora_dropout, shared)
-
-    def delta(self, adapter, host, x, base_out):
-        A, B = adapter.factors()
-        h = adapter.lora_dropout(x.to(A.dtype))
-        return (F.linear(F.linear(h, A), B) * adapter.scaling).to(base_out.dtype)
-
-    def delta_weight(self, adapter, host):
-        A, B = adapter.factors()
-        w = host.dense_weight()
-        return host.kind.from_out_in((B @ A) * adapter.scaling, w).to(w.dtype)
-
-    def deterministic(self, adapter):
-        return isinstance(adapter.lora_dropout, nn.Identity) or not adapter.lora_dropout.training
-
-    def low_rank(self, adapter):
-        A, B = adapter.factors()
-        return A, B, adapter.scaling
 
     def peft_keys(self, kind):
         return {"mos_route_A": "mos_route_A", "mos_route_B": "mos_route_B"}

@@ -37,14 +37,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import GraftingError
 from ..init_stage import random_init_wanted
 from ..registry import register
-from .base import Method
+from .base import FactorMethod
 
 NOLA_BIAS = ("none", "all", "nola_only")
 
@@ -139,11 +138,10 @@ class NolaAdapter(nn.Module):
 
 
 @register("nola", config=NolaConfig)
-class Nola(Method):
+class Nola(FactorMethod):
     """NOLA: LoRA's A and B as linear combinations of frozen seeded random bases; only the coefficients train."""
 
     layer_kinds = frozenset({"linear", "conv1d"})
-    low_rank_form = True
 
     def create(self, host, cfg, module_name, shared):
         fan_in, out = host.kind.in_out(host.base_layer)
@@ -155,23 +153,6 @@ class Nola(Method):
                 adapter.nola_alpha.copy_(torch.randn(adapter.nola_alpha.shape))
                 adapter.nola_beta.copy_(torch.randn(adapter.nola_beta.shape))
         return adapter
-
-    def delta(self, adapter, host, x, base_out):
-        A, B = adapter.factors()
-        h = adapter.lora_dropout(x.to(A.dtype))
-        return (F.linear(F.linear(h, A), B) * adapter.scaling).to(base_out.dtype)
-
-    def delta_weight(self, adapter, host):
-        A, B = adapter.factors()
-        w = host.dense_weight()
-        return host.kind.from_out_in((B @ A) * adapter.scaling, w).to(w.dtype)
-
-    def deterministic(self, adapter):
-        return isinstance(adapter.lora_dropout, nn.Identity) or not adapter.lora_dropout.training
-
-    def low_rank(self, adapter):
-        A, B = adapter.factors()
-        return A, B, adapter.scaling
 
     def param_groups(self, adapter):
         return {"weights": ["nola_alpha", "nola_beta"], "architecture": []}

@@ -36,14 +36,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import GraftingError
 from ..init_stage import random_init_wanted
 from ..registry import register
-from .base import Method
+from .base import FactorMethod
 
 RANDLORA_BIAS = ("none", "all", "randlora_only")
 
@@ -180,11 +179,11 @@ class RandLoraAdapter(nn.Module):
 
 
 @register("randlora", config=RandLoraConfig)
-class RandLora(Method):
+class RandLora(FactorMethod):
     """RandLoRA: full-rank ΔW = s·Σ_j B_j Λ_j A Γ_j from shared frozen random bases; only diagonals train."""
 
     layer_kinds = frozenset({"linear", "conv1d"})
-    low_rank_form = True  # exactly s·B'A' with the concatenated rank n·r (module docstring)
+    dropout = "randlora_dropout"  # ΔW is exactly s·B'A' with the concatenated rank n·r (module docstring)
 
     def create_shared(self, cfg, targets):
         sizes = [h.kind.in_out(h.base_layer) for _, h in targets]
@@ -201,23 +200,6 @@ class RandLora(Method):
             elif random_init_wanted():
                 adapter.randlora_lambda.copy_(torch.randn(adapter.randlora_lambda.shape))
         return adapter
-
-    def delta(self, adapter, host, x, base_out):
-        A, B = adapter.factors()
-        h = adapter.randlora_dropout(x.to(A.dtype))
-        return (F.linear(F.linear(h, A), B) * adapter.scaling).to(base_out.dtype)
-
-    def delta_weight(self, adapter, host):
-        A, B = adapter.factors()
-        w = host.dense_weight()
-        return host.kind.from_out_in((B @ A) * adapter.scaling, w).to(w.dtype)
-
-    def deterministic(self, adapter):
-        return isinstance(adapter.randlora_dropout, nn.Identity) or not adapter.randlora_dropout.training
-
-    def low_rank(self, adapter):
-        A, B = adapter.factors()
-        return A, B, adapter.scaling
 
     def param_groups(self, adapter):
         return {"weights": ["randlora_lambda", "randlora_gamma"], "architecture": []}

@@ -20,12 +20,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
 from ..registry import register
-from .base import Method
+from .base import FactorMethod
 
 VERA_BIAS = ("none", "all", "vera_only")
 
@@ -87,6 +86,8 @@ class VeraShared(nn.Module):
 
 
 class VeraAdapter(nn.Module):
+    scaling = 1.0  # Λ_b and Λ_d carry the scale
+
     def __init__(self, fan_in: int, out: int, r: int, shared: VeraShared, dropout: float, dtype, device):
         super().__init__()
         self.fan_in, self.r = fan_in, r
@@ -103,11 +104,11 @@ class VeraAdapter(nn.Module):
 
 
 @register("vera", config=VeraConfig)
-class Vera(Method):
+class Vera(FactorMethod):
     """VeRA: frozen random projections shared by all layers, trained scaling vectors Λ_b B Λ_d A."""
 
     layer_kinds = frozenset({"linear", "conv1d"})
-    low_rank_form = True
+    dropout = "vera_dropout"
 
     def create_shared(self, cfg, targets):
         sizes = [h.kind.in_out(h.base_layer) for _, h in targets]
@@ -125,23 +126,6 @@ class Vera(Method):
                 adapter.vera_lambda_b.zero_()
                 adapter.vera_lambda_d.fill_(cfg.d_initial)
         return adapter
-
-    def delta(self, adapter, host, x, base_out):
-        A, B = adapter.factors()
-        h = adapter.vera_dropout(x.to(A.dtype))
-        return F.linear(F.linear(h, A), B).to(base_out.dtype)
-
-    def delta_weight(self, adapter, host):
-        A, B = adapter.factors()
-        w = host.dense_weight()
-        return host.kind.from_out_in(B @ A, w).to(w.dtype)
-
-    def deterministic(self, adapter):
-        return isinstance(adapter.vera_dropout, nn.Identity) or not adapter.vera_dropout.training
-
-    def low_rank(self, adapter):
-        A, B = adapter.factors()
-        return A, B, 1.0
 
     def peft_keys(self, kind):
         return {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}
