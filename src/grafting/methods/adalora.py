@@ -49,7 +49,8 @@ from .base import Method
 from .lora import _PEFT_IGNORED, BIAS_MODES, factor_dtype
 
 # peft's AdaLoRA layers never read use_rslora or alpha_pattern (the scale is lora_alpha / init_r): any value loads
-_ADALORA_IGNORED = {**_PEFT_IGNORED, "use_rslora": None, "use_dora": (False,), "alpha_pattern": None}
+_ADALORA_IGNORED = {**_PEFT_IGNORED, "use_rslora": None, "use_dora": (False,), "alpha_pattern": None,
+                    "corda_config": (None,), "eva_config": (None,)}  # LoRA inits AdaLoRA does not take
 _TRIPLET = ("lora_A", "lora_B", "lora_E")
 
 
