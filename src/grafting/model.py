@@ -397,7 +397,8 @@ class AdaptedModel(nn.Module):
         which writes the adapter against the changed base with its init recorded (peft's native form).
         Training-time methods (AutoLoRA, BiLoRA, BiDoRA) are written as the standard method they export to
         (plain LoRA / DoRA, same outputs) unless ``export=False``, which keeps their own form (grafting reads
-        it back; checkpoints use it)."""
+        it back; checkpoints use it). SoMA is written as a rank-2r LoRA against the original base unless
+        ``export=False`` or ``convert_init=False``."""
         from .io.peft_format import save_adapter
         save_adapter(self, path, name or (self._routing.active[0] if self._routing.active else "default"),
                      convert_init=convert_init, export=export)

@@ -110,6 +110,8 @@ def adapter_tensors(model, name: str, convert_init: bool = False, export: bool =
             if exported is not None:
                 keys = method.peft_keys(host.kind.name)
                 now = {keys[k]: v for k, v in layer.items()}
+                # and the adapter's buffers, which the file does not hold (SoMA's initial factors)
+                now.update({b: t.detach() for b, t in adapter.named_buffers(recurse=False) if b not in now})
                 converted = method.export_tensors(now, cfg, module_name)
                 target = get_method(exported.method)
                 layer = {k: converted[a] for k, a in target.peft_keys(host.kind.name).items()}
@@ -128,6 +130,8 @@ def save_adapter(model, path, name: str, convert_init: bool = True, export: bool
     convert = convert_init and name in model._initial
     if convert:
         cfg = get_method(cfg.method).original_base_config(cfg)
+    if not convert_init and get_method(cfg.method).export_converts_base:
+        export = False  # its export is the conversion to the original base: convert_init=False keeps it native
     exported = get_method(cfg.method).export_config(cfg) if export else None
     if exported is not None:
         cfg = exported

@@ -40,6 +40,10 @@ class Method:
     #: compensates its change of the base, as PiSSA). False for a method whose init changes the function on
     #: purpose (e.g. one that drops part of the base weight's spectrum); the contract tests then check that it does
     starts_at_base: bool = True
+    #: the export (:meth:`export_config`) is what writes the adapter against the original base, the role
+    #: ``save_adapter``'s conversion plays for base-changing inits, so ``convert_init=False`` keeps the native
+    #: form as ``export=False`` does (SoMA, whose native form that keyword has always selected)
+    export_converts_base: bool = False
 
     @property
     def description(self) -> str:
@@ -121,8 +125,8 @@ class Method:
         return None
 
     def export_tensors(self, now: dict, cfg, module_name: str) -> dict:
-        """One layer's tensors (attribute -> tensor, as :meth:`peft_keys` names them) as the exported method's
-        attributes, exactly the same ΔW."""
+        """One layer's tensors (attribute -> tensor, as :meth:`peft_keys` names them, plus the adapter's own
+        buffers, which the native file does not hold) as the exported method's attributes, exactly the same ΔW."""
         raise NotImplementedError
 
     def on_step(self, layers: list, shared: nn.Module | None, cfg, step: int, total: int) -> None:
