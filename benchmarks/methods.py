@@ -45,7 +45,8 @@ TASKS = {
 }
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 #: the size knob of methods whose budget is not set by ``r`` (default: ``r`` when the config has it)
-KNOBS: dict[str, str] = {"adalora": "init_r", "salt": "r_lora"}
+# (NOLA's count is set by num_basis_*; at this budget its frozen bases would need ~8 GB on MiniLM: its default)
+KNOBS: dict[str, str | None] = {"adalora": "init_r", "salt": "r_lora", "nola": None}
 #: fields a method needs from the protocol or from its knob (schedules that must know the step count)
 EXTRA = {
     # AdaLoRA starts at init_r and cuts to target_r (the paper's 1.5x ratio); the budget counts the start
@@ -112,8 +113,8 @@ def match_budget(base, fields: dict, target: int) -> tuple[dict, int, str]:
     from grafting.errors import GraftingError
     knob = knob_of(fields)
     if knob is None:
-        return fields, count_adapter_parameters(base, with_extra(fields)), "no size knob"
-    best, previous = None, None
+        return fields, count_adapter_parameters(base, with_extra(fields)), "its default (no budget knob)"
+    best, previous, flat = None, None, 0
     for value in CANDIDATES:
         trial = {**fields, knob: value}
         try:
@@ -125,6 +126,9 @@ def match_budget(base, fields: dict, target: int) -> tuple[dict, int, str]:
             best = (gap, trial, n)
         if n > 2 * target and previous is not None and n > previous:
             break  # growing past the budget (RandLoRA shrinks as r grows: its search runs on)
+        flat = flat + 1 if n == previous else 0
+        if flat == 3:
+            break  # the knob no longer changes the count
         previous = n
     if best is None:
         raise SystemExit(f"{fields['method']}: no {knob} in {CANDIDATES} builds an adapter on MiniLM")

@@ -11,23 +11,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import grafting as gf
 from grafting.methods.soma import SomaConfig, annealed_weight_decay
 from toys import KINDS, assert_rows_match, make_toy, randomize
+from toys import Mlp as Net
 
 peft = pytest.importorskip("peft")
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b, self.head = nn.Linear(12, 10), nn.Linear(10, 6), nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
 def adapted(**kw):
