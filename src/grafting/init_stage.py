@@ -56,9 +56,11 @@ def run_init(model, name, method, config, hosts, activations: dict | None = None
                 raise GraftingError(f"module '{module_name}': this init rewrites the base weight, but {why}")
             others = sorted(a for a in host.adapters if a != name)
             if others:  # they were trained on the original weight: their outputs would change silently
+                init = getattr(config, "init_lora_weights", None)
+                what = f"init_lora_weights={init!r}" if isinstance(init, str) else f"method '{method.name}'"
                 raise GraftingError(
-                    f"module '{module_name}': init_lora_weights={getattr(config, 'init_lora_weights', None)!r} "
-                    f"rewrites the base weight, which adapters {others} also apply to. Add it to a model without "
+                    f"module '{module_name}': adapter '{name}' ({what}) rewrites the base weight, which adapters "
+                    f"{others} also apply to. Add it to a model without "
                     "them, or load a copy saved converted to the original base (save_adapter's default; peft: "
                     "path_initial_model_for_weight_conversion)")
     done = []
