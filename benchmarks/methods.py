@@ -46,10 +46,12 @@ TASKS = {
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 #: the size knob of methods whose budget is not set by ``r`` (default: ``r`` when the config has it)
 # (NOLA's count is set by num_basis_*; at this budget its frozen bases would need ~8 GB on MiniLM: its default)
-KNOBS: dict[str, str | None] = {"adalora": "init_r", "salt": "r_lora", "nola": None}
+KNOBS: dict[str, str | None] = {"adalora": "init_r", "salt": "r_lora", "nola": None, "mos": "valid_param_lora_r"}
 #: fields a method needs from the protocol or from its knob (schedules that must know the step count)
 EXTRA = {
     # AdaLoRA starts at init_r and cuts to target_r (the paper's 1.5x ratio); the budget counts the start
+    # MoS: the pools hold a rank-e LoRA's parameters; each layer works at rank 2e from them (the paper's ratios)
+    "mos": lambda steps, f: {"r": 2 * f.get("valid_param_lora_r", 2)},
     "adalora": lambda steps, f: {"target_r": max(1, (2 * f.get("init_r", 12)) // 3), "total_step": steps,
                                  "tinit": max(1, steps // 10), "tfinal": max(1, steps // 5),
                                  "deltaT": max(1, steps // 20)},
@@ -141,7 +143,8 @@ def match_budget(base, fields: dict, target: int) -> tuple[dict, int, str]:
     import grafting as gf
     default = {f.name: f.default for f in dataclasses.fields(gf.get_method(fields["method"]).config_class)}[knob]
     trial = {**fields, knob: default}
-    return trial, count_adapter_parameters(base, with_extra(trial)), f"{knob}={default} (its default; budget not reachable)"
+    note = f"{knob}={default} (its default; budget not reachable)"
+    return trial, count_adapter_parameters(base, with_extra(trial)), note
 
 
 def recipe(task: str, fields: dict, seed: int, out: Path, a) -> dict:
@@ -171,12 +174,14 @@ def run_one(spec: str) -> None:
     warnings.filterwarnings("ignore")
     res = train(r)
     log = [json.loads(line) for line in (Path(r["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    last_train = [e for e in log if e["kind"] == "train"][-1]
-    tokens = res.tokens_per_s * res.wall_time
-    train_seconds = tokens / last_train["tokens_per_s"]  # logged right after the last step: no evaluation in it
+    timed = [e for e in log if e["kind"] == "train" and "tokens_per_s" in e]
+    if timed:  # the plain trainer logs throughput right after the last step: no evaluation in it
+        train_seconds, whole = res.tokens_per_s * res.wall_time / timed[-1]["tokens_per_s"], False
+    else:  # bi-level runs: wall time over inner steps, outer steps (and AutoLoRA's retraining) included
+        train_seconds, whole = res.wall_time, True
     print(json.dumps({"accuracy": res.after["accuracy"], "f1": res.after["f1"], "loss": res.after["loss"],
-                      "step_s": train_seconds / res.steps, "peak_mb": res.peak_memory_mb,
-                      "trainable": res.trainable}))
+                      "step_s": train_seconds / res.steps, "step_includes_outer": whole,
+                      "peak_mb": res.peak_memory_mb, "trainable": res.trainable}))
 
 
 def launch(r: dict, threads: int) -> dict:
@@ -186,12 +191,6 @@ def launch(r: dict, threads: int) -> dict:
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["(no output)"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def mean_std(xs: list[float]) -> str:
-    if len(xs) == 1:
-        return f"{xs[0]:.3f}"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
@@ -213,6 +212,40 @@ def plot(summary: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def summarize(labels: list, matched: dict, results: dict) -> dict:
+    """Row label -> its figures over seeds (mean ± sample std; median step time; the largest peak RSS)."""
+    summary = {}
+    for label in labels:
+        ok = [r for r in results[label] if "error" not in r]
+        row = {"size": matched[label][2], "adapter_parameters": matched[label][1], "runs": len(ok),
+               "failed": len(results[label]) - len(ok)}
+        if not ok:
+            summary[label] = {**row, "error": results[label][0]["error"]}
+            continue
+        acc, f1 = [r["accuracy"] for r in ok], [r["f1"] for r in ok]
+        summary[label] = {**row, "accuracy_mean": statistics.mean(acc),
+                          "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                          "f1_mean": statistics.mean(f1), "f1_std": statistics.stdev(f1) if len(f1) > 1 else 0.0,
+                          "step_ms": statistics.median(r["step_s"] for r in ok) * 1e3,
+                          "step_includes_outer": any(r.get("step_includes_outer") for r in ok),
+                          "peak_mb": max(r["peak_mb"] for r in ok)}
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    print("\n| method | size | adapter parameters | step time | peak RSS | accuracy | macro-F1 |")
+    print("|---|---|---|---|---|---|---|")
+    for label, s in summary.items():
+        head = f"| {label} | {s['size']} | {s['adapter_parameters']:,} |"
+        if "error" in s:
+            print(f"{head} failed: {s['error']} | | | |")
+            continue
+        pm = (lambda m, sd: f"{m:.3f} ± {sd:.3f}") if s["runs"] > 1 else (lambda m, sd: f"{m:.3f}")
+        outer = " (bi-level: outer steps included)" if s.get("step_includes_outer") else ""
+        print(f"{head} {s['step_ms']:.0f} ms{outer} | {s['peak_mb']:.0f} MB "
+              f"| {pm(s['accuracy_mean'], s['accuracy_std'])} | {pm(s['f1_mean'], s['f1_std'])} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", help=argparse.SUPPRESS)
@@ -232,9 +265,22 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None, help="write the accuracy-vs-parameters scatter here")
     ap.add_argument("--json", type=Path, default=None, help="write every run's figures here")
     ap.add_argument("--match-only", action="store_true", help="print each row's matched size and stop")
+    ap.add_argument("--combine", type=Path, nargs="+", help="no runs: table (and --plot) from earlier --json files; "
+                    "a row in a later file replaces the same row in an earlier one (re-running some rows)")
     a = ap.parse_args()
     if a.run:
         return run_one(a.run)
+    if a.combine:
+        saved = [json.loads(p.read_text()) for p in a.combine]
+        summary = {}
+        for d in saved:
+            summary.update(d["summary"])
+        print_table(summary)
+        if a.plot:
+            plot({k: v for k, v in summary.items() if "error" not in v}, a.plot,
+                 f"MiniLM on {saved[0]['task']}: {saved[0]['steps']} steps, {len(saved[0]['seeds'])} seed(s)")
+        print(json.dumps(rounded({"combined": [str(p) for p in a.combine], "summary": summary})))
+        return None
     if a.quick:
         a.methods = a.methods or ["lora", "vera"]
         a.seeds, a.steps, a.train_samples, a.eval_samples, a.batch_size = [0], 3, 64, 32, 8
@@ -276,28 +322,11 @@ def main() -> None:
             shown = res.get("error") or f"accuracy {res['accuracy']:.3f}, {res['step_s'] * 1e3:.0f} ms/step"
             print(f"# {label} seed {seed}: {shown}", flush=True)
 
-    summary: dict = {}
-    print("\n| method | size | adapter parameters | step time | peak RSS | accuracy | macro-F1 |")
-    print("|---|---|---|---|---|---|---|")
-    for label in labels:
-        ok = [r for r in results[label] if "error" not in r]
-        if not ok:
-            print(f"| {label} | {matched[label][2]} | {matched[label][1]:,} | failed: {results[label][0]['error']} "
-                  "| | | |")
-            continue
-        acc, f1 = [r["accuracy"] for r in ok], [r["f1"] for r in ok]
-        step = statistics.median(r["step_s"] for r in ok)
-        peak = max(r["peak_mb"] for r in ok)
-        summary[label] = {"size": matched[label][2], "adapter_parameters": matched[label][1],
-                          "accuracy_mean": statistics.mean(acc),
-                          "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                          "f1_mean": statistics.mean(f1), "f1_std": statistics.stdev(f1) if len(f1) > 1 else 0.0,
-                          "step_ms": step * 1e3, "peak_mb": peak, "runs": len(ok),
-                          "failed": len(results[label]) - len(ok)}
-        print(f"| {label} | {matched[label][2]} | {matched[label][1]:,} | {step * 1e3:.0f} ms | {peak:.0f} MB "
-              f"| {mean_std(acc)} | {mean_std(f1)} |")
+    summary = summarize(labels, matched, results)
+    print_table(summary)
     if a.plot and summary:
-        plot(summary, a.plot, f"MiniLM on {a.task}: {a.steps} steps of {a.batch_size}, {len(a.seeds)} seed(s)")
+        plot({k: v for k, v in summary.items() if "error" not in v}, a.plot,
+             f"MiniLM on {a.task}: {a.steps} steps of {a.batch_size}, {len(a.seeds)} seed(s)")
         print(f"# scatter written to {a.plot}")
     out = {"quick": a.quick, "task": a.task, "seeds": a.seeds, "steps": a.steps, "budget": target,
            "jobs": a.jobs, "threads": threads, "summary": summary,
