@@ -128,7 +128,7 @@ class AdaptedModel(nn.Module):
         config.validate()
         method = method_for_config(config)
         if not isinstance(config, method.config_class):  # LoraConfig(use_dora=True) -> DoraConfig
-            config = method.config_class.from_peft_dict({**config.to_peft_dict(), **fixed_flags(method)})
+            config = method.config_class.from_peft_dict({**config.to_peft_dict(), **fixed_flags(method)}, "config")
         if method.needs_calibration(config) and calibration is None:
             raise GraftingError(f"method '{method.name}' initialises from activations: pass "
                                 "add_adapter(..., calibration=batches)")

@@ -123,7 +123,7 @@ def test_data_aware_inits_train_from_a_recipe(tmp_path, tiny_model_dir, jsonl_da
                                   batch_size=4, calibration_batches=2), init_lora_weights=init)
     train(r)
     saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
-    if init == "eva":  # A from the activations, the base untouched: the trained factors are a plain LoRA
-        assert saved["init_lora_weights"] is True and saved["r"] == 4
+    if init == "eva":  # A from the activations, the base untouched; ranks redistributed over the layers
+        assert saved["init_lora_weights"] == "eva" and saved["r"] == 4
     else:  # CorDA rewrote the base: saved as a plain LoRA against the original one (rank 2r)
         assert saved["init_lora_weights"] is True and saved["r"] == 8

@@ -148,10 +148,11 @@ class LoraConfig(AdapterConfig):
     def from_peft_dict(cls, d, where="adapter_config.json"):
         if isinstance(d, dict):
             init = d.get("init_lora_weights")
-            if isinstance(init, str) and init.lower() in _LOAD_AS_PLAIN:
+            from_file = str(where).endswith("adapter_config.json")  # in memory (recipes) the init runs
+            if isinstance(init, str) and init.lower() in _LOAD_AS_PLAIN and from_file:
                 d = {**d, "init_lora_weights": True}  # its trained factors are complete; the base is untouched
             elif isinstance(init, str) and (init.lower() in ("corda", "loftq") or init.startswith("pissa_niter_")) \
-                    and str(where).endswith("adapter_config.json"):  # a file; in memory (recipes) the init runs
+                    and from_file:
                 raise lora_inits.unsupported_init(init, where)
         return super().from_peft_dict(d, where)
 
