@@ -194,21 +194,33 @@ def launch(r: dict, threads: int) -> dict:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
+    """Left: accuracy against trainable parameters (log x). Right: every row's accuracy, sorted, with the rows
+    at the matched budget (most of them) readable apart."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 6.5), gridspec_kw={"width_ratios": [1, 1.1]})
     for label, s in summary.items():
         ax.errorbar(s["adapter_parameters"], s["accuracy_mean"], yerr=s["accuracy_std"], fmt="o", capsize=3)
         ax.annotate(label, (s["adapter_parameters"], s["accuracy_mean"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+                    xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("trainable adapter parameters (log scale; the classifier head is not counted)")
     ax.set_ylabel("validation accuracy (mean ± std over seeds)")
-    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    order = sorted(summary, key=lambda k: summary[k]["accuracy_mean"])
+    budget = max(s["adapter_parameters"] for s in summary.values())
+    colors = ["tab:blue" if summary[k]["adapter_parameters"] > budget / 2 else "tab:orange" for k in order]
+    bars.barh(range(len(order)), [summary[k]["accuracy_mean"] for k in order],
+              xerr=[summary[k]["accuracy_std"] for k in order], color=colors, capsize=2)
+    bars.set_yticks(range(len(order)), [f"{k} ({summary[k]['adapter_parameters']:,})" for k in order], fontsize=7)
+    lo = min(summary[k]["accuracy_mean"] - summary[k]["accuracy_std"] for k in order)
+    bars.set_xlim(max(0.0, lo - 0.03), None)
+    bars.set_xlabel("validation accuracy; blue: at the matched budget, orange: smaller by design")
+    bars.grid(alpha=0.3, axis="x")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -278,7 +290,8 @@ def main() -> None:
         print_table(summary)
         if a.plot:
             plot({k: v for k, v in summary.items() if "error" not in v}, a.plot,
-                 f"MiniLM on {saved[0]['task']}: {saved[0]['steps']} steps, {len(saved[0]['seeds'])} seed(s)")
+                 f"MiniLM on {saved[0]['task']}: {saved[0]['steps']} steps, {len(saved[0]['seeds'])} seed(s), "
+                 f"budget {saved[0]['budget']:,}")
         print(json.dumps(rounded({"combined": [str(p) for p in a.combine], "summary": summary})))
         return None
     if a.quick:
