@@ -13,22 +13,8 @@ import torch.nn.functional as F
 
 import grafting as gf
 from grafting.io.reader import AdapterReader
+from test_inits import KW, peft_model, perturb
 from test_model import Net
-
-KW = dict(r=3, lora_alpha=6, target_modules=["q_proj", "mlp.0"])
-
-
-def peft_model(base, **kw):
-    import peft
-    return peft.get_peft_model(base, peft.LoraConfig(**kw))
-
-
-def perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n and p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def assert_same_as_peft(ours, theirs):
