@@ -47,60 +47,154 @@ def _optional(name):
         return None
 
 
-def layer_cases(fan_in: int, fan_out: int, tokens: int, backward: bool) -> dict:
+def layer_cases(fan_in: int, fan_out: int, tokens: int, backward: bool, copies: int = 1) -> dict:
+    """One callable per implementation. With ``copies`` > 1 each call runs that many distinct layers in turn and
+    the time is divided by ``copies`` afterwards: their weights together exceed the last-level cache, so every
+    layer is read from memory as in a model's forward (one copy stays cache-resident when called repeatedly)."""
     torch.manual_seed(0)
-    lin = nn.Linear(fan_in, fan_out)
-    ours = NF4Linear.from_linear(lin)
+    lins = [nn.Linear(fan_in, fan_out) for _ in range(copies)]
     x_in = torch.randn(tokens, fan_in, requires_grad=backward)
     g = torch.randn(tokens, fan_out)
     cases = {}
 
-    def case(fn):
+    def case(fns):
         if not backward:
             def run():
                 with torch.no_grad():
-                    fn(x_in)
+                    for fn in fns:
+                        fn(x_in)
             return run
 
         def run_bw():
-            y = fn(x_in)
-            (gx,) = torch.autograd.grad(y, x_in, g)
+            for fn in fns:
+                y = fn(x_in)
+                (gx,) = torch.autograd.grad(y, x_in, g)
         return run_bw
 
-    cases["fp32 Linear"] = case(lin)
-    cases["grafting NF4"] = case(ours)
+    cases["fp32 Linear"] = case(lins)
+    cases["grafting NF4"] = case([NF4Linear.from_linear(lin) for lin in lins])
     if _optional("bitsandbytes") is not None:
         import bitsandbytes as bnb
-        bl = bnb.nn.Linear4bit(fan_in, fan_out, compute_dtype=torch.float32, quant_type="nf4",
-                               compress_statistics=True)
-        bl.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4",
-                                      compress_statistics=True)
-        bl.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-        bl = bl.to("cpu")
-        cases["bitsandbytes Linear4bit"] = case(bl)
+
+        def bnb_layer(lin):
+            bl = bnb.nn.Linear4bit(fan_in, fan_out, compute_dtype=torch.float32, quant_type="nf4",
+                                   compress_statistics=True)
+            bl.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                          compress_statistics=True)
+            bl.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+            return bl.to("cpu")
+        cases["bitsandbytes Linear4bit"] = case([bnb_layer(lin) for lin in lins])
     if _optional("torchao") is not None and (fan_in * fan_out) % (64 * 256) == 0:  # torchao's requirement
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
-        w_ao = to_nf4(lin.weight.detach().clone(), 64, 256)
-        b = lin.bias.detach()
-        cases["torchao NF4Tensor"] = case(lambda v: linear_nf4(v, w_ao) + b)
+
+        def ao_layer(lin):
+            w_ao, b = to_nf4(lin.weight.detach().clone(), 64, 256), lin.bias.detach()
+            return lambda v: linear_nf4(v, w_ao) + b
+        cases["torchao NF4Tensor"] = case([ao_layer(lin) for lin in lins])
     return cases
 
 
-def bench_layers(rounds: int, token_counts) -> dict:
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (Linux sysfs), or 32 MB when it cannot be read."""
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    for entry in os.listdir(base) if os.path.isdir(base) else []:
+        try:
+            with open(os.path.join(base, entry, "size")) as fh:
+                text = fh.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=32 * 2**20)
+
+
+def bench_layers(rounds: int, token_counts, cold_tokens=(), max_copies: int = 1 << 20) -> dict:
+    """Hot: one layer called over and over (its weights stay in cache). Cold (``cold_tokens``): distinct layers
+    whose fp32 weights total 4x the last-level cache, called in turn."""
     rows, out = [], {}
+    llc = last_level_cache_bytes()
     for shape_name, (fan_in, fan_out) in SHAPES.items():
-        for backward in (False, True):
-            for tokens in token_counts:
-                times = interleaved(layer_cases(fan_in, fan_out, tokens, backward), rounds, warmup=2)
-                kind = "fwd+bwd" if backward else "forward"
-                key = f"{shape_name} {kind} {tokens} tok"
-                out[key] = {n: {"ms": median(t) * 1e3, "vs_fp32": ratio(times, n, "fp32 Linear")}
-                            for n, t in times.items()}
-                for n in times:
-                    rows.append([shape_name, kind, tokens, n, ms(median(times[n])), x(ratio(times, n, "fp32 Linear"))])
-    table("NF4 layer time (median per call)", rows,
-          columns=("shape", "pass", "tokens", "implementation", "median", "vs fp32"))
+        plan = [("hot", False, t, 1) for t in token_counts] + [("hot", True, token_counts[-1], 1)]
+        copies = min(max_copies, max(2, -(-4 * llc // (fan_in * fan_out * 4))))
+        plan += [("cold", False, t, copies) for t in cold_tokens]
+        for cache, backward, tokens, n in plan:
+            times = interleaved(layer_cases(fan_in, fan_out, tokens, backward, n), rounds, warmup=2)
+            times = {k: [t / n for t in v] for k, v in times.items()}
+            kind = ("fwd+bwd" if backward else "forward") + ("" if cache == "hot" else f" cold x{n}")
+            key = f"{shape_name} {kind} {tokens} tok"
+            out[key] = {name: {"ms": median(t) * 1e3, "vs_fp32": ratio(times, name, "fp32 Linear")}
+                        for name, t in times.items()}
+            for name in times:
+                rows.append([shape_name, kind, tokens, name, ms(median(times[name])),
+                             x(ratio(times, name, "fp32 Linear"))])
+    table(f"NF4 layer time (median per call; cold = distinct layers totalling 4x the {llc >> 20} MB "
+          "last-level cache)", rows, columns=("shape", "pass", "tokens", "implementation", "median", "vs fp32"))
     return out
+
+
+_MODEL_CHILD = r"""
+import copy, json, os, sys, warnings
+warnings.filterwarnings("ignore")
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch
+sys.path.insert(0, sys.argv[3])
+from _common import interleaved, median, ratio
+from grafting.quant import quantize
+from grafting.train.models import load_model
+rounds, quick = int(sys.argv[1]), sys.argv[2] == "quick"
+if quick:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    fp32 = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+else:
+    _, fp32 = load_model("packaged:smollm2-135m-instruct", "causal_lm")
+fp32.eval()
+nf4 = quantize(copy.deepcopy(fp32))
+out = {}
+for prompt in (64, 512):
+    ids = torch.randint(0, fp32.config.vocab_size, (1, prompt))
+    cases = {}
+    for name, m in (("fp32", fp32), ("nf4", nf4)):
+        def prefill(m=m):
+            with torch.no_grad():
+                m(ids, use_cache=False)
+        cases[name] = prefill
+    t = interleaved(cases, rounds, warmup=1)
+    out[f"prefill {prompt} tok"] = {"fp32_ms": median(t["fp32"]) * 1e3, "nf4_ms": median(t["nf4"]) * 1e3,
+                                    "nf4_vs_fp32": ratio(t, "nf4", "fp32")}
+ids = torch.randint(0, fp32.config.vocab_size, (1, 64))
+nxt = torch.randint(0, fp32.config.vocab_size, (1, 1))
+cases = {}
+for name, m in (("fp32", fp32), ("nf4", nf4)):
+    with torch.no_grad():
+        result = m(ids, use_cache=True)
+        cache = getattr(result, "cache", None) or result.past_key_values
+    def decode(m=m, cache=cache):
+        with torch.no_grad():
+            m(nxt, cache=cache, use_cache=True)
+        cache.crop(-1)  # drop the token just appended: the same 64-token context every call
+    cases[name] = decode
+t = interleaved(cases, rounds * 4, warmup=3)
+out["decode 1 tok (64 cached)"] = {"fp32_ms": median(t["fp32"]) * 1e3, "nf4_ms": median(t["nf4"]) * 1e3,
+                                   "nf4_vs_fp32": ratio(t, "nf4", "fp32")}
+print(json.dumps(out))
+"""
+
+
+def bench_model(rounds: int, quick: bool) -> dict:
+    """A whole model's forward, fp32 vs every linear layer in NF4 (embedding and head fp32, as QLoRA): prefill
+    at 64 and 512 tokens and one decode step against a 64-token KV cache. In its own process, so the memory the
+    layer benchmark left behind does not count."""
+    proc = subprocess.run([sys.executable, "-c", _MODEL_CHILD, str(rounds), "quick" if quick else "full",
+                           os.path.dirname(os.path.abspath(__file__))], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"model benchmark failed:\n{proc.stderr[-3000:]}")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = [[k, ms(v["fp32_ms"] / 1e3), ms(v["nf4_ms"] / 1e3), x(v["nf4_vs_fp32"])] for k, v in figures.items()]
+    table("whole-model forward: " + ("tiny llama (--quick)" if quick else "SmolLM2-135M-Instruct"), rows,
+          columns=("pass", "fp32", "NF4 linear layers", "vs fp32"))
+    return figures
 
 
 _RSS_CHILD = r"""
@@ -208,8 +302,10 @@ def main() -> None:
     if args.quick:
         SHAPES.clear()
         SHAPES["quick 64->128"] = (64, 128)
-    layers = bench_layers(1 if args.quick else args.rounds, (1, 8) if args.quick else (1, 64, 512))
-    fwd = {k: v for k, v in layers.items() if " forward " in k}
+    layers = bench_layers(1 if args.quick else args.rounds, (1, 8) if args.quick else (1, 64, 512),
+                          (1,) if args.quick else (1, 8, 64), max_copies=4 if args.quick else 1 << 20)
+    model = bench_model(1 if args.quick else args.rounds, args.quick)
+    fwd = {k: v for k, v in layers.items() if " forward" in k}
     headline = {
         "nf4_model_vs_fp32": memory["nf4_vs_fp32"],
         "nf4_model_rest_bf16_vs_fp32": memory["nf4_rest_bf16_vs_fp32"],
@@ -222,6 +318,7 @@ def main() -> None:
         "forward_vs_bitsandbytes": {k: v["grafting NF4"]["ms"] / v["bitsandbytes Linear4bit"]["ms"]
                                     for k, v in fwd.items() if "bitsandbytes Linear4bit" in v},
         "fwd_bwd_vs_fp32": {k: v["grafting NF4"]["vs_fp32"] for k, v in layers.items() if "fwd+bwd" in k},
+        "model_forward_vs_fp32": {k: v["nf4_vs_fp32"] for k, v in model.items()},
     }
     print(json.dumps(rounded(headline)))
 

@@ -54,6 +54,33 @@ def test_forward_and_input_gradient_equal_the_dense_dequantized_layer(chunk):
     assert not any(p.requires_grad for p in q.parameters())
 
 
+@pytest.mark.parametrize("shape", [(48, 80), (256, 320)])  # 60 blocks; 1,280 (5 nested blocks of 256)
+def test_every_forward_route_equals_the_dense_layer(shape):
+    """Without a graph to build the layer skips its autograd Function; with one (an input that needs its
+    gradient) or a trainable bias it takes the Function: all three give the dense layer's output."""
+    q = layer(*shape)
+    w = q.dequantize()
+    x = torch.randn(2, 3, shape[1])
+    dense = F.linear(x, w, q.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), dense, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(q(x), dense, atol=1e-5, rtol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    y = q(xg)
+    assert y.grad_fn is not None
+    torch.testing.assert_close(y.detach(), dense, atol=1e-5, rtol=1e-5)
+    q.bias.requires_grad_(True)
+    y = q(x)
+    assert y.requires_grad
+    torch.testing.assert_close(y.detach(), dense, atol=1e-5, rtol=1e-5)
+    # the block scales undone from double quantization: those of bitsandbytes' rule, absmax code x nested + mean
+    nf4 = q.weight_nf4
+    nested = nf4.nested_absmax.repeat_interleave(256)[: nf4.absmax.numel()]
+    torch.testing.assert_close(nf4.block_scales(), nf4.nested_code[nf4.absmax.long()] * nested + nf4.offset,
+                               atol=0, rtol=0)
+
+
 def test_rows_not_aligned_to_blocks_and_a_partial_last_block():
     torch.manual_seed(1)
     lin = nn.Linear(50, 13)  # 650 elements: rows straddle blocks, the last block holds 10

@@ -88,10 +88,16 @@ class NF4Linear(NF4Storage):
     # ---- compute ----------------------------------------------------------------------------------------------
     def row_slices(self):
         """(first row, last row + 1) of each slice dequantized at once; slices start on block boundaries."""
+        key = (self.chunk_elements, self.out_features, self.in_features, self.block_size)
+        cached = self.__dict__.get("_slices")
+        if cached is not None and cached[0] == key:  # every forward asks; the answer changes with these only
+            return cached[1]
         n_in, bs = self.in_features, self.block_size
         step = bs // _gcd(n_in, bs)  # rows per block-aligned unit
         rows = max(step, (self.chunk_elements // max(n_in, 1)) // step * step)
-        return [(r, min(r + rows, self.out_features)) for r in range(0, self.out_features, rows)]
+        slices = [(r, min(r + rows, self.out_features)) for r in range(0, self.out_features, rows)]
+        self.__dict__["_slices"] = (key, slices)
+        return slices
 
     def weight_slices(self, dtype: torch.dtype):
         """(row range, dense rows in ``dtype``) for each slice, dequantized one at a time."""
@@ -106,13 +112,17 @@ class NF4Linear(NF4Storage):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise GraftingError(f"NF4Linear: input has {x.shape[-1]} features, layer expects {self.in_features}")
-        if _backend == "bitsandbytes" and not (torch.is_grad_enabled() and x.requires_grad):
-            return self._bitsandbytes_forward(x)
         bias = self.bias
-        if bias is not None and not bias.requires_grad:  # frozen (the usual case): added inside the matmul
+        frozen_bias = bias is None or not bias.requires_grad
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            if _backend == "bitsandbytes":
+                return self._bitsandbytes_forward(x)
+            if frozen_bias:  # no graph to build: skip the autograd Function (decode steps are overhead-bound)
+                return nf4_matmul(x, self, bias)
+        if frozen_bias:  # the usual case: added inside the matmul
             return _NF4Matmul.apply(x, self, bias)
         y = _NF4Matmul.apply(x, self, None)
-        return y if bias is None else y + bias.to(y.dtype)
+        return y + bias.to(y.dtype)
 
     def _bitsandbytes_forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
