@@ -8,8 +8,11 @@ Questions (issue: quantized base):
    Goal: <= 0.15x fp32.
 2. Time of one NF4 linear layer (forward under no_grad, and forward + input-gradient backward) against an fp32
    nn.Linear, bitsandbytes' Linear4bit and torchao's NF4Tensor (``linear_nf4``), at 1, 64 and 512 tokens, on a
-   GPT-2 MLP shape (768 -> 3072) and a SmolLM2 MLP shape (576 -> 1536). Goal: forward <= 2x fp32 and faster than
-   torchao. Cases are interleaved round by round (benchmarks/_common.py).
+   GPT-2 MLP shape (768 -> 3072) and a SmolLM2 MLP shape (576 -> 1536): "hot" (one layer called repeatedly,
+   its weights cache-resident) and "cold" (distinct layers totalling 4x the last-level cache, called in turn,
+   as a model's forward reads them). Cases are interleaved round by round (benchmarks/_common.py).
+3. The whole SmolLM2 forward, fp32 vs its linear layers in NF4: prefill at 64 and 512 tokens, one decode step.
+   Goal for 2 and 3: forward <= 2x fp32 and faster than torchao.
 
     python benchmarks/quant.py [--quick] [--rounds N]
 
