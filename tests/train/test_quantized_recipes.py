@@ -86,6 +86,22 @@ def test_quantize_section_is_validated(tmp_path, tiny_model_dir, jsonl_data):
         train(with_section(base, quantize={"block_size": 48}))
     with pytest.raises(gf.GraftingError, match="quantize.embeddings"):
         train(with_section(base, quantize={"init": "loftq", "embeddings": True}))
+    with pytest.raises(gf.GraftingError, match="quantize.nf4_only"):
+        train(with_section(base, quantize={"init": "lq_lora", "nf4_only": True}))
+
+
+def test_lq_lora_budget_below_four_bits_in_a_recipe(tmp_path, tiny_model_dir, jsonl_data):
+    """bits_per_parameter 3: LQ-LoRA mixes NormalFloat widths; the base saved beside the adapter reloads."""
+    from grafting.quant.nfk import NFkLinear
+    train_f, val_f = jsonl_data
+    recipe = with_section(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_f, val_f, tmp_path / "out"),
+                          quantize={"init": "lq_lora", "num_iter": 2, "bits_per_parameter": 3.0})
+    result = train(recipe)
+    assert result.after["loss"] < result.before["loss"]
+    base = from_pretrained(tmp_path / "out" / "base")
+    assert any(isinstance(m, NFkLinear) and m.bits < 4 for m in base.modules())
+    model = gf.load(base, tmp_path / "out" / "adapter")
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == 3
 
 
 def test_nf4_embeddings_in_a_recipe(tmp_path, tiny_model_dir, jsonl_data):

@@ -7,6 +7,11 @@ bnb_4bit_use_double_quant, ...); each quantized layer ``M`` stores ``M.weight`` 
 ``M.weight.nested_absmax`` and ``M.weight.nested_quant_map``, and ``M.weight.quant_state.bitsandbytes__nf4``: the
 remaining fields as UTF-8 JSON bytes (quant_type, blocksize, dtype, shape, nested_blocksize, nested_dtype,
 nested_offset). Everything else is an ordinary tensor. Only safetensors and JSON are read.
+
+grafting's variant, for bases holding k-bit NormalFloat layers (LQ-LoRA's mixed configurations,
+:mod:`grafting.quant.nfk`): the same tensors, the quant state under ``M.weight.quant_state.grafting__nfk``
+(with ``bits``; quant_type "nf2" / "nf3" / "nf8"), and ``quant_method`` "grafting" in config.json. transformers
++ bitsandbytes fail on such a checkpoint (they cannot decode those layers) rather than load it wrongly.
 """
 
 from __future__ import annotations
@@ -27,10 +32,15 @@ from ..merge.shards import ShardWriter
 from .linear import NF4Linear
 from .model import linear_modules, nf4_layers
 from .nf4 import BLOCK_SIZES, NESTED_BLOCK_SIZE, NF4Weight
+from .nfk import BITS as NFK_BITS
+from .nfk import BLOCK_SIZES as NFK_BLOCK_SIZES
+from .nfk import NFkLinear, NFkWeight
 
 QS_KEY = "weight.quant_state.bitsandbytes__nf4"
+NFK_QS_KEY = "weight.quant_state.grafting__nfk"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_STAT_SUFFIXES = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map", QS_KEY)
+_STAT_SUFFIXES = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map", QS_KEY,
+                  NFK_QS_KEY)
 
 
 def quantization_config(directory) -> dict | None:
@@ -47,9 +57,9 @@ def quantization_config(directory) -> dict | None:
     if not isinstance(qc, dict):
         raise GraftingError(f"{where} must be an object")
     method = qc.get("quant_method")
-    if method != "bitsandbytes":
+    if method not in ("bitsandbytes", "grafting"):
         raise GraftingError(f"{where}.quant_method is {method!r}; grafting reads bitsandbytes 4-bit NF4 checkpoints "
-                            "only")
+                            "(and its own, quant_method 'grafting') only")
     if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
         raise GraftingError(f"{where}: an 8-bit (LLM.int8) checkpoint; grafting reads 4-bit NF4 checkpoints only")
     if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
@@ -63,8 +73,8 @@ def quantization_config(directory) -> dict | None:
     return qc
 
 
-def _quant_state(src: SafetensorsInput, prefix: str) -> dict:
-    key = prefix + QS_KEY
+def _quant_state(src: SafetensorsInput, prefix: str, nfk: bool = False) -> dict:
+    key = prefix + (NFK_QS_KEY if nfk else QS_KEY)
     where = f"{src.label}: tensor '{key}'"
     try:
         state = json.loads(bytes(src.get(key).numpy()).decode("utf-8"))
@@ -72,10 +82,14 @@ def _quant_state(src: SafetensorsInput, prefix: str) -> dict:
         raise GraftingError(f"{where}: not the JSON quant state bitsandbytes writes ({e})") from None
     if not isinstance(state, dict):
         raise GraftingError(f"{where}: expected a JSON object")
-    if state.get("quant_type") != "nf4":
-        raise GraftingError(f"{where}: quant_type is {state.get('quant_type')!r}; only 'nf4' is supported")
-    if state.get("blocksize") not in BLOCK_SIZES:
-        raise GraftingError(f"{where}: blocksize {state.get('blocksize')!r} is not one of {BLOCK_SIZES}")
+    bits = state.get("bits", 4) if nfk else 4
+    if nfk and bits not in NFK_BITS:
+        raise GraftingError(f"{where}: bits {bits!r} is not one of {NFK_BITS}")
+    if state.get("quant_type") != f"nf{bits}":
+        raise GraftingError(f"{where}: quant_type is {state.get('quant_type')!r}; expected 'nf{bits}'")
+    sizes = NFK_BLOCK_SIZES if nfk else BLOCK_SIZES
+    if state.get("blocksize") not in sizes:
+        raise GraftingError(f"{where}: blocksize {state.get('blocksize')!r} is not one of {sizes}")
     shape = state.get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
         raise GraftingError(f"{where}: shape must be [out_features, in_features], got {shape!r}")
@@ -89,9 +103,11 @@ def _quant_state(src: SafetensorsInput, prefix: str) -> dict:
     return state
 
 
-def read_nf4(src: SafetensorsInput, prefix: str) -> NF4Weight:
-    """The NF4 weight stored under ``prefix`` (a module name plus "."), with every tensor's shape checked."""
-    state = _quant_state(src, prefix)
+def read_nf4(src: SafetensorsInput, prefix: str, nfk: bool = False) -> NF4Weight:
+    """The NF4 weight stored under ``prefix`` (a module name plus "."), with every tensor's shape checked; with
+    ``nfk``, grafting's k-bit NormalFloat layer (an :class:`NFkWeight`)."""
+    state = _quant_state(src, prefix, nfk)
+    bits = state.get("bits", 4) if nfk else 4
     shape, bs = torch.Size(state["shape"]), state["blocksize"]
     n = math.prod(shape)
     blocks = -(-n // bs)
@@ -108,16 +124,18 @@ def read_nf4(src: SafetensorsInput, prefix: str) -> NF4Weight:
                                 f"{tuple(want_shape)} {dtype} for a {list(shape)} weight in blocks of {bs}")
         return t
 
-    packed = get("weight", (-(-n // 2), 1), torch.uint8).reshape(-1)
-    code = get("weight.quant_map", (16,), torch.float32)
+    nbytes = -(-n // 2) if not nfk else (n if bits == 8 else -(-n // 8) * bits)
+    packed = get("weight", (nbytes, 1), torch.uint8).reshape(-1)
+    code = get("weight.quant_map", (2 ** bits,), torch.float32)
+    make = (lambda *a: NFkWeight(*a, bits=bits)) if nfk else NF4Weight
     if nested:
         absmax = get("weight.absmax", (blocks,), torch.uint8)
         nested_absmax = get("weight.nested_absmax", (-(-blocks // NESTED_BLOCK_SIZE),), torch.float32)
         nested_code = get("weight.nested_quant_map", (256,), torch.float32)
         offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32)
-        return NF4Weight(packed, absmax, shape, _DTYPES[state["dtype"]], bs, code, nested_absmax, nested_code, offset)
+        return make(packed, absmax, shape, _DTYPES[state["dtype"]], bs, code, nested_absmax, nested_code, offset)
     absmax = get("weight.absmax", (blocks,), torch.float32)
-    return NF4Weight(packed, absmax, shape, _DTYPES[state["dtype"]], bs, code)
+    return make(packed, absmax, shape, _DTYPES[state["dtype"]], bs, code)
 
 
 @contextlib.contextmanager
@@ -175,14 +193,15 @@ def from_pretrained(directory, model_class=None, dtype: torch.dtype = torch.floa
 def _load_into(model: nn.Module, src: SafetensorsInput, dtype: torch.dtype) -> None:
     names = set(src.names())
     modules = dict(model.named_modules())
-    quantized = sorted(k[: -len(QS_KEY) - 1] for k in names if k.endswith("." + QS_KEY))
+    quantized = sorted([(k[: -len(QS_KEY) - 1], False) for k in names if k.endswith("." + QS_KEY)]
+                       + [(k[: -len(NFK_QS_KEY) - 1], True) for k in names if k.endswith("." + NFK_QS_KEY)])
     used = set()
-    for name in quantized:
+    for name, nfk in quantized:
         old = modules.get(name)
         if old is None or not (isinstance(old, nn.Linear) or type(old).__name__ == "Conv1D"):
             raise GraftingError(f"{src.label}: quantized tensor '{name}.weight' belongs to no linear layer of "
                                 f"{type(model).__name__}")
-        q = read_nf4(src, name + ".")
+        q = read_nf4(src, name + ".", nfk)
         want = (old.out_features, old.in_features) if isinstance(old, nn.Linear) else tuple(old.weight.shape[::-1])
         if tuple(q.shape) != want:
             raise GraftingError(f"{src.label}: '{name}' is quantized as {list(q.shape)}, the model's layer is "
@@ -193,7 +212,7 @@ def _load_into(model: nn.Module, src: SafetensorsInput, dtype: torch.dtype) -> N
                 raise GraftingError(f"{src.label}: layer '{name}' has a bias but the checkpoint holds no '{name}.bias'")
             bias = src.get(name + ".bias").to(dtype)
             used.add(name + ".bias")
-        layer = NF4Linear(q, bias)
+        layer = NFkLinear(q, bias) if nfk else NF4Linear(q, bias)
         layer.compute_dtype = dtype
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
@@ -212,8 +231,11 @@ def _load_into(model: nn.Module, src: SafetensorsInput, dtype: torch.dtype) -> N
 
 
 def _quant_state_bytes(q: NF4Weight) -> torch.Tensor:
-    state = {"quant_type": "nf4", "blocksize": q.block_size, "dtype": str(q.dtype).removeprefix("torch."),
+    bits = getattr(q, "bits", 4)
+    state = {"quant_type": f"nf{bits}", "blocksize": q.block_size, "dtype": str(q.dtype).removeprefix("torch."),
              "shape": list(q.shape)}
+    if isinstance(q, NFkWeight):
+        state["bits"] = bits
     if q.double_quant:
         state.update({"nested_blocksize": q.nested_block_size, "nested_dtype": "float32",
                       "nested_offset": float(q.offset)})
@@ -246,7 +268,7 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if q.double_quant:
             out[p + ".nested_absmax"] = q.nested_absmax.float()
             out[p + ".nested_quant_map"] = q.nested_code.float()
-        out[name + "." + QS_KEY] = _quant_state_bytes(q)
+        out[name + "." + (NFK_QS_KEY if isinstance(layer, NFkLinear) else QS_KEY)] = _quant_state_bytes(q)
     return out
 
 
@@ -257,7 +279,9 @@ def _weights_file(name: str) -> bool:
 
 def save_pretrained(model: nn.Module, directory, shard_size: int = 5 * 2**30) -> Path:
     """Write ``model`` (its NF4 layers included) as a transformers 4-bit checkpoint that transformers +
-    bitsandbytes load with ``from_pretrained(directory)``; atomic (a crash leaves no half-written directory)."""
+    bitsandbytes load with ``from_pretrained(directory)``; atomic (a crash leaves no half-written directory).
+    A model with k-bit NormalFloat layers (LQ-LoRA's budget) is written in grafting's variant, which
+    :func:`from_pretrained` reads and transformers refuses."""
     from ..model import AdaptedModel
 
     if isinstance(model, AdaptedModel):
@@ -286,6 +310,8 @@ def save_pretrained(model: nn.Module, directory, shard_size: int = 5 * 2**30) ->
     if any(m.double_quant != first.double_quant for _, m in layers):
         raise GraftingError("save_pretrained: every NF4 layer must share one double-quant setting (bitsandbytes' "
                             "config has one); block sizes may differ (each layer's quant state holds its own)")
+    if any(isinstance(m, NFkLinear) for _, m in layers):  # bitsandbytes cannot decode them: say so by name
+        qc["quant_method"] = "grafting"
     tensors = checkpoint_tensors(model)
     config_dict = config.to_dict()
     config_dict["quantization_config"] = qc

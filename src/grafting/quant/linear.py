@@ -77,13 +77,20 @@ class NF4Linear(NF4Storage):
             raise GraftingError(f"quantize_: expected a weight of shape {(self.out_features, self.in_features)}, "
                                 f"got {tuple(weight.shape)}")
         target = weight.to(self.weight_dtype).float()
-        q = quantize_nf4(target, self.block_size, self.double_quant)
+        q = self._quantize(target)
         # what re-quantizing cost, for the merge report: ||dequant(Q(W')) - W'|| / ||W'||
         self.requantize_error = float((q.dequantize(torch.float32) - target).norm() / target.norm().clamp_min(1e-30))
         for name in ("packed", "absmax", "nested_absmax", "nested_code", "offset", "code"):
             buf = getattr(self, name)
             if buf is not None:
                 buf.copy_(getattr(q, name))
+
+    def _quantize(self, weight: torch.Tensor) -> NF4Weight:
+        return quantize_nf4(weight, self.block_size, self.double_quant)
+
+    def _dequantize_rows(self, q: NF4Weight, start: int, end: int, scales: torch.Tensor) -> torch.Tensor:
+        """Flat elements [start, end) of the weight in fp32, in this thread's reused scratch buffer."""
+        return dequantize_range(q, start, end, scales, reuse=True)
 
     # ---- compute ----------------------------------------------------------------------------------------------
     def row_slices(self):
@@ -106,7 +113,7 @@ class NF4Linear(NF4Storage):
         n_in = self.in_features
         for r0, r1 in self.row_slices():
             # into a reused buffer: each slice is consumed before the next is written
-            w = dequantize_range(q, r0 * n_in, r1 * n_in, scales, reuse=True).view(r1 - r0, n_in)
+            w = self._dequantize_rows(q, r0 * n_in, r1 * n_in, scales).view(r1 - r0, n_in)
             yield (r0, r1), (w if dtype == torch.float32 else w.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

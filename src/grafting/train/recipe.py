@@ -144,13 +144,18 @@ class QuantizeSpec(_Strict):
     block_size: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
     double_quant: bool = True
     num_iter: Optional[int] = Field(None, ge=1, description="LoftQ / LQ-LoRA iterations (default 5 / 20)")
-    bits_per_parameter: Optional[float] = Field(None, gt=4, description="LQ-LoRA: memory budget over the target "
-                                                "layers, met with a block size per matrix")
+    bits_per_parameter: Optional[float] = Field(None, gt=2, description="LQ-LoRA: memory budget over the target "
+                                                "layers, met with a (bits, block size) per matrix: NormalFloat at "
+                                                "2, 3, 4 or 8 bits")
+    nf4_only: bool = Field(False, description="LQ-LoRA's budget over NF4 block sizes only, so the base stays a "
+                           "bitsandbytes checkpoint")
     embeddings: bool = Field(False, description="the input embedding and output head in NF4 too (grafting's "
                              "extension; the base then cannot be saved as a bitsandbytes checkpoint)")
 
     @model_validator(mode="after")
     def _budget_is_lq_lora(self):
+        if self.nf4_only and self.bits_per_parameter is None:
+            raise ValueError("quantize.nf4_only restricts LQ-LoRA's budget: set quantize.bits_per_parameter too")
         if self.bits_per_parameter is not None and self.init != "lq_lora":
             raise ValueError("quantize.bits_per_parameter is LQ-LoRA's budget: set quantize.init to lq_lora")
         if self.embeddings and self.init != "qlora":

@@ -247,7 +247,7 @@ def adapt_for(recipe: Recipe, base, cfg, calibration: list[dict] | None = None):
                             "remove the quantize section (its layers train as they are)")
     model, _ = quantize_with_adapter(base, cfg, init=q.init, num_iter=q.num_iter, block_size=q.block_size,
                                      double_quant=q.double_quant, bits_per_parameter=q.bits_per_parameter,
-                                     adapter_name=ADAPTER, embeddings=q.embeddings)
+                                     adapter_name=ADAPTER, embeddings=q.embeddings, nf4_only=q.nf4_only)
     return model
 
 
