@@ -39,6 +39,28 @@ def test_ranks_in_other_buckets_never_reallocate_or_pad_existing_slots():
     assert stack_of(model).buckets[16].A_t.shape[-1] == 16
 
 
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_the_stack_keeps_no_autograd_history_so_deleted_adapters_are_freed(mode):
+    """Serving writes slots under inference_mode; the stack must not record those writes in a graph, or every
+    adapter it ever held stays alive through the graph (a pool evicting and reloading leaked them all)."""
+    import gc
+    import weakref
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), lora(4))
+    ctx = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    refs = []
+    for i in range(3):
+        model.add_adapter(f"a{i}", lora(4))
+        refs += [weakref.ref(p) for n, p in model.named_parameters() if f".a{i}." in n]
+        with ctx():
+            model(torch.randn(2, 8), adapter_names=[f"a{i}", "default"])
+        stack = stack_of(model)
+        assert all(t.grad_fn is None for b in stack.buckets.values() for t in (b.A_t, b.B_t, b.g))
+        model.delete_adapter(f"a{i}")
+    gc.collect()
+    assert refs and all(r() is None for r in refs)
+
+
 def test_reserve_preallocates_so_loading_adapters_reallocates_nothing():
     torch.manual_seed(0)
     model = gf.adapt(Net(), lora(4))

@@ -25,6 +25,7 @@ Routing is per call (a context variable), so threads may run differently routed 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 from collections import OrderedDict
@@ -133,9 +134,18 @@ class Routing:
         return self.slot_of[name]
 
 
+@contextlib.contextmanager
+def _writable():
+    """Plain tensors (not inference tensors) even under inference_mode, so slots update in place later, and no
+    autograd history: ``inference_mode(False)`` turns grad mode back on, and a stack written with grad on keeps
+    every adapter it ever held alive through its chain of CopySlices nodes (a leak a serving pool hit)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 class _Bucket:
     def __init__(self, fan_in: int, out: int, rank: int, capacity: int, dtype, device):
-        with torch.inference_mode(False):  # plain tensors even under inference_mode: slots update in place
+        with _writable():
             self.A_t = torch.zeros(capacity, fan_in, rank, dtype=dtype, device=device)
             self.B_t = torch.zeros(capacity, rank, out, dtype=dtype, device=device)
             self.g = torch.ones(capacity, out, dtype=dtype, device=device)
@@ -146,14 +156,14 @@ class _Bucket:
 
     def clear(self, slot: int) -> None:
         """Slot ``slot`` back to "no adapter": zero factors, output factor 1."""
-        with torch.inference_mode(False):
+        with _writable():
             self.A_t[slot].zero_()
             self.B_t[slot].zero_()
             self.g[slot].fill_(1.0)
 
     def grow(self, capacity: int) -> None:
         old = (self.A_t, self.B_t, self.g)
-        with torch.inference_mode(False):
+        with _writable():
             self.A_t = old[0].new_zeros(capacity, *old[0].shape[1:])
             self.B_t = old[1].new_zeros(capacity, *old[1].shape[1:])
             self.g = old[2].new_ones(capacity, old[2].shape[1])
@@ -223,7 +233,7 @@ class LowRankStack:
                 stale.append((name, key))
         if not stale:
             return rescales
-        with torch.inference_mode(False):
+        with _writable():
             for name, key in stale:
                 old = self.keys.pop(name, None)
                 if old is not None and old[:2] != key[:2]:  # moved to another slot: clear the old one

@@ -219,6 +219,7 @@ class AdaptedModel(nn.Module):
         self._initial.pop(name, None)
         self.adapter_metadata.pop(name, None)
         self._hashes.pop(name, None)
+        self.__dict__.get("_owners", {}).pop(name, None)  # hashing's module lists: they would keep it alive
         self._frozen.discard(name)
         self._routing.slot_of.pop(name, None)
         self._routing.active = tuple(a for a in self._routing.active if a != name)
