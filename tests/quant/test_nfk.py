@@ -16,6 +16,7 @@ import grafting as gf
 from grafting.quant import NF4Linear, from_pretrained, quantize_nf4, save_pretrained
 from grafting.quant.loftq import allocate_configs, lq_decompose, quantize_with_adapter
 from grafting.quant.nf4 import NF4_CODE
+from test_loftq import IDS, LORA, tiny_llama
 from grafting.quant.nfk import (BITS, NFkLinear, normal_float_code, pack_codes, quantize_nfk, unpack_codes,
                                 zero_index)
 
@@ -97,17 +98,6 @@ def test_the_layer_computes_in_slices_trains_and_merges(bits):
         model.merge()
     assert host.base_layer.requantize_error is not None and host.base_layer.bits == bits
     torch.testing.assert_close(model(x).detach(), before, atol=0.6 * before.abs().max().item(), rtol=0)
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"])
-IDS = torch.tensor([[3, 8, 1, 9, 4, 2, 7]])
 
 
 def test_lq_lora_at_every_width_beats_plain_quantization():

@@ -248,14 +248,17 @@ def dequantize_range(q: NF4Weight, start: int, end: int, scales: torch.Tensor, r
     else:  # an odd byte count or offset: one gather per byte
         b = raw.long()
         values = torch.stack([code[b >> 4], code[b & 15]], 1).view(-1)
-    values = values[: end - start]
-    block0 = start // bs
-    n = end - start
-    full = n - n % bs
+    return scale_blocks(values[: end - start], scales, start, bs)
+
+
+def scale_blocks(values: torch.Tensor, scales: torch.Tensor, start: int, block_size: int) -> torch.Tensor:
+    """Multiply flat code values that begin at element ``start`` (a block boundary) by their blocks' scales."""
+    block0, n = start // block_size, values.numel()
+    full = n - n % block_size
     if full:
-        values[:full].view(-1, bs).mul_(scales[block0:block0 + full // bs].view(-1, 1))
+        values[:full].view(-1, block_size).mul_(scales[block0:block0 + full // block_size].view(-1, 1))
     if full < n:
-        values[full:].mul_(scales[block0 + full // bs])
+        values[full:].mul_(scales[block0 + full // block_size])
     return values
 
 
@@ -280,9 +283,13 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = Tru
     packed = (idx[0::2] << 4) | idx[1::2]
     q = NF4Weight(packed=packed, absmax=absmax, shape=w.shape, dtype=w.dtype, block_size=block_size,
                   code=code.clone())
-    if double_quant:
-        offset = absmax.mean()
-        nested_code = dynamic_code().to(w.device)
-        q.absmax, q.nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code)
-        q.nested_code, q.offset = nested_code, offset
+    return double_quantize(q) if double_quant else q
+
+
+def double_quantize(q: NF4Weight) -> NF4Weight:
+    """QLoRA eq. 6 on ``q``'s fp32 block absmax, in place: mean subtracted, 8-bit blockwise codes."""
+    offset = q.absmax.mean()
+    nested_code = dynamic_code().to(q.absmax.device)
+    q.absmax, q.nested_absmax = quantize_blockwise_8bit(q.absmax - offset, nested_code)
+    q.nested_code, q.offset = nested_code, offset
     return q

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import GraftingError
 from .linear import CHUNK_ELEMENTS, NF4Linear
-from .nf4 import NF4_CODE, NF4Weight, _blockwise_absmax, dynamic_code, quantize_blockwise_8bit
+from .nf4 import NF4_CODE, NF4Weight, _blockwise_absmax, double_quantize, scale_blocks
 
 BITS = (2, 3, 4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -86,15 +86,7 @@ def dequantize_range(q: NFkWeight, start: int, end: int, scales: torch.Tensor) -
     g0, g1 = start // 8, -(-end // 8)
     raw = q.packed.view(-1)[start:end] if bits == 8 else q.packed.view(-1)[g0 * bits: g1 * bits]
     codes = unpack_codes(raw, bits, end - start)
-    values = q.code.float()[codes]
-    n = end - start
-    full = n - n % bs
-    block0 = start // bs
-    if full:
-        values[:full].view(-1, bs).mul_(scales[block0:block0 + full // bs].view(-1, 1))
-    if full < n:
-        values[full:].mul_(scales[block0 + full // bs])
-    return values
+    return scale_blocks(q.code.float()[codes], scales, start, bs)
 
 
 def quantize_nfk(w: torch.Tensor, bits: int = 4, block_size: int = 64, double_quant: bool = True) -> NFkWeight:
@@ -114,12 +106,7 @@ def quantize_nfk(w: torch.Tensor, bits: int = 4, block_size: int = 64, double_qu
     idx = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
     q = NFkWeight(packed=pack_codes(idx, bits), absmax=absmax, shape=w.shape, dtype=w.dtype,
                   block_size=block_size, code=code, bits=bits)
-    if double_quant:
-        offset = absmax.mean()
-        nested_code = dynamic_code().to(w.device)
-        q.absmax, q.nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code)
-        q.nested_code, q.offset = nested_code, offset
-    return q
+    return double_quantize(q) if double_quant else q
 
 
 class NFkLinear(NF4Linear):
