@@ -92,6 +92,58 @@ def test_same_name_reloaded_with_other_weights_never_serves_stale_factors(tmp_pa
         assert not torch.allclose(model(x, adapter_names=["b", None])[0], first[0])
 
 
+def _edit_in_place(a):
+    a.lora_B.add_(0.5)
+
+
+def _reassign(a):
+    a.lora_B = torch.nn.Parameter(torch.randn_like(a.lora_B))
+
+
+def _swap_storage(a):
+    a.lora_A.data = torch.randn_like(a.lora_A)  # .data bypasses the version counter
+
+
+@pytest.mark.parametrize("edit", [_edit_in_place, _reassign, _swap_storage])
+def test_a_repeated_call_replays_its_plans_yet_sees_every_change_to_an_adapter(edit):
+    """Each layer replays the plans of an earlier call with the same rows and adapters (a decode step skips the
+    per-adapter checks); an in-place edit, a reassigned parameter or a swapped storage must still be served."""
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), lora(4))
+    model.add_adapter("b", lora(4))
+    model.eval()  # a model in training mode replays nothing (see the next test)
+    x, names = torch.randn(3, 8), ["b", "default", None]
+    host = dict(model.hosts())["layers.0.q_proj"]
+    with torch.no_grad():
+        model(x, adapter_names=names)
+        key, = host._stack.calls
+        model(x, adapter_names=names)
+        assert list(host._stack.calls) == [key]  # replayed, not rebuilt
+        edit(host.adapters["b"])
+    assert_rows_match(model, x, names)
+    assert key not in host._stack.calls
+
+
+def test_replayed_plans_never_skip_dropout_in_training_mode():
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), lora(4, lora_dropout=0.5))
+    x, names = torch.randn(4, 8), ["default", "default", None, "default"]
+    with torch.no_grad():
+        model.eval()
+        evaluated = model(x, adapter_names=names)
+        model(x, adapter_names=names)
+        model.train()  # dropout now active: the eval call's gathered plans must not be replayed
+        torch.manual_seed(1)
+        first = model(x, adapter_names=names)
+        torch.manual_seed(2)
+        second = model(x, adapter_names=names)
+        model.eval()
+        again = model(x, adapter_names=names)
+    assert not torch.allclose(first[0], second[0])
+    torch.testing.assert_close(first[2], evaluated[2])  # the base row has no dropout
+    torch.testing.assert_close(again, evaluated)
+
+
 def test_content_hash_is_what_would_be_saved(tmp_path):
     torch.manual_seed(0)
     model = gf.adapt(Net(), lora(4))

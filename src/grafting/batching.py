@@ -16,7 +16,9 @@ a bucket's capacity doubles when full (or is reserved up front with ``AdaptedMod
 
 Stack entries are keyed by the adapter's content hash (config + tensors, computed once per call and cached on
 tensor versions), so training between mixed forwards, or reloading a name with other weights, never serves stale
-factors. The stack follows ``.to()`` / ``.double()``. Methods without low-rank factors, layers whose kind has no
+factors. A decode loop calls with the same rows step after step, so each layer keeps what it ran for the last
+calls (plans keyed by the rows' adapters and their content hashes) and replays it without per-adapter checks,
+unless grad is on or an adapter is in training mode. The stack follows ``.to()`` / ``.double()``. Methods without low-rank factors, layers whose kind has no
 gathered kernel (Conv2d, Embedding) and differentiable (training) forwards group rows by adapter instead.
 
 Routing is per call (a context variable), so threads may run differently routed batches on one model, and
@@ -57,11 +59,13 @@ class RowRouting:
     hashes: dict  # name -> content hash of the adapter (keys the stacks)
     slot_of: dict  # name -> (bucket, slot) at build time
     expandable: bool = False
+    key: "CallKey | None" = None  # what a layer's cached plans for this call are keyed by; None: do not cache
     gathered: dict = field(default_factory=dict)  # (id(host), bucket) -> (stack version, plan)
     _expanded: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, names: list, slot_of: dict, hashes: dict, device, expandable: bool = False) -> "RowRouting":
+    def build(cls, names: list, slot_of: dict, hashes: dict, device, expandable: bool = False,
+              cacheable: bool = False) -> "RowRouting":
         groups: dict = {}
         for i, name in enumerate(names):
             if name is not None:
@@ -80,9 +84,11 @@ class RowRouting:
                 slots = [slot_of[names[i]][1] for i in idx]
                 buckets[b] = (torch.tensor(idx, dtype=torch.long, device=device),
                               torch.tensor(slots, dtype=torch.long, device=device), bnames)
+        key = CallKey((tuple(names), tuple((n, slot_of.get(n), hashes.get(n)) for n in sorted(groups)))) \
+            if cacheable else None
         return cls(names=list(names), groups={n: torch.tensor(ix, dtype=torch.long, device=device)
                                               for n, ix in groups.items()},
-                   buckets=buckets, hashes=hashes, slot_of=dict(slot_of), expandable=expandable)
+                   buckets=buckets, hashes=hashes, slot_of=dict(slot_of), expandable=expandable, key=key)
 
     def for_batch(self, n: int) -> "RowRouting":
         """This routing for a batch of ``n`` rows: ``generate`` may have expanded each row into k copies."""
@@ -94,8 +100,24 @@ class RowRouting:
         if k not in self._expanded:
             device = next(iter(self.groups.values())).device if self.groups else None
             names = [name for name in self.names for _ in range(k)]  # HF expands inputs with repeat_interleave
-            self._expanded[k] = RowRouting.build(names, self.slot_of, self.hashes, device)
+            self._expanded[k] = RowRouting.build(names, self.slot_of, self.hashes, device,
+                                                 cacheable=self.key is not None)
         return self._expanded[k]
+
+
+class CallKey:
+    """A call's rows and their adapters' (slot, content hash), hashed once: every layer looks its plans up by it."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value: tuple):
+        self.value, self._hash = value, hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, CallKey) and self._hash == other._hash and self.value == other.value)
 
 
 class Routing:
@@ -183,10 +205,14 @@ class LowRankStack:
         # bucket -> gathered factors by row slots, reused across calls while no slot changes (a serving loop
         # calls with the same rows step after step); two per bucket, since each may hold a copy of many factors
         self.plans: dict = {}
+        # CallKey -> (rescales, plans): what a call with the same rows and adapters runs, skipping per-adapter
+        # checks (64 adapters x 24 layers of them cost more per decode step than the factors' extra reads)
+        self.calls: OrderedDict = OrderedDict()
 
     def _changed(self) -> None:
         self.version += 1  # keys the per-call plans
         self.plans.clear()
+        self.calls.clear()
 
     def __deepcopy__(self, memo):  # a cache: a copied model refills its own on first use
         return LowRankStack(self.fan_in, self.out, self.dtype, self.device)
@@ -272,14 +298,20 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
                             "unmerge() before running a mixed batch")
     rows = rows.for_batch(x.shape[0])
     base_out = host.base_layer(x, *args, **kwargs)
+    stack = host._stack
+    if rows.key is not None and stack is not None and not torch.is_grad_enabled() and not transforms_active():
+        with stack.lock:
+            hit = stack.calls.get(rows.key)
+        if hit is not None:
+            return _apply_plans(x, base_out, *hit, host)
     present = [name for name in rows.groups if name in host.adapters]
     if not present:
         return base_out
     gathered = []
     if host.kind.gathered and not _needs_grad(host, present) and not _dropout_active(host, present):
         gathered = [n for n in present if host.methods[n].low_rank_form and rows.slot_of.get(n) is not None]
-    out = _gathered(host, x, base_out, rows, gathered) if gathered else base_out
     grouped = [n for n in present if n not in gathered]
+    out = _gathered(host, x, base_out, rows, gathered, cacheable=not grouped) if gathered else base_out
     if not grouped:
         return out
     # grouped: differentiable, and the path for methods and kinds without a gathered kernel
@@ -298,7 +330,7 @@ def _stack_for(host, name):
     return host._stack
 
 
-def _gathered(host, x, base_out, rows: RowRouting, present) -> torch.Tensor:
+def _gathered(host, x, base_out, rows: RowRouting, present, cacheable: bool) -> torch.Tensor:
     stack = _stack_for(host, present[0])
     with stack.lock:
         rescales = stack.sync(host, present, rows.slot_of, rows.hashes)
@@ -327,8 +359,21 @@ def _gathered(host, x, base_out, rows: RowRouting, present) -> torch.Tensor:
                 cached = hit
                 rows.gathered[(id(host), b)] = cached
             plans.append((row_idx, cached[1]))
+        if cacheable and rows.key is not None:
+            stack.calls[rows.key] = (rescales, plans)
+            while len(stack.calls) > PLANS_KEPT:
+                stack.calls.popitem(last=False)
+    return _apply_plans(x, base_out, rescales, plans, host)
+
+
+def _apply_plans(x, base_out, rescales: bool, plans: list, host) -> torch.Tensor:
     n = x.shape[0]
-    xr = x.reshape(n, -1, x.shape[-1]).to(stack.dtype)
+    A0 = plans[0][1][0]
+    xr = x.reshape(n, -1, x.shape[-1]).to(A0.dtype)
+    if len(plans) == 1 and plans[0][0] is None and plans[0][1][3] is None and not rescales \
+            and base_out.dtype == A0.dtype:  # every row in one bucket, own factors: the add fused into the bmm
+        _, (A, B, _, _) = plans[0]
+        return torch.baddbmm(base_out.reshape(n, -1, base_out.shape[-1]), torch.bmm(xr, A), B).view(base_out.shape)
     low_all, g_all = None, None
     for row_idx, (A, B, g, groups) in plans:
         xb = xr if row_idx is None else xr.index_select(0, row_idx)

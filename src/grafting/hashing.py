@@ -1,8 +1,13 @@
 """Content hashes of adapters: SHA-256 of the config and the tensors exactly as ``save_adapter`` writes them.
 
 Caches that must never serve stale state (the mixed-batch stacks, a serving pool) key on the hash. It is
-recomputed only when one of the adapter's tensors changed: the version key is every tensor's (id, version) plus
-a uid given to each adapter module at creation (ids alone may be reused once an adapter is freed).
+recomputed only when one of the adapter's tensors changed: the version key is every tensor's (id, version,
+storage) plus a uid given to each adapter module at creation (ids alone may be reused once an adapter is freed).
+
+The key is read on every mixed forward, so each adapter's modules and tensors are listed once and re-listed only
+when the model's adapters change or any module anywhere registers a parameter, buffer or submodule (torch's
+global registration hooks bump a counter): a per-call walk of 64 adapters x 24 layers of module dicts cost
+about a millisecond per decode step.
 """
 
 from __future__ import annotations
@@ -11,20 +16,43 @@ import hashlib
 import json
 
 import torch
+from torch.nn.modules import module as _module
+
+_registrations = [0]  # bumped whenever any module registers a parameter, buffer or submodule
+
+
+def _registered(*_args) -> None:
+    _registrations[0] += 1
+
+
+_module.register_module_parameter_registration_hook(_registered)
+_module.register_module_buffer_registration_hook(_registered)
+_module.register_module_module_registration_hook(_registered)
 
 
 def content_hashes(model, names) -> dict:
     """name -> SHA-256 of the adapter's config and on-disk tensors, recomputed only when a tensor changed."""
-    keys = version_keys(model, names)
-    out = {}
+    return call_state(model, names)[0]
+
+
+def call_state(model, names) -> tuple[dict, bool]:
+    """(name -> content hash, whether any module of these adapters is in training mode), in one pass."""
+    owners = model.__dict__.setdefault("_owners", {})
+    stamp = (model._structure, _registrations[0])
+    out, training = {}, False
     for name in names:
-        hit = model._hashes.get(name)
-        if hit is None or hit[0] != keys[name]:
+        hit = owners.get(name)
+        if hit is None or hit[0] != stamp:
+            hit = owners[name] = (stamp, *_listing(model, name))
+        _, fixed, tensors, modules = hit
+        key = (fixed, tuple([t._version for t in tensors]), tuple([t.data_ptr() for t in tensors]))
+        training = training or any([m.training for m in modules])
+        cached = model._hashes.get(name)
+        if cached is None or cached[0] != key:
             from .io.peft_format import adapter_tensors
-            digest = adapter_hash(model.peft_config[name], adapter_tensors(model, name))
-            hit = model._hashes[name] = (keys[name], digest)
-        out[name] = hit[1]
-    return out
+            cached = model._hashes[name] = (key, adapter_hash(model.peft_config[name], adapter_tensors(model, name)))
+        out[name] = cached[1]
+    return out, training
 
 
 def adapter_hash(config, tensors: dict) -> str:
@@ -37,25 +65,13 @@ def adapter_hash(config, tensors: dict) -> str:
     return h.hexdigest()
 
 
-def version_keys(model, names) -> dict:
-    """Per adapter: uids and (id, version, storage) of every tensor it owns. Runs on every mixed forward, so the
-    modules owning each adapter's tensors are listed once per change of the model's adapters, not per call."""
-    owners = model.__dict__.setdefault("_owners", {})
-    out = {}
-    for n in names:
-        hit = owners.get(n)
-        if hit is None or hit[0] != model._structure:
-            hit = owners[n] = (model._structure, _owning_modules(model, n))
-        mods = hit[1]
-        out[n] = (tuple([m.__dict__.get("_graft_uid") for m in mods]),
-                  tuple([(id(t), t._version, t.data_ptr()) for m in mods
-                         for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]))
-    return out
-
-
-def _owning_modules(model, name) -> list:
+def _listing(model, name) -> tuple:
+    """(uids and tensor ids, tensors, modules) of everything adapter ``name`` owns."""
     roots = [h.adapters[name] for _, h in model.hosts() if name in h.adapters]
     roots += [s.copies[name] for _, s in model.saved_modules() if name in s.copies]
     if name in model.shared_tensors:
         roots.append(model.shared_tensors[name])
-    return [m for root in roots for m in root.modules() if m._parameters or m._buffers or m is root]
+    modules = [m for root in roots for m in root.modules()]
+    tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+    fixed = (tuple([m.__dict__.get("_graft_uid") for m in modules]), tuple([id(t) for t in tensors]))
+    return fixed, tensors, modules

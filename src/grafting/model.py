@@ -17,7 +17,7 @@ from torch import nn
 from .batching import RowRouting, Routing, bucket_of
 from .config import AdapterConfig
 from .errors import GraftingError
-from .hashing import content_hashes
+from .hashing import call_state, content_hashes
 from .init_stage import calibration_statistics, run_init
 from .inject import (ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates, name_matches,
                      replace_module)
@@ -80,8 +80,11 @@ class AdaptedModel(nn.Module):
             if name is not None and name not in self.peft_config:
                 raise GraftingError(f"adapter_names names unknown adapter '{name}'; loaded: {self.adapter_names()}")
         device = next(self.base_model.parameters()).device
-        hashes = content_hashes(self, sorted({n for n in adapter_names if n is not None}))
-        rows = RowRouting.build(list(adapter_names), self._routing.slot_of, hashes, device, expandable)
+        hashes, training = call_state(self, sorted({n for n in adapter_names if n is not None}))
+        # layers may replay the plans of an earlier call with these rows, unless an adapter is in training mode
+        # (dropout, or a method's stochastic forward, may decide per call which rows take the gathered kernel)
+        rows = RowRouting.build(list(adapter_names), self._routing.slot_of, hashes, device, expandable,
+                                cacheable=not training)
         token = self._routing._rows.set(rows)
         try:
             yield
