@@ -220,3 +220,4 @@ def test_forward_with_wrong_row_count_is_an_error():
     with pytest.raises(gf.GraftingError, match="2 entries but the batch has 4 rows"):
         with torch.no_grad():
             model(torch.randn(4, 8), adapter_names=["default", None])
+

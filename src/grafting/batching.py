@@ -2,24 +2,23 @@
 
 S-LoRA (Sheng et al., 2023, arXiv:2311.03285) and Punica (Chen et al., 2023, arXiv:2310.18547) serve many LoRA
 adapters in one batch by gathering each row's low-rank factors. Here every host layer keeps a
-:class:`LowRankStack`: the factors of its adapters stacked along a slot axis, in **rank buckets** (padded ranks
-4, 8, 16, ...), with the scale folded into B (and, for output-rescaling methods such as DoRA, a per-slot output
-factor g). A row's (bucket, slot) is model-wide (slot 0 of every bucket = no adapter), so one routing, built once
+:class:`~grafting.stacks.LowRankStack`: the factors of its adapters stacked along a slot axis, in rank buckets,
+with the scale folded into B (:mod:`grafting.stacks`). A row's (bucket, slot) is model-wide (slot 0 of every bucket = no adapter), so one routing, built once
 per call, serves every layer:
 
     delta[rows] = (x[rows] @ A_t[slot[rows]]) @ B_t[slot[rows]]                 (two batched matmuls per bucket)
     DoRA rows:    out = g·(base_out + low) + (1 − g)·b                           (g = 1 for plain LoRA)
 
-When rows share adapters, each adapter's factors are gathered once and its rows are batched behind them.
-Buckets keep a rank-64 adapter from padding every rank-8 row to 64, and growth never reallocates other buckets:
-a bucket's capacity doubles when full (or is reserved up front with ``AdaptedModel.reserve``).
+When rows share adapters, each adapter's factors are gathered once and its rows are batched behind them;
+decode rows with mostly distinct adapters read a row bank that copies only what a new batch composition adds.
 
 Stack entries are keyed by the adapter's content hash (config + tensors, computed once per call and cached on
 tensor versions), so training between mixed forwards, or reloading a name with other weights, never serves stale
 factors. A decode loop calls with the same rows step after step, so each layer keeps what it ran for the last
 calls (plans keyed by the rows' adapters and their content hashes) and replays it without per-adapter checks,
-unless grad is on or an adapter is in training mode. The stack follows ``.to()`` / ``.double()``. Methods without low-rank factors, layers whose kind has no
-gathered kernel (Conv2d, Embedding) and differentiable (training) forwards group rows by adapter instead.
+unless grad is on or an adapter is in training mode. The stack follows ``.to()`` / ``.double()``. Methods
+without low-rank factors, layers whose kind has no gathered kernel (Conv2d, Embedding) and differentiable
+(training) forwards group rows by adapter instead.
 
 Routing is per call (a context variable), so threads may run differently routed batches on one model, and
 ``generate`` expands names for beams / several return sequences as peft does (each name repeated per copy).
@@ -27,9 +26,7 @@ Routing is per call (a context variable), so threads may run differently routed 
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -37,17 +34,9 @@ import torch
 
 from .autodiff import transforms_active
 from .errors import GraftingError
+from .stacks import PLANS_KEPT, LowRankStack, RowBank, _Bucket, bucket_of
 
-MIN_BUCKET = 4  # 16-byte aligned fp32 rows
-PLANS_KEPT = 2  # gathered-factor plans kept per bucket of a layer stack
-
-
-def bucket_of(r: int) -> int:
-    b = MIN_BUCKET
-    while b < r:
-        b *= 2
-    return b
-
+__all__ = ["CallKey", "LowRankStack", "RowRouting", "Routing", "bucket_of", "mixed_forward"]
 
 @dataclass
 class RowRouting:
@@ -156,130 +145,6 @@ class Routing:
         return self.slot_of[name]
 
 
-@contextlib.contextmanager
-def _writable():
-    """Plain tensors (not inference tensors) even under inference_mode, so slots update in place later, and no
-    autograd history: ``inference_mode(False)`` turns grad mode back on, and a stack written with grad on keeps
-    every adapter it ever held alive through its chain of CopySlices nodes (a leak a serving pool hit)."""
-    with torch.inference_mode(False), torch.no_grad():
-        yield
-
-
-class _Bucket:
-    def __init__(self, fan_in: int, out: int, rank: int, capacity: int, dtype, device):
-        with _writable():
-            self.A_t = torch.zeros(capacity, fan_in, rank, dtype=dtype, device=device)
-            self.B_t = torch.zeros(capacity, rank, out, dtype=dtype, device=device)
-            self.g = torch.ones(capacity, out, dtype=dtype, device=device)
-
-    @property
-    def capacity(self) -> int:
-        return self.A_t.shape[0]
-
-    def clear(self, slot: int) -> None:
-        """Slot ``slot`` back to "no adapter": zero factors, output factor 1."""
-        with _writable():
-            self.A_t[slot].zero_()
-            self.B_t[slot].zero_()
-            self.g[slot].fill_(1.0)
-
-    def grow(self, capacity: int) -> None:
-        old = (self.A_t, self.B_t, self.g)
-        with _writable():
-            self.A_t = old[0].new_zeros(capacity, *old[0].shape[1:])
-            self.B_t = old[1].new_zeros(capacity, *old[1].shape[1:])
-            self.g = old[2].new_ones(capacity, old[2].shape[1])
-            for new, prev in zip((self.A_t, self.B_t, self.g), old):
-                new[: prev.shape[0]] = prev
-
-
-class LowRankStack:
-    """Stacked, rank-bucketed factors of one host layer's adapters, indexed by model-wide (bucket, slot)."""
-
-    def __init__(self, fan_in: int, out: int, dtype: torch.dtype, device: torch.device):
-        self.fan_in, self.out, self.dtype, self.device = fan_in, out, dtype, device
-        self.buckets: dict[int, _Bucket] = {}
-        self.version = 0  # bumped whenever a slot changes; keys the per-routing gathered factors
-        self.keys: dict = {}  # adapter name -> (bucket, slot, content hash)
-        self.lock = threading.Lock()
-        # bucket -> gathered factors by row slots, reused across calls while no slot changes (a serving loop
-        # calls with the same rows step after step); two per bucket, since each may hold a copy of many factors
-        self.plans: dict = {}
-        # CallKey -> (rescales, plans): what a call with the same rows and adapters runs, skipping per-adapter
-        # checks (64 adapters x 24 layers of them cost more per decode step than the factors' extra reads)
-        self.calls: OrderedDict = OrderedDict()
-
-    def _changed(self) -> None:
-        self.version += 1  # keys the per-call plans
-        self.plans.clear()
-        self.calls.clear()
-
-    def __deepcopy__(self, memo):  # a cache: a copied model refills its own on first use
-        return LowRankStack(self.fan_in, self.out, self.dtype, self.device)
-
-    def __getstate__(self):
-        return {"fan_in": self.fan_in, "out": self.out, "dtype": self.dtype, "device": self.device}
-
-    def __setstate__(self, state):
-        self.__init__(state["fan_in"], state["out"], state["dtype"], state["device"])
-
-    def reserve(self, bucket: int, capacity: int) -> None:
-        """Room for ``capacity`` slots (slot 0 included) in ``bucket``, allocated now."""
-        with torch.no_grad():
-            if bucket not in self.buckets:
-                self.buckets[bucket] = _Bucket(self.fan_in, self.out, bucket, capacity, self.dtype, self.device)
-            elif self.buckets[bucket].capacity < capacity:
-                self.buckets[bucket].grow(capacity)
-        self._changed()
-
-    def apply(self, fn) -> None:
-        for b in self.buckets.values():
-            b.A_t, b.B_t, b.g = fn(b.A_t), fn(b.B_t), fn(b.g)
-        if self.buckets:
-            any_b = next(iter(self.buckets.values()))
-            self.dtype, self.device = any_b.A_t.dtype, any_b.A_t.device
-        self._changed()
-
-    @torch.no_grad()
-    def free(self, name: str) -> None:
-        entry = self.keys.pop(name, None)
-        if entry is not None:
-            self.buckets[entry[0]].clear(entry[1])
-            self._changed()
-
-    @torch.no_grad()
-    def sync(self, host, names, slot_of: dict, hashes: dict) -> bool:
-        """Make the slots of ``names`` current. Returns whether any of them rescales the output."""
-        rescales, stale = False, []
-        for name in names:
-            method = host.methods[name]
-            rescales |= method.rescales_output
-            key = (*slot_of[name], hashes[name])
-            if self.keys.get(name) != key:
-                stale.append((name, key))
-        if not stale:
-            return rescales
-        with _writable():
-            for name, key in stale:
-                old = self.keys.pop(name, None)
-                if old is not None and old[:2] != key[:2]:  # moved to another slot: clear the old one
-                    self.buckets[old[0]].clear(old[1])
-                A, B, scale = host.methods[name].low_rank(host.adapters[name])
-                b, slot, _ = key
-                if b not in self.buckets or self.buckets[b].capacity <= slot:
-                    current = self.buckets[b].capacity if b in self.buckets else 0
-                    self.reserve(b, max(slot + 1, 2 * current, 2))
-                bucket, r = self.buckets[b], A.shape[0]
-                bucket.clear(slot)
-                bucket.A_t[slot, :, :r] = A.t().to(self.dtype)
-                bucket.B_t[slot, :r] = (B.t() * scale).to(self.dtype)
-                g = host.methods[name].output_scale(host.adapters[name], host)
-                bucket.g[slot] = 1.0 if g is None else g.to(self.dtype)
-                self.keys[name] = key
-        self._changed()
-        return rescales
-
-
 def _needs_grad(host, names) -> bool:
     if transforms_active():
         return True
@@ -302,8 +167,8 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
     if rows.key is not None and stack is not None and not torch.is_grad_enabled() and not transforms_active():
         with stack.lock:
             hit = stack.calls.get(rows.key)
-        if hit is not None:
-            return _apply_plans(x, base_out, *hit, host)
+            if hit is not None:
+                return _apply_plans(x, base_out, *hit, host)
     present = [name for name in rows.groups if name in host.adapters]
     if not present:
         return base_out
@@ -330,8 +195,18 @@ def _stack_for(host, name):
     return host._stack
 
 
+@dataclass(frozen=True)
+class BankPlan:
+    """Rows read their factors from a row bank, filled when the call runs (see :class:`RowBank`)."""
+
+    bank: RowBank
+    bucket: _Bucket
+    slots: list
+
+
 def _gathered(host, x, base_out, rows: RowRouting, present, cacheable: bool) -> torch.Tensor:
     stack = _stack_for(host, present[0])
+    one_token = x.dim() > 1 and x[0].numel() == x.shape[-1]  # decode: a row bank beats re-gathering per call
     with stack.lock:
         rescales = stack.sync(host, present, rows.slot_of, rows.hashes)
         plans = []
@@ -348,11 +223,12 @@ def _gathered(host, x, base_out, rows: RowRouting, present, cacheable: bool) -> 
                         pos = rows.groups[name] if row_idx is None else torch.nonzero(
                             torch.isin(row_idx, rows.groups[name])).flatten()
                         slots[pos] = 0
-                key = slots.cpu().numpy().tobytes()
+                key = (one_token, slots.cpu().numpy().tobytes())
                 kept = stack.plans.setdefault(b, OrderedDict())
                 hit = kept.get(key)
                 if hit is None or hit[0] != stack.version:
-                    hit = kept[key] = (stack.version, _gather_plan(stack.buckets[b], slots))
+                    bank = stack.banks.setdefault(b, RowBank()) if one_token else None
+                    hit = kept[key] = (stack.version, _gather_plan(stack.buckets[b], slots, bank))
                     while len(kept) > PLANS_KEPT:
                         kept.popitem(last=False)
                 kept.move_to_end(key)
@@ -363,17 +239,25 @@ def _gathered(host, x, base_out, rows: RowRouting, present, cacheable: bool) -> 
             stack.calls[rows.key] = (rescales, plans)
             while len(stack.calls) > PLANS_KEPT:
                 stack.calls.popitem(last=False)
-    return _apply_plans(x, base_out, rescales, plans, host)
+        return _apply_plans(x, base_out, rescales, plans, host)
 
 
 def _apply_plans(x, base_out, rescales: bool, plans: list, host) -> torch.Tensor:
+    """The low-rank part of a mixed call from its plans; runs under the stack's lock (row banks change)."""
     n = x.shape[0]
+    plans = [_bank_rows(row_idx, p, n, x.device) if isinstance(p, BankPlan) else (row_idx, p) for row_idx, p in plans]
     A0 = plans[0][1][0]
     xr = x.reshape(n, -1, x.shape[-1]).to(A0.dtype)
     if len(plans) == 1 and plans[0][0] is None and plans[0][1][3] is None and not rescales \
             and base_out.dtype == A0.dtype:  # every row in one bucket, own factors: the add fused into the bmm
         _, (A, B, _, _) = plans[0]
         return torch.baddbmm(base_out.reshape(n, -1, base_out.shape[-1]), torch.bmm(xr, A), B).view(base_out.shape)
+    if not rescales and not torch.is_grad_enabled():  # each bucket's rows added into the fresh base output
+        out = base_out.reshape(n, xr.shape[1], -1)
+        for row_idx, (A, B, _, groups) in plans:
+            low = _lowrank_rows(xr if row_idx is None else xr.index_select(0, row_idx), A, B, groups)
+            out = out.add_(low.to(out.dtype)) if row_idx is None else out.index_add_(0, row_idx, low.to(out.dtype))
+        return out.view(base_out.shape)
     low_all, g_all = None, None
     for row_idx, (A, B, g, groups) in plans:
         xb = xr if row_idx is None else xr.index_select(0, row_idx)
@@ -399,6 +283,15 @@ def _apply_plans(x, base_out, rescales: bool, plans: list, host) -> torch.Tensor
     return out if bias is None else out + (1 - g) * bias
 
 
+def _bank_rows(row_idx, plan: BankPlan, n: int, device) -> tuple:
+    """(rows in bank order, factors): the bank decides which position serves which row."""
+    order, factors = plan.bank.rows(plan.bucket, plan.slots)
+    if row_idx is None and order == list(range(n)):
+        return None, factors
+    base = list(range(n)) if row_idx is None else row_idx.tolist()
+    return torch.tensor([base[i] for i in order], dtype=torch.long, device=device), factors
+
+
 def _lowrank_rows(xr: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups) -> torch.Tensor:
     if groups is None:
         return torch.bmm(torch.bmm(xr, A), B)
@@ -410,12 +303,14 @@ def _lowrank_rows(xr: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups) ->
     return lowg.view(A.shape[0], most, xr.shape[1], -1)[inverse, pos]
 
 
-def _gather_plan(bucket: _Bucket, slots: torch.Tensor):
+def _gather_plan(bucket: _Bucket, slots: torch.Tensor, bank: RowBank | None = None):
     """(A, B, g, groups) for rows with these slots: per-row factors, or per-adapter factors plus row groups.
 
     Rows in slot order read views of the stack. Otherwise, when rows share adapters (at least two rows per
     adapter on average), each adapter's factors are gathered once and its rows are batched together; copying
     every row's own factors would move (in + out)·r values per row, as much as a whole base weight at 64 rows.
+    Mostly distinct adapters: the row bank when one is given (decode), else a copy per row (prefill, where
+    many tokens per row share the copy).
     """
     first = int(slots[0])
     if first > 0 and torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device)):
@@ -423,6 +318,8 @@ def _gather_plan(bucket: _Bucket, slots: torch.Tensor):
         return bucket.A_t[picked], bucket.B_t[picked], bucket.g[picked], None
     unique, inverse = torch.unique(slots, return_inverse=True)
     if 2 * len(unique) > len(slots):
+        if bank is not None:
+            return BankPlan(bank, bucket, slots.tolist())
         return (bucket.A_t.index_select(0, slots), bucket.B_t.index_select(0, slots),
                 bucket.g.index_select(0, slots), None)
     counts = torch.bincount(inverse, minlength=len(unique))

@@ -339,7 +339,7 @@ class AdaptedModel(nn.Module):
     def reserve(self, adapters: int, rank: int) -> None:
         """Preallocate mixed-batch room for ``adapters`` low-rank adapters of rank <= ``rank`` in every layer,
         so loading them later never reallocates the stacks (serving keeps a fixed budget this way)."""
-        from .batching import LowRankStack
+        from .stacks import LowRankStack
         from .methods.lora import factor_dtype
         for _, host in self.hosts():
             if host.kind.gathered:
@@ -347,6 +347,24 @@ class AdaptedModel(nn.Module):
                     host._stack = LowRankStack(host.in_features, host.out_features, factor_dtype(host),
                                                host.dense_weight().device)
                 host._stack.reserve(bucket_of(rank), adapters + 1)
+
+    @torch.no_grad()
+    def stack_adapters(self, names=None) -> None:
+        """Write adapters' factors (default: all) into the mixed-batch stacks now, as their first mixed call
+        would: a server that preloads adapters then serves its first requests without that copy."""
+        from .batching import _stack_for
+        names = list(self.peft_config) if names is None else [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._require(n)
+        slot_of = self._routing.slot_of
+        hashes = call_state(self, names)[0]
+        for _, host in self.hosts():
+            present = [n for n in names if n in host.adapters and slot_of.get(n) is not None
+                       and host.methods[n].low_rank_form]
+            if host.kind.gathered and present:
+                stack = _stack_for(host, present[0])
+                with stack.lock:
+                    stack.sync(host, present, slot_of, hashes)
 
     def trainable_summary(self) -> dict:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

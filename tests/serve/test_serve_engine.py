@@ -3,6 +3,7 @@ rows joining and leaving mid-flight; sampling, stopping, cancelling, timeouts an
 
 from __future__ import annotations
 
+import platform
 import threading
 
 import pytest
@@ -237,3 +238,31 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving():
         assert second.token_ids == hf_greedy(model, PROMPTS[0], "a", GREEDY.max_tokens)
     finally:
         engine.stop()
+
+
+FAULTS = """
+import resource, sys, torch
+if sys.argv[1] == "retain":
+    from grafting.serve.loop import retain_freed_memory
+    assert retain_freed_memory()
+def step():  # a decode step's shape: blocks of a few sizes allocated and freed in turn
+    a = torch.empty(6 << 20).fill_(1)
+    b = torch.empty(2 << 20).fill_(1)
+    del a
+    c = torch.empty(7 << 20).fill_(1)
+    del b, c
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_retain_freed_memory_stops_a_step_loop_from_faulting_its_memory_back_in():
+    import subprocess
+    import sys
+    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True,
+                                       check=True, timeout=120).stdout.split()[-1]) for mode in ("default", "retain")}
+    assert faults["retain"] * 10 < faults["default"], faults

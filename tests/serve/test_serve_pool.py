@@ -214,9 +214,13 @@ def test_preload_installs_up_to_max_loras_before_serving(adapter_dirs, tmp_path)
     pool.register("bad", tmp_path / "bad")  # no weights: preload leaves it out, its requests get the error
     assert pool.preload(["bad", "ad0", "ad3", "ad5"]) == ["ad0", "ad3"]  # the first max_loras names are tried
     assert len(pool.resident) == 2 and pool.stats["loads"] == 2
+    stacks = [h._stack for _, h in pool.model.hosts() if h.kind.gathered]
+    assert stacks and all(len(s.keys) == 2 for s in stacks)  # in the mixed-batch stacks too
+    versions = [s.version for s in stacks]
     engine = Engine(pool.model, pool=pool)
     out = engine.generate([[1, 2, 3]] * 2, GREEDY, ["ad0", "ad3"])
     assert [o.token_ids for o in out] == [expected["ad0"], expected["ad3"]]
+    assert [s.version for s in stacks] == versions  # serving wrote no slot
     assert engine.stats["steps"] == GREEDY.max_tokens - 1  # no step waited for a read (prefill + decode share one)
     with pytest.raises(AdapterError, match="no adapter named 'nobody'"):
         pool.preload(["nobody"])

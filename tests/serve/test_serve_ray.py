@@ -82,10 +82,17 @@ def test_requests_for_an_adapter_stay_on_the_replica_that_holds_it(ray_server):
     url = ray_server["url"]
     for model in ("poet", "pirate"):
         _complete(url, model)  # loads it somewhere
-    time.sleep(2)  # the replicas' model lists reach the router through Ray's controller
     held = {}
     for model in ("poet", "pirate"):
-        replicas = {_complete(url, model)[1] for _ in range(6)}
+        # the replicas' model lists reach the router through Ray's controller, every few seconds: once it
+        # knows, every request for the adapter goes to the replica holding it
+        deadline = time.monotonic() + 30
+        while True:
+            replicas = {_complete(url, model)[1] for _ in range(6)}
+            if len(replicas) == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        replicas |= {_complete(url, model)[1] for _ in range(12)}  # and it stays there (chance: 2^-17)
         assert len(replicas) == 1, (model, replicas)
         held[model] = replicas.pop()
     spread = {_complete(url, "tiny-llama")[1] for _ in range(12)}  # the base routes freely

@@ -271,6 +271,9 @@ class AdapterPool:
             self.poll()
             if entry.digest is not None and entry.digest in self._resident:
                 loaded.append(name)
+        with self._lock:
+            internal = [r.internal for r in self._resident.values()]
+        self.model.stack_adapters(internal)  # the mixed-batch stacks too, not on the first requests
         return loaded
 
     def pending(self, name: str) -> bool:

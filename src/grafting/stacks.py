@@ -1,0 +1,211 @@
+"""The mixed-batch store: each host layer's adapters' low-rank factors, stacked in rank buckets, and row banks.
+
+A :class:`LowRankStack` holds the factors of a layer's adapters along a slot axis, in **rank buckets** (padded
+ranks 4, 8, 16, ...), with the scale folded into B (and, for output-rescaling methods such as DoRA, a per-slot
+output factor g); slot 0 of every bucket is "no adapter". Buckets keep a rank-64 adapter from padding every
+rank-8 row to 64, and growth never reallocates other buckets: a bucket's capacity doubles when full (or is
+reserved up front with ``AdaptedModel.reserve``). Entries are keyed by the adapter's content hash, so a name
+reloaded with other weights is written anew. :class:`RowBank` keeps one copy of each decode row's factors at a
+position of its own (see there). :mod:`grafting.batching` routes rows to slots and runs the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+
+import torch
+
+MIN_BUCKET = 4  # 16-byte aligned fp32 rows
+PLANS_KEPT = 2  # gathered-factor plans kept per bucket of a layer stack
+
+
+def bucket_of(r: int) -> int:
+    b = MIN_BUCKET
+    while b < r:
+        b *= 2
+    return b
+
+
+@contextlib.contextmanager
+def _writable():
+    """Plain tensors (not inference tensors) even under inference_mode, so slots update in place later, and no
+    autograd history: ``inference_mode(False)`` turns grad mode back on, and a stack written with grad on keeps
+    every adapter it ever held alive through its chain of CopySlices nodes (a leak a serving pool hit)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+class _Bucket:
+    def __init__(self, fan_in: int, out: int, rank: int, capacity: int, dtype, device):
+        with _writable():
+            self.A_t = torch.zeros(capacity, fan_in, rank, dtype=dtype, device=device)
+            self.B_t = torch.zeros(capacity, rank, out, dtype=dtype, device=device)
+            self.g = torch.ones(capacity, out, dtype=dtype, device=device)
+        self.stamps = [0] * capacity  # bumped whenever a slot is rewritten: row banks copy from slots by stamp
+
+    @property
+    def capacity(self) -> int:
+        return self.A_t.shape[0]
+
+    def clear(self, slot: int) -> None:
+        """Slot ``slot`` back to "no adapter": zero factors, output factor 1."""
+        self.stamps[slot] += 1
+        with _writable():
+            self.A_t[slot].zero_()
+            self.B_t[slot].zero_()
+            self.g[slot].fill_(1.0)
+
+    def grow(self, capacity: int) -> None:
+        old = (self.A_t, self.B_t, self.g)
+        with _writable():
+            self.A_t = old[0].new_zeros(capacity, *old[0].shape[1:])
+            self.B_t = old[1].new_zeros(capacity, *old[1].shape[1:])
+            self.g = old[2].new_ones(capacity, old[2].shape[1])
+            for new, prev in zip((self.A_t, self.B_t, self.g), old):
+                new[: prev.shape[0]] = prev
+        self.stamps += [0] * (capacity - len(self.stamps))
+
+
+class RowBank:
+    """One copy of each row's factors, for one-token-per-row (decode) calls whose rows are not in slot order:
+    bank positions 0..k-1 hold the k rows' adapters, so the kernel reads views, and a new batch composition
+    copies only the adapters that were not in the bank already (a continuous batch changes a few rows per step;
+    gathering every row's factors anew each step moved as many bytes as the base weights).
+
+    Positions remember the (slot, stamp) they copied, so a slot rewritten with another adapter is copied anew.
+    Calls that read a bank hold the stack's lock until their kernel ran (the next call may rewrite positions)."""
+
+    def __init__(self):
+        self.A = self.B = self.g = None
+        self.owner: list = []  # position -> (slot, stamp) it holds, or None
+
+    def rows(self, bucket: _Bucket, slots: list) -> tuple:
+        """(order, (A, B, g, None)): bank position p serves row ``order[p]`` of ``slots``."""
+        k = len(slots)
+        want = [(s, bucket.stamps[s]) for s in slots]
+        held: dict = {}
+        for p, w in enumerate(self.owner[:k]):
+            held.setdefault(w, []).append(p)
+        order = [-1] * k
+        missing = []
+        for i, w in enumerate(want):
+            if held.get(w):
+                order[held[w].pop()] = i
+            else:
+                missing.append(i)
+        holes = [p for p in range(k) if order[p] < 0]
+        with _writable():
+            self._reserve(bucket, k)
+            if missing:
+                pos = torch.tensor(holes, dtype=torch.long, device=self.A.device)
+                src = torch.tensor([slots[i] for i in missing], dtype=torch.long, device=self.A.device)
+                self.A.index_copy_(0, pos, bucket.A_t.index_select(0, src))
+                self.B.index_copy_(0, pos, bucket.B_t.index_select(0, src))
+                self.g.index_copy_(0, pos, bucket.g.index_select(0, src))
+                for p, i in zip(holes, missing):
+                    order[p] = i
+                    self.owner[p] = want[i]
+        return order, (self.A[:k], self.B[:k], self.g[:k], None)
+
+    def _reserve(self, bucket: _Bucket, k: int) -> None:
+        if self.A is not None and self.A.shape[0] >= k:
+            return
+        cap = max(k, 2 * (0 if self.A is None else self.A.shape[0]))
+        grown = (bucket.A_t.new_zeros(cap, *bucket.A_t.shape[1:]), bucket.B_t.new_zeros(cap, *bucket.B_t.shape[1:]),
+                 bucket.g.new_ones(cap, bucket.g.shape[1]))
+        if self.A is not None:
+            for new, prev in zip(grown, (self.A, self.B, self.g)):
+                new[: prev.shape[0]] = prev
+        self.A, self.B, self.g = grown
+        self.owner += [None] * (cap - len(self.owner))
+
+
+class LowRankStack:
+    """Stacked, rank-bucketed factors of one host layer's adapters, indexed by model-wide (bucket, slot)."""
+
+    def __init__(self, fan_in: int, out: int, dtype: torch.dtype, device: torch.device):
+        self.fan_in, self.out, self.dtype, self.device = fan_in, out, dtype, device
+        self.buckets: dict[int, _Bucket] = {}
+        self.version = 0  # bumped whenever a slot changes; keys the per-routing gathered factors
+        self.keys: dict = {}  # adapter name -> (bucket, slot, content hash)
+        self.lock = threading.Lock()
+        # bucket -> gathered factors by row slots, reused across calls while no slot changes (a serving loop
+        # calls with the same rows step after step); two per bucket, since each may hold a copy of many factors
+        self.plans: dict = {}
+        # CallKey -> (rescales, plans): what a call with the same rows and adapters runs, skipping per-adapter
+        # checks (64 adapters x 24 layers of them cost more per decode step than the factors' extra reads)
+        self.calls: OrderedDict = OrderedDict()
+        self.banks: dict = {}  # bucket -> RowBank
+
+    def _changed(self) -> None:
+        self.version += 1  # keys the per-call plans
+        self.plans.clear()
+        self.calls.clear()
+
+    def __deepcopy__(self, memo):  # a cache: a copied model refills its own on first use
+        return LowRankStack(self.fan_in, self.out, self.dtype, self.device)
+
+    def __getstate__(self):
+        return {"fan_in": self.fan_in, "out": self.out, "dtype": self.dtype, "device": self.device}
+
+    def __setstate__(self, state):
+        self.__init__(state["fan_in"], state["out"], state["dtype"], state["device"])
+
+    def reserve(self, bucket: int, capacity: int) -> None:
+        """Room for ``capacity`` slots (slot 0 included) in ``bucket``, allocated now."""
+        with torch.no_grad():
+            if bucket not in self.buckets:
+                self.buckets[bucket] = _Bucket(self.fan_in, self.out, bucket, capacity, self.dtype, self.device)
+            elif self.buckets[bucket].capacity < capacity:
+                self.buckets[bucket].grow(capacity)
+        self._changed()
+
+    def apply(self, fn) -> None:
+        for b in self.buckets.values():
+            b.A_t, b.B_t, b.g = fn(b.A_t), fn(b.B_t), fn(b.g)
+        self.banks.clear()
+        if self.buckets:
+            any_b = next(iter(self.buckets.values()))
+            self.dtype, self.device = any_b.A_t.dtype, any_b.A_t.device
+        self._changed()
+
+    @torch.no_grad()
+    def free(self, name: str) -> None:
+        entry = self.keys.pop(name, None)
+        if entry is not None:
+            self.buckets[entry[0]].clear(entry[1])
+            self._changed()
+
+    @torch.no_grad()
+    def sync(self, host, names, slot_of: dict, hashes: dict) -> bool:
+        """Make the slots of ``names`` current. Returns whether any of them rescales the output."""
+        rescales, stale = False, []
+        for name in names:
+            method = host.methods[name]
+            rescales |= method.rescales_output
+            key = (*slot_of[name], hashes[name])
+            if self.keys.get(name) != key:
+                stale.append((name, key))
+        if not stale:
+            return rescales
+        with _writable():
+            for name, key in stale:
+                old = self.keys.pop(name, None)
+                if old is not None and old[:2] != key[:2]:  # moved to another slot: clear the old one
+                    self.buckets[old[0]].clear(old[1])
+                A, B, scale = host.methods[name].low_rank(host.adapters[name])
+                b, slot, _ = key
+                if b not in self.buckets or self.buckets[b].capacity <= slot:
+                    current = self.buckets[b].capacity if b in self.buckets else 0
+                    self.reserve(b, max(slot + 1, 2 * current, 2))
+                bucket, r = self.buckets[b], A.shape[0]
+                bucket.clear(slot)
+                bucket.A_t[slot, :, :r] = A.t().to(self.dtype)
+                bucket.B_t[slot, :r] = (B.t() * scale).to(self.dtype)
+                g = host.methods[name].output_scale(host.adapters[name], host)
+                bucket.g[slot] = 1.0 if g is None else g.to(self.dtype)
+                self.keys[name] = key
+        self._changed()
+        return rescales
