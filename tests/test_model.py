@@ -138,6 +138,22 @@ def test_delete_adapter_frees_its_slot_and_layers():
     torch.testing.assert_close(mixed[0], model(x)[0], atol=1e-5, rtol=1e-4)
 
 
+def test_deleting_adapters_keeps_exactly_the_active_ones_trainable():
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"]))
+    for name in ("b", "c"):
+        model.add_adapter(name, gf.LoraConfig(target_modules=["q_proj"]))
+    model.set_active(["default", "c"])
+
+    def trainable():
+        return {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}
+
+    assert trainable() == {"default", "c"}
+    model.delete_adapter("b")  # inactive: the others keep their state
+    assert trainable() == {"default", "c"}
+    model.delete_adapter("c")  # active: gone from the active set
+    assert trainable() == {"default"} and model.active_adapters == ("default",)
+
+
 def test_mixed_batch_sees_parameter_updates():
     """The stacked factors are a cache: training between mixed forwards must not serve stale weights."""
     model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))

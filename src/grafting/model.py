@@ -225,8 +225,9 @@ class AdaptedModel(nn.Module):
         self.__dict__.get("_owners", {}).pop(name, None)  # hashing's module lists: they would keep it alive
         self._frozen.discard(name)
         self._routing.slot_of.pop(name, None)
-        self._routing.active = tuple(a for a in self._routing.active if a != name)
-        self._set_trainable()
+        if name in self._routing.active:  # else no other adapter's trainability changes: skip the model walk
+            self._routing.active = tuple(a for a in self._routing.active if a != name)
+            self._set_trainable()
 
     def set_active(self, names) -> None:
         """Make ``names`` (one name or a list) the adapters applied to every row; only they are trainable."""
