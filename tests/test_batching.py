@@ -12,6 +12,14 @@ from toys import assert_rows_match as _rows_match
 from test_model import Net, tiny_gpt2
 
 
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def mixed_path(request, monkeypatch):
+    """Every test here runs through the compiled kernel (where it builds) and through the torch path."""
+    if request.param == "torch":
+        monkeypatch.setenv("GRAFTING_KERNELS", "0")
+    return request.param
+
+
 def assert_rows_match(model, x, names):
     with torch.no_grad():
         _rows_match(model, x, names)

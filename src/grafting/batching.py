@@ -79,6 +79,14 @@ class RowRouting:
                                               for n, ix in groups.items()},
                    buckets=buckets, hashes=hashes, slot_of=dict(slot_of), expandable=expandable, key=key)
 
+    def row_index(self, row_idx) -> torch.Tensor:
+        """``row_idx``, or every row when it is None (a bucket holding all rows)."""
+        if row_idx is not None:
+            return row_idx
+        if "all" not in self._expanded:
+            self._expanded["all"] = torch.arange(len(self.names))
+        return self._expanded["all"]
+
     def for_batch(self, n: int) -> "RowRouting":
         """This routing for a batch of ``n`` rows: ``generate`` may have expanded each row into k copies."""
         if n == len(self.names):
@@ -116,15 +124,17 @@ class Routing:
     def __init__(self):
         self.active: tuple = ()
         self.slot_of: dict = {}  # adapter name -> (bucket, slot); None for methods without low-rank factors
+        self.stack_dtype = None  # the mixed-batch store's dtype; None: the adapters' own
         self._rows = contextvars.ContextVar(f"grafting_rows_{id(self)}", default=None)
         self._enabled = contextvars.ContextVar(f"grafting_enabled_{id(self)}", default=True)
 
     def __getstate__(self):  # deepcopy / pickle: model state only; a copy starts with no call in flight
-        return {"active": self.active, "slot_of": self.slot_of}
+        return {"active": self.active, "slot_of": self.slot_of, "stack_dtype": self.stack_dtype}
 
     def __setstate__(self, state):
         self.__init__()
         self.active, self.slot_of = state["active"], dict(state["slot_of"])
+        self.stack_dtype = state.get("stack_dtype")
 
     @property
     def rows(self) -> RowRouting | None:
@@ -167,7 +177,11 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
     if rows.key is not None and stack is not None and not torch.is_grad_enabled() and not transforms_active():
         with stack.lock:
             hit = stack.calls.get(rows.key)
-            if hit is not None:
+            if hit is not None and hit[0] == "kernel":
+                kernel = _rows_kernel(x, base_out, stack, False)
+                if kernel is not None:
+                    return _run_kernel(kernel, x, base_out, hit[1])
+            elif hit is not None:
                 return _apply_plans(x, base_out, *hit, host)
     present = [name for name in rows.groups if name in host.adapters]
     if not present:
@@ -191,7 +205,8 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
 def _stack_for(host, name):
     if host._stack is None:
         A = host.methods[name].low_rank(host.adapters[name])[0]
-        host._stack = LowRankStack(host.in_features, host.out_features, A.dtype, A.device)
+        host._stack = LowRankStack(host.in_features, host.out_features, host._routing.stack_dtype or A.dtype,
+                                   A.device)
     return host._stack
 
 
@@ -209,6 +224,15 @@ def _gathered(host, x, base_out, rows: RowRouting, present, cacheable: bool) -> 
     one_token = x.dim() > 1 and x[0].numel() == x.shape[-1]  # decode: a row bank beats re-gathering per call
     with stack.lock:
         rescales = stack.sync(host, present, rows.slot_of, rows.hashes)
+        kernel = _rows_kernel(x, base_out, stack, rescales)
+        if kernel is not None:  # every row reads its factors in place: nothing gathered, nothing to plan
+            runs = [(stack.buckets[b], rows.row_index(row_idx), _layer_slots(rows, row_idx, slots, bnames, present))
+                    for b, (row_idx, slots, bnames) in rows.buckets.items() if any(n in present for n in bnames)]
+            if cacheable and rows.key is not None:
+                stack.calls[rows.key] = ("kernel", runs)
+                while len(stack.calls) > PLANS_KEPT:
+                    stack.calls.popitem(last=False)
+            return _run_kernel(kernel, x, base_out, runs)
         plans = []
         for b, (row_idx, slots, bnames) in rows.buckets.items():
             here = [n for n in bnames if n in present]
@@ -216,13 +240,7 @@ def _gathered(host, x, base_out, rows: RowRouting, present, cacheable: bool) -> 
                 continue
             cached = rows.gathered.get((id(host), b))
             if cached is None or cached[0] != stack.version:
-                absent = [n for n in bnames if n not in here]
-                if absent:  # rows whose adapter does not touch this layer (or is grouped) read the zero slot
-                    slots = slots.clone()
-                    for name in absent:
-                        pos = rows.groups[name] if row_idx is None else torch.nonzero(
-                            torch.isin(row_idx, rows.groups[name])).flatten()
-                        slots[pos] = 0
+                slots = _layer_slots(rows, row_idx, slots, bnames, present)
                 key = (one_token, slots.cpu().numpy().tobytes())
                 kept = stack.plans.setdefault(b, OrderedDict())
                 hit = kept.get(key)
@@ -240,6 +258,43 @@ def _gathered(host, x, base_out, rows: RowRouting, present, cacheable: bool) -> 
             while len(stack.calls) > PLANS_KEPT:
                 stack.calls.popitem(last=False)
         return _apply_plans(x, base_out, rescales, plans, host)
+
+
+def _layer_slots(rows: RowRouting, row_idx, slots: torch.Tensor, bnames: list, present: list) -> torch.Tensor:
+    """The bucket's slots for this layer: rows whose adapter does not touch it (or is grouped) read slot 0."""
+    absent = [n for n in bnames if n not in present]
+    if not absent:
+        return slots
+    slots = slots.clone()
+    for name in absent:
+        pos = rows.groups[name] if row_idx is None else torch.nonzero(torch.isin(row_idx, rows.groups[name])).flatten()
+        slots[pos] = 0
+    return slots
+
+
+def _rows_kernel(x, base_out, stack, rescales: bool):
+    """The compiled kernel (:mod:`grafting.kernels`) when it can run this call: LoRA rows (no output factor),
+    no autograd (it writes into the base output in place), fp32 activations, an fp32 or bf16 store on the CPU."""
+    if rescales or torch.is_grad_enabled() or not stack.buckets or _kernels_off():
+        return None
+    from .kernels import lora_rows
+    kernel = lora_rows()
+    A = next(iter(stack.buckets.values())).A_t
+    return kernel if kernel is not None and kernel.supports(x, base_out, A) else None
+
+
+def _kernels_off() -> bool:
+    import os
+    return os.environ.get("GRAFTING_KERNELS", "1") == "0"
+
+
+def _run_kernel(kernel, x, base_out, runs) -> torch.Tensor:
+    n = x.shape[0]
+    xr = x.reshape(n, -1, x.shape[-1]).contiguous()
+    out = base_out.view(n, xr.shape[1], -1)
+    for bucket, row_t, slots in runs:
+        kernel(xr, out, bucket.A_t, bucket.B_t, row_t, slots)
+    return base_out
 
 
 def _apply_plans(x, base_out, rescales: bool, plans: list, host) -> torch.Tensor:

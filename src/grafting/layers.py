@@ -234,7 +234,8 @@ class HostLayer(nn.Module):
         # the mixed-batch stack is a cache of adapter tensors: it follows .to() / .double() like they do
         super()._apply(fn, recurse)
         if self._stack is not None:
-            self._stack.apply(fn)
+            keep = self._routing.stack_dtype  # a store dtype set on purpose survives .float() / .double()
+            self._stack.apply(fn if keep is None else (lambda t: fn(t).to(keep)))
         return self
 
     @property

@@ -345,9 +345,21 @@ class AdaptedModel(nn.Module):
         for _, host in self.hosts():
             if host.kind.gathered:
                 if host._stack is None:
-                    host._stack = LowRankStack(host.in_features, host.out_features, factor_dtype(host),
+                    host._stack = LowRankStack(host.in_features, host.out_features,
+                                               self._routing.stack_dtype or factor_dtype(host),
                                                host.dense_weight().device)
                 host._stack.reserve(bucket_of(rank), adapters + 1)
+
+    def set_stack_dtype(self, dtype: torch.dtype | None) -> None:
+        """Keep the mixed-batch store's factors in ``dtype`` (None: the adapters' own). ``torch.bfloat16``
+        halves what a decode step with many distinct adapters reads; grafting's kernel widens them to fp32 in
+        registers (logits move by about bf16's rounding of the factors, 2^-8 relative). The store is refilled
+        from the adapters on the next mixed call (or :meth:`stack_adapters`); reserve room again if needed."""
+        if dtype is not None and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise GraftingError(f"set_stack_dtype: expected a floating-point dtype or None, got {dtype!r}")
+        self._routing.stack_dtype = dtype
+        for _, host in self.hosts():  # refilled from the adapters themselves, not converted (lossless back)
+            host._stack = None
 
     @torch.no_grad()
     def stack_adapters(self, names=None) -> None:

@@ -37,3 +37,12 @@ def test_what_cannot_be_served_says_why(tmp_path):
         model_task(str(tmp_path / "nowhere"))
     with pytest.raises(GraftingError, match="task 'translate': expected one of auto, generate, embed"):
         build_engine(str(tmp_path), task="translate")
+
+
+def test_stack_dtype_sets_the_mixed_batch_store_or_says_what_it_takes(tmp_path):
+    import torch
+    tiny_lm("gpt2").save_pretrained(tmp_path / "gpt2")
+    engine, _ = build_engine(str(tmp_path / "gpt2"), stack_dtype="bfloat16")
+    assert engine.model._routing.stack_dtype == torch.bfloat16
+    with pytest.raises(GraftingError, match="stack_dtype 'int4': expected one of float32, bfloat16"):
+        build_engine(str(tmp_path / "gpt2"), stack_dtype="int4")

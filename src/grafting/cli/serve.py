@@ -22,7 +22,8 @@ def cmd_serve(args) -> int:
           adapters=_adapter_pairs(args.adapter), request_timeout=args.request_timeout,
           max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
           max_queue=args.max_queue, max_model_len=args.max_model_len,
-          timeout_keep_alive=args.timeout_keep_alive, task=args.task, preload=args.preload)
+          timeout_keep_alive=args.timeout_keep_alive, task=args.task, preload=args.preload,
+          stack_dtype=args.stack_dtype)
     return 0
 
 
@@ -46,6 +47,9 @@ def register(sub) -> None:
     p.add_argument("--max-lora-rank", type=int, default=None, help="refuse adapters above this rank (default: any)")
     p.add_argument("--preload", action="store_true",
                    help="read the first --max-loras registered adapters at startup, so no early request waits")
+    p.add_argument("--stack-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="dtype of the mixed-batch adapter factors (default: the adapters' own); bfloat16 halves "
+                        "what a decode step with many distinct adapters reads")
     p.add_argument("--max-batch", type=int, default=32, help="rows in the running batch at most (default 32)")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests at most; more get 429")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")

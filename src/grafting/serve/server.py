@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from ..errors import GraftingError
 from ..io.reader import CONFIG_NAME
 
@@ -40,15 +42,20 @@ def model_task(model: str) -> str:
     return "generate" if causal else "embed"
 
 
+STACK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def build_engine(model: str, adapters: dict | None = None, adapter_root=None, max_loras: int = 8,
                  max_lora_rank: int | None = None, max_batch: int = 32, max_queue: int = 1024,
                  max_model_len: int | None = None, max_adapter_bytes: int | None = None, task: str = "auto",
-                 preload: bool = False):
+                 preload: bool = False, stack_dtype: str | None = None):
     """(engine, tokenizer): the base model loaded for inference, an AdapterPool with ``adapters`` (name ->
     directory) and every adapter directory directly under ``adapter_root`` registered by its folder name.
     ``task`` "generate" gives an :class:`~grafting.serve.Engine` (a causal LM), "embed" an
     :class:`~grafting.serve.embed.Embedder` (an encoder); "auto" picks by the model (:func:`model_task`).
-    ``preload``: read and install the first ``max_loras`` registered adapters before returning."""
+    ``preload``: read and install the first ``max_loras`` registered adapters before returning.
+    ``stack_dtype``: "bfloat16" keeps the mixed-batch factors in bf16 (half the bytes a decode step with many
+    adapters reads; :meth:`~grafting.AdaptedModel.set_stack_dtype`); default: the adapters' own."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ..model import AdaptedModel
     from ..train.models import load_model, resolve
@@ -63,6 +70,10 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
     tokenizer, base = load_model(model, task="causal_lm" if task == "generate" else "embed")
     base.eval()
     adapted = AdaptedModel(base)
+    if stack_dtype is not None:
+        if stack_dtype not in STACK_DTYPES:
+            raise GraftingError(f"stack_dtype '{stack_dtype}': expected one of {', '.join(STACK_DTYPES)}")
+        adapted.set_stack_dtype(STACK_DTYPES[stack_dtype])
     pool = AdapterPool(adapted, max_loras=max_loras, max_rank=max_lora_rank, max_bytes=max_adapter_bytes,
                        prepare=encoder_view(adapted) if task == "embed" else None)
     if max_lora_rank is not None:

@@ -1,0 +1,82 @@
+"""The compiled mixed-batch kernel against torch on small tensors, its build cache, and the bf16 store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import grafting as gf
+import grafting.kernels as kernels
+from test_model import Net
+
+
+def built():
+    kernel = kernels.lora_rows()
+    if kernel is None:
+        pytest.skip("no C compiler here: grafting uses its torch path")
+    return kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r,fan_in,out,tokens", [(4, 37, 21, 1), (16, 64, 48, 1), (48, 70, 100, 3), (64, 96, 130, 2)])
+def test_each_row_reads_its_own_slot_in_place(dtype, r, fan_in, out, tokens):
+    kernel = built()
+    torch.manual_seed(r)
+    x = torch.randn(6, tokens, fan_in)
+    A, B = torch.randn(5, fan_in, r).to(dtype), torch.randn(5, r, out).to(dtype)
+    base = torch.randn(6, tokens, out)
+    rows, slots = torch.tensor([4, 0, 2, 5]), torch.tensor([3, 1, 0, 3])  # slot 0: no adapter; slot 3 twice
+    y = base.clone()
+    kernel(x, y, A, B, rows, slots)
+    want = base.clone()
+    for row, slot in zip(rows.tolist(), slots.tolist()):
+        if slot:
+            want[row] += (x[row].double() @ A[slot].double() @ B[slot].double()).float()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
+    assert torch.equal(y[[1, 3]], base[[1, 3]])  # rows not listed are untouched
+
+
+def test_the_build_is_cached_keyed_and_can_be_refused(tmp_path, monkeypatch):
+    built()
+    monkeypatch.setenv("GRAFTING_KERNEL_CACHE", str(tmp_path / "cache"))
+    first = kernels._load("lora_rows", kernels.LoraRows)
+    assert first is not None and first.path.parent == tmp_path / "cache" and first.path.exists()
+    assert list((tmp_path / "cache").iterdir()) == [first.path]  # no temporary left behind
+    stamp = first.path.stat().st_mtime_ns
+    again = kernels._load("lora_rows", kernels.LoraRows)
+    assert again.path == first.path and first.path.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    monkeypatch.setenv("GRAFTING_KERNEL_CACHE", str(tmp_path / "other"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert kernels._load("lora_rows", kernels.LoraRows) is None  # the torch path then
+    monkeypatch.setenv("GRAFTING_KERNELS", "0")
+    assert kernels._load("lora_rows", kernels.LoraRows) is None
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_a_bf16_store_serves_mixed_batches_within_bf16_rounding(use_kernel, monkeypatch):
+    if use_kernel:
+        built()
+    else:
+        monkeypatch.setenv("GRAFTING_KERNELS", "0")
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), gf.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.add_adapter("b", gf.LoraConfig(r=16, target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()
+    x, names = torch.randn(4, 8), ["b", None, "default", "b"]
+    with torch.no_grad():
+        exact = model(x, adapter_names=names)
+        model.set_stack_dtype(torch.bfloat16)
+        model.stack_adapters()
+        stack = dict(model.hosts())["layers.0.q_proj"]._stack
+        assert all(t.dtype == torch.bfloat16 for b in stack.buckets.values() for t in (b.A_t, b.B_t))
+        model.float()  # a store dtype set on purpose survives .float()
+        assert all(b.A_t.dtype == torch.bfloat16 for b in stack.buckets.values())
+        rounded = model(x, adapter_names=names)
+        torch.testing.assert_close(rounded, exact, rtol=2 ** -6, atol=2 ** -6 * exact.abs().max().item())
+        assert not torch.equal(rounded, exact)  # the factors really were rounded
+        model.set_stack_dtype(None)
+        torch.testing.assert_close(model(x, adapter_names=names), exact)  # refilled from the adapters
+        stack = dict(model.hosts())["layers.0.q_proj"]._stack
+        assert all(b.A_t.dtype == torch.float32 for b in stack.buckets.values())
+    with pytest.raises(gf.GraftingError, match="floating-point dtype"):
+        model.set_stack_dtype(torch.int8)
