@@ -225,9 +225,12 @@ def _gathered(host, x, base_out, rows: RowRouting, present, cacheable: bool) -> 
     with stack.lock:
         rescales = stack.sync(host, present, rows.slot_of, rows.hashes)
         kernel = _rows_kernel(x, base_out, stack, rescales)
+        runs = [] if kernel is None else [
+            (stack.buckets[b], rows.row_index(row_idx), _layer_slots(rows, row_idx, slots, bnames, present))
+            for b, (row_idx, slots, bnames) in rows.buckets.items() if any(n in present for n in bnames)]
+        if stack.dtype == torch.float32 and len(runs) == 1 and len(rows.buckets) == 1 and _run_of_slots(runs[0][2]):
+            kernel = None  # rows in slot order: torch's batched matmul reads views, as fast as the kernel in fp32
         if kernel is not None:  # every row reads its factors in place: nothing gathered, nothing to plan
-            runs = [(stack.buckets[b], rows.row_index(row_idx), _layer_slots(rows, row_idx, slots, bnames, present))
-                    for b, (row_idx, slots, bnames) in rows.buckets.items() if any(n in present for n in bnames)]
             if cacheable and rows.key is not None:
                 stack.calls[rows.key] = ("kernel", runs)
                 while len(stack.calls) > PLANS_KEPT:
@@ -281,6 +284,11 @@ def _rows_kernel(x, base_out, stack, rescales: bool):
     kernel = lora_rows()
     A = next(iter(stack.buckets.values())).A_t
     return kernel if kernel is not None and kernel.supports(x, base_out, A) else None
+
+
+def _run_of_slots(slots: torch.Tensor) -> bool:
+    first = int(slots[0])
+    return first > 0 and torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device))
 
 
 def _kernels_off() -> bool:

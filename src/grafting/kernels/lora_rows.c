@@ -5,8 +5,9 @@
    in fp32 or bf16 (bf16 halves what a step with many distinct adapters reads; widened to fp32 in registers),
    accumulating in fp32 into y. Rows run in parallel (OpenMP: the process's libgomp, which torch loads too).
    A is (slots, in, r) and B (slots, r, out), row-major; x is (rows, tokens, in) and y (rows, tokens, out);
-   slot 0 means no adapter. Register blocking: 16 ranks x 4 input features at a time for x @ A, 64 outputs
-   at a time for (x A) @ B, so neither loop waits on one accumulator. */
+   slot 0 means no adapter. x @ A keeps 16 ranks x 4 input features of accumulators in registers, so the loop
+   never waits on one; (x A) @ B streams B[slot] front to back (one contiguous block) into y's row, which
+   stays in L1. */
 #include <stdint.h>
 #include <string.h>
 
@@ -43,31 +44,10 @@ static void NAME##_one(const float *xv, float *yv, const TYPE *a, const TYPE *b,
         for (int64_t i = 0; i < in; i++) acc += xv[i] * LOAD(a[i * r + k]);                             \
         xa[k] = acc;                                                                                    \
     }                                                                                                   \
-    int64_t j0 = 0;                                                                                     \
-    for (; j0 + 4 * W <= out; j0 += 4 * W) {                                                            \
-        float acc[4 * W];                                                                               \
-        for (int jj = 0; jj < 4 * W; jj++) acc[jj] = yv[j0 + jj];                                       \
-        for (int64_t k = 0; k < r; k++) {                                                               \
-            const float c = xa[k];                                                                      \
-            const TYPE *bk = b + k * out + j0;                                                          \
-            for (int jj = 0; jj < 4 * W; jj++) acc[jj] += c * LOAD(bk[jj]);                             \
-        }                                                                                               \
-        for (int jj = 0; jj < 4 * W; jj++) yv[j0 + jj] = acc[jj];                                       \
-    }                                                                                                   \
-    for (; j0 + W <= out; j0 += W) {                                                                    \
-        float acc[W];                                                                                   \
-        for (int jj = 0; jj < W; jj++) acc[jj] = yv[j0 + jj];                                           \
-        for (int64_t k = 0; k < r; k++) {                                                               \
-            const float c = xa[k];                                                                      \
-            const TYPE *bk = b + k * out + j0;                                                          \
-            for (int jj = 0; jj < W; jj++) acc[jj] += c * LOAD(bk[jj]);                                 \
-        }                                                                                               \
-        for (int jj = 0; jj < W; jj++) yv[j0 + jj] = acc[jj];                                           \
-    }                                                                                                   \
-    for (int64_t j = j0; j < out; j++) {                                                                \
-        float acc = yv[j];                                                                              \
-        for (int64_t k = 0; k < r; k++) acc += xa[k] * LOAD(b[k * out + j]);                            \
-        yv[j] = acc;                                                                                    \
+    for (int64_t k = 0; k < r; k++) {                                                                   \
+        const float c = xa[k];                                                                          \
+        const TYPE *bk = b + k * out;                                                                   \
+        for (int64_t j = 0; j < out; j++) yv[j] += c * LOAD(bk[j]);                                     \
     }                                                                                                   \
 }                                                                                                       \
 void NAME(const float *x, float *y, const TYPE *A, const TYPE *B, const int64_t *rows,                  \
