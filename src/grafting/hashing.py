@@ -41,11 +41,7 @@ def call_state(model, names) -> tuple[dict, bool]:
     stamp = (model._structure, _registrations[0])
     out, training = {}, False
     for name in names:
-        hit = owners.get(name)
-        if hit is None or hit[0] != stamp:
-            hit = owners[name] = (stamp, *_listing(model, name))
-        _, fixed, tensors, modules = hit
-        key = (fixed, tuple([t._version for t in tensors]), tuple([t.data_ptr() for t in tensors]))
+        key, modules = _version_key(model, name, owners, stamp)
         training = training or any([m.training for m in modules])
         cached = model._hashes.get(name)
         if cached is None or cached[0] != key:
@@ -53,6 +49,40 @@ def call_state(model, names) -> tuple[dict, bool]:
             cached = model._hashes[name] = (key, adapter_hash(model.peft_config[name], adapter_tensors(model, name)))
         out[name] = cached[1]
     return out, training
+
+
+def _version_key(model, name, owners=None, stamp=None) -> tuple:
+    """(version key, modules) of adapter ``name``: what its cached hash is valid for."""
+    owners = model.__dict__.setdefault("_owners", {}) if owners is None else owners
+    stamp = (model._structure, _registrations[0]) if stamp is None else stamp
+    hit = owners.get(name)
+    if hit is None or hit[0] != stamp:
+        hit = owners[name] = (stamp, *_listing(model, name))
+    _, fixed, tensors, modules = hit
+    return (fixed, tuple([t._version for t in tensors]), tuple([t.data_ptr() for t in tensors])), modules
+
+
+def adopt_hash(model, name: str, config, tensors: dict, digest: str) -> bool:
+    """Record ``digest`` = ``adapter_hash(config, tensors)``, computed elsewhere (a serving pool's loader thread
+    hashes what it read), as adapter ``name``'s content hash if the model holds exactly that config and those
+    tensors, so its first mixed call does not hash it again. Comparing is a few times cheaper than hashing.
+    Returns whether the digest was adopted (otherwise the hash is computed on first use, as always)."""
+    from .io.peft_format import adapter_tensors
+
+    def canonical(c):
+        return json.dumps(c.to_peft_dict(), sort_keys=True, default=str)
+
+    if canonical(model.peft_config[name]) != canonical(config):
+        return False
+    held = adapter_tensors(model, name)
+    if held.keys() != tensors.keys():
+        return False
+    for k, t in held.items():
+        other = tensors[k]
+        if t.dtype != other.dtype or t.shape != other.shape or not torch.equal(t.detach().cpu(), other.cpu()):
+            return False
+    model._hashes[name] = (_version_key(model, name)[0], digest)
+    return True
 
 
 def adapter_hash(config, tensors: dict) -> str:

@@ -226,3 +226,24 @@ def test_preload_installs_up_to_max_loras_before_serving(adapter_dirs, tmp_path)
         pool.preload(["nobody"])
     with pytest.raises(AdapterError, match="bad"):
         pool.acquire("bad")
+
+
+def test_installed_adapters_carry_the_hash_the_loader_computed_and_it_is_the_models_own(adapter_dirs):
+    from grafting.hashing import adapter_hash, adopt_hash
+    from grafting.io.peft_format import adapter_tensors
+    dirs, _ = adapter_dirs
+    pool = fresh_pool(max_loras=6)
+    for name, d in dirs.items():
+        pool.register(name, d)
+    pool.preload()
+    model = pool.model
+    for digest, res in pool._resident.items():
+        assert model._hashes[res.internal][1] == digest  # adopted at install: no hashing on first use
+        model._hashes.pop(res.internal)
+        assert model.content_hash(res.internal) == digest  # and it is what the model computes itself
+    name = next(iter(pool._resident.values())).internal
+    config, tensors = model.peft_config[name], dict(adapter_tensors(model, name))
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 1  # not what the model holds: refused
+    assert not adopt_hash(model, name, config, tensors, adapter_hash(config, tensors))
+    assert model.content_hash(name) != adapter_hash(config, tensors)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import GraftingError
-from ..hashing import adapter_hash
+from ..hashing import adapter_hash, adopt_hash
 from ..io.peft_format import install_adapter
 from ..io.reader import AdapterReader, read_config
 
@@ -206,6 +206,8 @@ class AdapterPool:
                     self.stats["load_errors"] += 1
                 changed = True
                 continue
+            if self.prepare is None:  # the model holds what was hashed: spare the engine thread a second hash
+                adopt_hash(self.model, internal, config, tensors, digest)
             with self._lock:
                 self._resident[digest] = _Resident(internal, nbytes)
                 entry.digest = digest
