@@ -12,8 +12,7 @@ from test_model import Net
 
 def built():
     kernel = kernels.lora_rows()
-    if kernel is None:
-        pytest.skip("no C compiler here: grafting uses its torch path")
+    assert kernel is not None, "the kernel did not build: is a C compiler (cc/gcc) installed and GRAFTING_KERNELS unset?"
     return kernel
 
 

@@ -3,8 +3,8 @@
 S-LoRA (Sheng et al., 2023, arXiv:2311.03285) and Punica (Chen et al., 2023, arXiv:2310.18547) serve many LoRA
 adapters in one batch by gathering each row's low-rank factors. Here every host layer keeps a
 :class:`~grafting.stacks.LowRankStack`: the factors of its adapters stacked along a slot axis, in rank buckets,
-with the scale folded into B (:mod:`grafting.stacks`). A row's (bucket, slot) is model-wide (slot 0 of every bucket = no adapter), so one routing, built once
-per call, serves every layer:
+with the scale folded into B (:mod:`grafting.stacks`). A row's (bucket, slot) is model-wide (slot 0 of every
+bucket = no adapter), so one routing, built once per call, serves every layer:
 
     delta[rows] = (x[rows] @ A_t[slot[rows]]) @ B_t[slot[rows]]                 (two batched matmuls per bucket)
     DoRA rows:    out = g·(base_out + low) + (1 − g)·b                           (g = 1 for plain LoRA)
@@ -51,6 +51,7 @@ class RowRouting:
     key: "CallKey | None" = None  # what a layer's cached plans for this call are keyed by; None: do not cache
     gathered: dict = field(default_factory=dict)  # (id(host), bucket) -> (stack version, plan)
     _expanded: dict = field(default_factory=dict)
+    _all_rows: torch.Tensor | None = None
 
     @classmethod
     def build(cls, names: list, slot_of: dict, hashes: dict, device, expandable: bool = False,
@@ -83,9 +84,9 @@ class RowRouting:
         """``row_idx``, or every row when it is None (a bucket holding all rows)."""
         if row_idx is not None:
             return row_idx
-        if "all" not in self._expanded:
-            self._expanded["all"] = torch.arange(len(self.names))
-        return self._expanded["all"]
+        if self._all_rows is None:
+            self._all_rows = torch.arange(len(self.names))
+        return self._all_rows
 
     def for_batch(self, n: int) -> "RowRouting":
         """This routing for a batch of ``n`` rows: ``generate`` may have expanded each row into k copies."""
@@ -232,9 +233,7 @@ def _gathered(host, x, base_out, rows: RowRouting, present, cacheable: bool) -> 
             kernel = None  # rows in slot order: torch's batched matmul reads views, as fast as the kernel in fp32
         if kernel is not None:  # every row reads its factors in place: nothing gathered, nothing to plan
             if cacheable and rows.key is not None:
-                stack.calls[rows.key] = ("kernel", runs)
-                while len(stack.calls) > PLANS_KEPT:
-                    stack.calls.popitem(last=False)
+                stack.remember(rows.key, ("kernel", runs))
             return _run_kernel(kernel, x, base_out, runs)
         plans = []
         for b, (row_idx, slots, bnames) in rows.buckets.items():
@@ -257,9 +256,7 @@ def _gathered(host, x, base_out, rows: RowRouting, present, cacheable: bool) -> 
                 rows.gathered[(id(host), b)] = cached
             plans.append((row_idx, cached[1]))
         if cacheable and rows.key is not None:
-            stack.calls[rows.key] = (rescales, plans)
-            while len(stack.calls) > PLANS_KEPT:
-                stack.calls.popitem(last=False)
+            stack.remember(rows.key, (rescales, plans))
         return _apply_plans(x, base_out, rescales, plans, host)
 
 
@@ -278,7 +275,7 @@ def _layer_slots(rows: RowRouting, row_idx, slots: torch.Tensor, bnames: list, p
 def _rows_kernel(x, base_out, stack, rescales: bool):
     """The compiled kernel (:mod:`grafting.kernels`) when it can run this call: LoRA rows (no output factor),
     no autograd (it writes into the base output in place), fp32 activations, an fp32 or bf16 store on the CPU."""
-    if rescales or torch.is_grad_enabled() or not stack.buckets or _kernels_off():
+    if rescales or torch.is_grad_enabled() or not stack.buckets:
         return None
     from .kernels import lora_rows
     kernel = lora_rows()
@@ -287,13 +284,9 @@ def _rows_kernel(x, base_out, stack, rescales: bool):
 
 
 def _run_of_slots(slots: torch.Tensor) -> bool:
+    """Rows whose slots run consecutively from a real one: they read a view of the stack."""
     first = int(slots[0])
     return first > 0 and torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device))
-
-
-def _kernels_off() -> bool:
-    import os
-    return os.environ.get("GRAFTING_KERNELS", "1") == "0"
 
 
 def _run_kernel(kernel, x, base_out, runs) -> torch.Tensor:
@@ -375,8 +368,8 @@ def _gather_plan(bucket: _Bucket, slots: torch.Tensor, bank: RowBank | None = No
     Mostly distinct adapters: the row bank when one is given (decode), else a copy per row (prefill, where
     many tokens per row share the copy).
     """
-    first = int(slots[0])
-    if first > 0 and torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device)):
+    if _run_of_slots(slots):
+        first = int(slots[0])
         picked = slice(first, first + len(slots))
         return bucket.A_t[picked], bucket.B_t[picked], bucket.g[picked], None
     unique, inverse = torch.unique(slots, return_inverse=True)

@@ -37,11 +37,9 @@ def content_hashes(model, names) -> dict:
 
 def call_state(model, names) -> tuple[dict, bool]:
     """(name -> content hash, whether any module of these adapters is in training mode), in one pass."""
-    owners = model.__dict__.setdefault("_owners", {})
-    stamp = (model._structure, _registrations[0])
     out, training = {}, False
     for name in names:
-        key, modules = _version_key(model, name, owners, stamp)
+        key, modules = _version_key(model, name)
         training = training or any([m.training for m in modules])
         cached = model._hashes.get(name)
         if cached is None or cached[0] != key:
@@ -51,10 +49,10 @@ def call_state(model, names) -> tuple[dict, bool]:
     return out, training
 
 
-def _version_key(model, name, owners=None, stamp=None) -> tuple:
+def _version_key(model, name) -> tuple:
     """(version key, modules) of adapter ``name``: what its cached hash is valid for."""
-    owners = model.__dict__.setdefault("_owners", {}) if owners is None else owners
-    stamp = (model._structure, _registrations[0]) if stamp is None else stamp
+    owners = model.__dict__.setdefault("_owners", {})
+    stamp = (model._structure, _registrations[0])
     hit = owners.get(name)
     if hit is None or hit[0] != stamp:
         hit = owners[name] = (stamp, *_listing(model, name))
@@ -69,10 +67,7 @@ def adopt_hash(model, name: str, config, tensors: dict, digest: str) -> bool:
     Returns whether the digest was adopted (otherwise the hash is computed on first use, as always)."""
     from .io.peft_format import adapter_tensors
 
-    def canonical(c):
-        return json.dumps(c.to_peft_dict(), sort_keys=True, default=str)
-
-    if canonical(model.peft_config[name]) != canonical(config):
+    if _config_json(model.peft_config[name]) != _config_json(config):
         return False
     held = adapter_tensors(model, name)
     if held.keys() != tensors.keys():
@@ -87,13 +82,17 @@ def adopt_hash(model, name: str, config, tensors: dict, digest: str) -> bool:
 
 def adapter_hash(config, tensors: dict) -> str:
     """SHA-256 of an adapter config and its tensors (key, dtype, shape and bytes, in key order)."""
-    h = hashlib.sha256(json.dumps(config.to_peft_dict(), sort_keys=True, default=str).encode())
+    h = hashlib.sha256(_config_json(config).encode())
     for k, t in sorted(tensors.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the bytes
     return h.hexdigest()
+
+
+def _config_json(config) -> str:
+    return json.dumps(config.to_peft_dict(), sort_keys=True, default=str)
 
 
 def _listing(model, name) -> tuple:

@@ -139,6 +139,12 @@ class LowRankStack:
         self.calls: OrderedDict = OrderedDict()
         self.banks: dict = {}  # bucket -> RowBank
 
+    def remember(self, key, plans) -> None:
+        """What a call keyed ``key`` ran, for the next call with the same rows (the last PLANS_KEPT kept)."""
+        self.calls[key] = plans
+        while len(self.calls) > PLANS_KEPT:
+            self.calls.popitem(last=False)
+
     def _changed(self) -> None:
         self.version += 1  # keys the per-call plans
         self.plans.clear()

@@ -55,7 +55,10 @@ class LoraRows:
 
 
 def lora_rows() -> LoraRows | None:
-    """The mixed-batch LoRA kernel, built if needed; None where it cannot be built here."""
+    """The mixed-batch LoRA kernel, built if needed; None where it cannot be built here or while
+    ``GRAFTING_KERNELS=0`` (read on every call, so it can be switched per process section)."""
+    if os.environ.get("GRAFTING_KERNELS", "1") == "0":
+        return None
     with _lock:
         if "lora_rows" not in _built:
             _built["lora_rows"] = _load("lora_rows", LoraRows)
