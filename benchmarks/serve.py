@@ -210,13 +210,14 @@ def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label
                            output_len=cfg["output_len"], seed=n)
         key, names = f"N={n} alpha={alpha} cv={cv}", [f"a{i}" for i in range(n)]
         model = gf.AdaptedModel(copy.deepcopy(base))
-        pool = AdapterPool(model, max_loras=min(n, cfg["max_loras"]))
+        # every adapter in host memory, at most max_loras in the model: S-LoRA's setup (section 7.1)
+        pool = AdapterPool(model, max_loras=min(n, cfg["max_loras"]), max_cpu_loras=n)
         for name in names:
             pool.register(name, root / name)
         pool.preload()  # warm, as peft's model below holds all its adapters before the first request
         model16 = gf.AdaptedModel(copy.deepcopy(base))
         model16.set_stack_dtype(torch.bfloat16)
-        pool16 = AdapterPool(model16, max_loras=min(n, cfg["max_loras"]))
+        pool16 = AdapterPool(model16, max_loras=min(n, cfg["max_loras"]), max_cpu_loras=n)
         for name in names:
             pool16.register(name, root / name)
         pool16.preload()
@@ -247,7 +248,7 @@ def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label
             print(f"# {key} {name}: {json.dumps(rounded(s))}", flush=True)
     table(f"S-LoRA workload on {label}: {cfg['requests']} requests at "
           f"{cfg['rate']}/s, prompts {cfg['prompt_len']}, outputs {cfg['output_len']}, ranks {{8,16,32,64}}, "
-          f"pool {cfg['max_loras']}, batch {cfg['max_batch']}", rows,
+          f"pool {cfg['max_loras']} (every adapter in host memory), batch {cfg['max_batch']}", rows,
           columns=("trace: system", "tokens/s", "latency p50 / p99 s", "TTFT p50 / p90 s", f"SLO {SLO:.0f}s",
                    "failed"))
     return results

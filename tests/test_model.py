@@ -122,6 +122,21 @@ def test_failed_add_leaves_model_unchanged():
     assert before.keys() == model.state_dict().keys()
 
 
+def test_listed_hosts_follow_every_change_to_the_module_tree():
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"]))
+    assert hosted(model) == ["layers.0.q_proj", "layers.1.q_proj"]
+    model.add_adapter("v", gf.LoraConfig(target_modules=["v_proj"], modules_to_save=["classifier"]))
+    assert hosted(model) == ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj"]
+    assert [n for n, _ in model.saved_modules()] == ["classifier"]
+    host = model.base_model.layers[1].v_proj
+    model.base_model.layers[1].v_proj = host.base_layer  # a user swaps a module out: listed anew
+    assert hosted(model) == ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj"]
+    model.base_model.layers[0] = Block()  # a whole block replaced
+    assert hosted(model) == ["layers.1.q_proj"]
+    copied = copy.deepcopy(model)  # a copy lists its own modules, not the original's
+    assert all(h is copied.base_model.get_submodule(n) for n, h in copied.hosts())
+
+
 def test_delete_adapter_frees_its_slot_and_layers():
     model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
     model.add_adapter("b", gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))

@@ -30,6 +30,11 @@ _module.register_module_buffer_registration_hook(_registered)
 _module.register_module_module_registration_hook(_registered)
 
 
+def registrations() -> int:
+    """How many parameters, buffers and submodules any module has registered so far (a cache key)."""
+    return _registrations[0]
+
+
 def content_hashes(model, names) -> dict:
     """name -> SHA-256 of the adapter's config and on-disk tensors, recomputed only when a tensor changed."""
     return call_state(model, names)[0]
@@ -44,7 +49,7 @@ def call_state(model, names) -> tuple[dict, bool]:
         cached = model._hashes.get(name)
         if cached is None or cached[0] != key:
             from .io.peft_format import adapter_tensors
-            cached = model._hashes[name] = (key, adapter_hash(model.peft_config[name], adapter_tensors(model, name)))
+            cached = model._hashes[name] = (key, adapter_hash(model.peft_config[name], adapter_tensors(model, name, copy=False)))
         out[name] = cached[1]
     return out, training
 
@@ -69,12 +74,15 @@ def adopt_hash(model, name: str, config, tensors: dict, digest: str) -> bool:
 
     if _config_json(model.peft_config[name]) != _config_json(config):
         return False
-    held = adapter_tensors(model, name)
+    held = adapter_tensors(model, name, copy=False)
     if held.keys() != tensors.keys():
         return False
     for k, t in held.items():
         other = tensors[k]
-        if t.dtype != other.dtype or t.shape != other.shape or not torch.equal(t.detach().cpu(), other.cpu()):
+        if t.dtype != other.dtype or t.shape != other.shape:
+            return False
+        same = t.device == other.device and t.data_ptr() == other.data_ptr() and t.stride() == other.stride()
+        if not same and not torch.equal(t.detach().cpu(), other.cpu()):  # same: the model holds them (shared)
             return False
     model._hashes[name] = (_version_key(model, name)[0], digest)
     return True

@@ -17,7 +17,7 @@ from torch import nn
 from .batching import RowRouting, Routing, bucket_of
 from .config import AdapterConfig
 from .errors import GraftingError
-from .hashing import call_state, content_hashes
+from .hashing import call_state, content_hashes, registrations
 from .init_stage import calibration_statistics, run_init
 from .inject import (ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates, name_matches,
                      replace_module)
@@ -107,14 +107,26 @@ class AdaptedModel(nn.Module):
 
     def hosts(self) -> Iterator[tuple[str, HostLayer]]:
         """(module name relative to the base model, host layer) for every adapted layer."""
-        for name, module in iter_candidates(self.base_model):  # does not descend into host layers
-            if isinstance(module, HostLayer):
-                yield name, module
+        return iter(self._tree()[0])
 
     def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
-        for name, module in iter_candidates(self.base_model):
-            if isinstance(module, ModulesToSave):
-                yield name, module
+        return iter(self._tree()[1])
+
+    def _tree(self) -> tuple[list, list]:
+        """(hosts, modules_to_save wrappers), listed anew only after some module anywhere registered a submodule,
+        parameter or buffer (torch's global hooks count them; putting a host in or taking it out is a setattr):
+        one install in a serving pool walked the whole model about twenty times otherwise."""
+        key = (id(self.base_model), registrations())
+        cached = self.__dict__.get("_tree_cache")
+        if cached is None or cached[0] != key:
+            hosts, saved = [], []
+            for name, module in iter_candidates(self.base_model):  # does not descend into host layers
+                if isinstance(module, HostLayer):
+                    hosts.append((name, module))
+                elif isinstance(module, ModulesToSave):
+                    saved.append((name, module))
+            cached = self.__dict__["_tree_cache"] = (key, hosts, saved)
+        return cached[1], cached[2]
 
     def add_adapter(self, name: str, config: AdapterConfig, calibration: Iterable | None = None) -> None:
         """Inject adapter ``name`` built by ``config`` (any registered method's config).

@@ -31,7 +31,7 @@ def test_graft_serve_answers_and_shuts_down_gracefully(tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "grafting.cli.main", "serve", str(tmp_path / "tiny-gpt2"),
                              "--adapter", f"style={tmp_path / 'style'}", "--port", str(port), "--max-lora-rank", "16",
-                             "--stack-dtype", "bfloat16",
+                             "--max-cpu-loras", "16", "--stack-dtype", "bfloat16",
                              "--preload"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

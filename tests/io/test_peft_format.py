@@ -168,3 +168,20 @@ def test_loading_draws_no_random_init(saved):
     # a new adapter still starts from peft's init (A random, B zero)
     model.add_adapter("fresh", gf.LoraConfig(**CFG))
     assert host.adapters["fresh"].lora_A.abs().sum() > 0 and not host.adapters["fresh"].lora_B.any()
+
+
+def test_install_copies_the_callers_tensors_unless_told_to_share(saved):
+    from grafting.io.peft_format import install_adapter
+    from grafting.io.reader import AdapterReader
+    reader = AdapterReader(saved)
+    for share in (False, True):
+        tensors = reader.read_all()
+        model = gf.AdaptedModel(make_toy("linear"))
+        install_adapter(model, "a", reader.config, tensors, saved, share=share)
+        lora_A = model.get_submodule("base_model.target").adapters["a"].lora_A
+        key = next(k for k in tensors if k.endswith("lora_A.weight"))
+        assert torch.equal(lora_A, tensors[key])
+        assert (lora_A.data_ptr() == tensors[key].data_ptr()) == share  # shared: the read tensor itself
+        tensors[key].add_(1.0)  # the caller writes to its tensor afterwards
+        assert torch.equal(lora_A, tensors[key]) == share
+        assert lora_A.requires_grad  # still the adapter's trainable parameter either way

@@ -206,6 +206,22 @@ def test_background_thread_serves_concurrent_clients_and_drains_on_stop():
         engine.submit([1], GREEDY)
 
 
+def test_start_hides_what_is_alive_from_the_collector_until_stop():
+    import gc
+    model = served("gpt2")
+    engine = Engine(model).start()
+    try:
+        assert gc.get_freeze_count() > 1000  # the model, torch, transformers: not walked by each collection
+        assert engine.submit(PROMPTS[0], GREEDY, "a").result(timeout=60).token_ids == \
+            hf_greedy(model, PROMPTS[0], "a", GREEDY.max_tokens)
+    finally:
+        engine.stop()
+    assert gc.get_freeze_count() == 0  # collectable again once serving stops
+    engine = Engine(model).start(freeze_gc=False)
+    assert gc.get_freeze_count() == 0
+    engine.stop()
+
+
 def test_modules_to_save_head_is_served_per_row():
     model = gf.AdaptedModel(tiny_lm("llama", tie=False))
     add_random_adapter(model, "plain", "llama", r=4, seed=1)

@@ -247,3 +247,115 @@ def test_installed_adapters_carry_the_hash_the_loader_computed_and_it_is_the_mod
     tensors[key] = tensors[key] + 1  # not what the model holds: refused
     assert not adopt_hash(model, name, config, tensors, adapter_hash(config, tensors))
     assert model.content_hash(name) != adapter_hash(config, tensors)
+
+
+def run_all(engine, handles, steps: int = 3000):
+    for _ in range(steps):
+        if all(h.request.finish_reason is not None for h in handles):
+            return
+        engine.step()
+        time.sleep(0.001)
+    raise AssertionError("requests did not finish")
+
+
+def test_queued_requests_for_more_adapters_than_the_pool_holds_read_each_once(adapter_dirs):
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=2, max_cpu_loras=0)  # no host tier: a second install would read again
+    for name, d in dirs.items():
+        pool.register(name, d)
+    engine = Engine(pool.model, pool=pool, max_batch=2)
+    names = list(dirs)
+    handles = [engine.submit([1, 2, 3], GREEDY, n) for n in names]
+    engine.step()
+    # only what fits is read now; the rest wait their turn (pending, so the loop does not spin on them)
+    assert pool._deferred == set(names[2:]) and all(pool.pending(n) for n in names[2:])
+    run_all(engine, handles)
+    assert [h.result().token_ids for h in handles] == [expected[n] for n in names]
+    # read and installed once each: before, every queued request's adapter was read at once and most were
+    # evicted again before their request ran
+    assert pool.stats["reads"] == len(names) and pool.stats["loads"] == len(names)
+    pool.close()
+
+
+def test_evicted_adapters_come_back_from_the_host_tier_without_a_read(adapter_dirs, tmp_path):
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=1, max_cpu_loras=3)
+    for name in ("ad0", "ad1", "ad4"):
+        pool.register(name, dirs[name])
+    for name in ("ad0", "ad1", "ad4", "ad0", "ad1"):  # each install evicts the previous adapter
+        pool.release(settle(pool, name))
+    assert pool.stats["reads"] == 3 and pool.stats["loads"] == 5 and pool.stats["evictions"] == 4
+    assert pool.in_memory == ["ad4", "ad0", "ad1"]
+    engine = Engine(pool.model, pool=pool)
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad4"])[0].token_ids == expected["ad4"]  # from memory
+    assert pool.stats["reads"] == 3
+    # an installed adapter holds its host copy's tensors, not copies of them
+    internal = settle(pool, "ad4")
+    host = next(h for _, h in pool.model.hosts() if internal in h.adapters)
+    copy = pool._host["ad4"].tensors
+    ptrs = {t.data_ptr() for t in copy.values()}
+    assert host.adapters[internal].lora_A.data_ptr() in ptrs
+    pool.release(internal)
+    # re-registering a name drops its host copy: the new registration reads its files
+    pool.register("ad0", dirs["ad5"])
+    assert "ad0" not in pool.in_memory
+    pool.release(settle(pool, "ad0"))
+    assert pool.stats["reads"] == 4
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad0"])[0].token_ids == expected["ad5"]
+    # a tier of 0 keeps nothing
+    none = fresh_pool(max_loras=1, max_cpu_loras=0)
+    none.register("ad0", dirs["ad0"])
+    none.register("ad1", dirs["ad1"])
+    for name in ("ad0", "ad1", "ad0"):
+        none.release(settle(none, name))
+    assert none.stats["reads"] == 3 and none.in_memory == []
+    with pytest.raises(gf.GraftingError, match="max_cpu_loras: expected >= 0"):
+        fresh_pool(max_cpu_loras=-1)
+    pool.close()
+    none.close()
+
+
+def test_preload_reads_adapters_beyond_the_pool_into_the_host_tier(adapter_dirs):
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=2, max_cpu_loras=5)
+    for name, d in dirs.items():
+        pool.register(name, d)
+    assert pool.preload() == ["ad0", "ad1"]
+    assert pool.in_memory == ["ad0", "ad1", "ad2", "ad3", "ad4"] and pool.stats["reads"] == 5
+    engine = Engine(pool.model, pool=pool, max_batch=2)
+    out = engine.generate([[1, 2, 3]] * 3, GREEDY, ["ad2", "ad3", "ad4"])
+    assert [o.token_ids for o in out] == [expected[n] for n in ("ad2", "ad3", "ad4")]
+    assert pool.stats["reads"] == 5  # all three came from memory
+    # the host tier's byte budget: the least recently used copies go first
+    small = fresh_pool(max_loras=1, max_cpu_loras=6, max_cpu_bytes=sum(
+        t.numel() * t.element_size() for t in pool._host["ad0"].tensors.values()) + 1)
+    for name, d in dirs.items():
+        small.register(name, d)
+    small.preload(["ad0", "ad1", "ad5"])
+    assert small.in_memory == ["ad5"]  # ad1 alone is over the budget; ad5 (ad0's size) pushed ad0 out
+    pool.close()
+    small.close()
+
+
+def test_a_nan_adapter_is_refused_by_the_loader_with_the_file_named(adapter_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+    dirs, _ = adapter_dirs
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((dirs["ad0"] / "adapter_config.json").read_text())
+    tensors = load_file(dirs["ad0"] / "adapter_model.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    pool = fresh_pool()
+    pool.register("nan", bad)
+    assert pool.acquire("nan") is None
+    for _ in range(200):
+        time.sleep(0.01)
+        pool.poll()
+        if not pool.pending("nan"):
+            break
+    with pytest.raises(AdapterError, match=f"adapter_model.safetensors: tensor '{key}' holds NaN"):
+        pool.acquire("nan")
+    assert pool.model.adapter_names() == []
+    pool.close()

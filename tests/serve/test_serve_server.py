@@ -46,3 +46,13 @@ def test_stack_dtype_sets_the_mixed_batch_store_or_says_what_it_takes(tmp_path):
     assert engine.model._routing.stack_dtype == torch.bfloat16
     with pytest.raises(GraftingError, match="stack_dtype 'int4': expected one of float32, bfloat16"):
         build_engine(str(tmp_path / "gpt2"), stack_dtype="int4")
+
+
+def test_max_cpu_loras_sizes_the_host_tier_and_is_at_least_max_loras(tmp_path):
+    tiny_lm("gpt2").save_pretrained(tmp_path / "gpt2")
+    engine, _ = build_engine(str(tmp_path / "gpt2"), max_loras=2, max_cpu_loras=16)
+    assert (engine.pool.max_loras, engine.pool.max_cpu_loras) == (2, 16)
+    engine, _ = build_engine(str(tmp_path / "gpt2"), max_loras=2)
+    assert engine.pool.max_cpu_loras == 2  # vLLM's default: as many as resident
+    with pytest.raises(GraftingError, match=r"max_cpu_loras \(1\): expected at least max_loras \(2\)"):
+        build_engine(str(tmp_path / "gpt2"), max_loras=2, max_cpu_loras=1)

@@ -20,7 +20,8 @@ def cmd_serve(args) -> int:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
           served_model_name=args.served_model_name, adapter_root=args.adapter_root,
           adapters=_adapter_pairs(args.adapter), request_timeout=args.request_timeout,
-          max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
+          max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+          max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
           max_queue=args.max_queue, max_model_len=args.max_model_len,
           timeout_keep_alive=args.timeout_keep_alive, task=args.task, preload=args.preload,
           stack_dtype=args.stack_dtype)
@@ -44,9 +45,13 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="the base model's name in requests (default: the model's name)")
     p.add_argument("--max-loras", type=int, default=8, help="adapters resident at once (default 8)")
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters kept in memory as read, resident or not (default: --max-loras); an evicted "
+                        "one comes back without a disk read")
     p.add_argument("--max-lora-rank", type=int, default=None, help="refuse adapters above this rank (default: any)")
     p.add_argument("--preload", action="store_true",
-                   help="read the first --max-loras registered adapters at startup, so no early request waits")
+                   help="read the first --max-loras registered adapters at startup (and the next ones up to "
+                        "--max-cpu-loras into memory), so no early request waits")
     p.add_argument("--stack-dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype of the mixed-batch adapter factors (default: the adapters' own); bfloat16 halves "
                         "what a decode step with many distinct adapters reads")

@@ -19,6 +19,7 @@ from safetensors.torch import save
 from ..errors import GraftingError
 from ..init_stage import filling_from_disk
 from ..layers import stores_plain_weight
+from ..methods.base import Method
 from ..registry import get_method
 from .atomic import atomic_dir
 from .reader import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterReader, read_config, weights_file
@@ -90,10 +91,12 @@ def _peft_aliases(model, name: str) -> dict:
     return out
 
 
-def adapter_tensors(model, name: str, convert_init: bool = False, export: bool = False) -> dict[str, torch.Tensor]:
+def adapter_tensors(model, name: str, convert_init: bool = False, export: bool = False,
+                    copy: bool = True) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys (what ``save_adapter`` writes). ``convert_init``: after an init
     that changed the base, tensors that apply to the original base instead (see ``Method.to_original_base``).
-    ``export``: as the standard method the adapter's method exports to (``Method.export_config``), if any."""
+    ``export``: as the standard method the adapter's method exports to (``Method.export_config``), if any.
+    ``copy=False``: detached, possibly views of the live tensors (hashing only reads them)."""
     tensors = {}
     initial = model._initial.get(name) if convert_init else None
     cfg = model.peft_config[name]
@@ -120,6 +123,8 @@ def adapter_tensors(model, name: str, convert_init: bool = False, export: bool =
     for key, (module, attr, _, method, _) in _slots(model, name).items():
         if method is None:
             tensors[key] = getattr(module, attr).detach()
+    if not copy:
+        return {k: v.detach() for k, v in tensors.items()}
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
@@ -157,13 +162,17 @@ def read_shapes(path) -> dict[str, tuple]:
 def load_adapter(model, path, name: str) -> None:
     path = Path(path)
     reader = AdapterReader(path)
-    install_adapter(model, name, reader.config, reader.read_all(), path, reader.metadata)
+    install_adapter(model, name, reader.config, reader.read_all(), path, reader.metadata, share=True)
 
 
-def install_adapter(model, name: str, config, tensors: dict, path, metadata: dict | None = None) -> None:
+def install_adapter(model, name: str, config, tensors: dict, path, metadata: dict | None = None,
+                    finite_checked: bool = False, share: bool = False) -> None:
     """Add adapter ``name`` with ``tensors`` already read from the directory ``path`` (named in errors); a
     serving pool reads files off the engine's thread and installs here between steps. ``metadata``: the
-    weights file's ``__metadata__``; a base fingerprint there is checked against this model's base."""
+    weights file's ``__metadata__``; a base fingerprint there is checked against this model's base.
+    ``finite_checked``: the caller already ran :func:`require_finite` on ``tensors`` (off this thread).
+    ``share``: the adapter's parameters may be ``tensors`` themselves rather than copies, where dtype and shape
+    already match (the caller promises not to write to them; a load then allocates and copies nothing)."""
     path = Path(path)
     try:
         with filling_from_disk():
@@ -171,7 +180,7 @@ def install_adapter(model, name: str, config, tensors: dict, path, metadata: dic
     except GraftingError as e:
         raise GraftingError(f"{path / CONFIG_NAME}: {e}") from None
     try:
-        _fill(model, name, config, tensors, path / WEIGHTS_NAME)
+        _fill(model, name, config, tensors, path / WEIGHTS_NAME, finite_checked, share)
         if metadata and BASE_FINGERPRINT in metadata:
             check_base_fingerprint(model, name, metadata[BASE_FINGERPRINT], path / WEIGHTS_NAME)
             model.adapter_metadata[name] = {BASE_FINGERPRINT: metadata[BASE_FINGERPRINT]}
@@ -218,7 +227,14 @@ def fill_adapter(model, path, name: str) -> None:
     _fill(model, name, model.peft_config[name], reader.read_all(), reader.file)
 
 
-def _fill(model, name: str, config, tensors: dict, f: Path) -> None:
+def require_finite(tensors: dict, f) -> None:
+    """Refuse tensors holding NaN or infinite values, naming the file ``f`` and the key."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise GraftingError(f"{f}: tensor '{key}' holds NaN or infinite values")
+
+
+def _fill(model, name: str, config, tensors: dict, f: Path, finite_checked: bool = False, share: bool = False) -> None:
     slots = _slots(model, name)
     missing = sorted(set(slots) - set(tensors))
     aliases = _peft_aliases(model, name)
@@ -243,14 +259,23 @@ def _fill(model, name: str, config, tensors: dict, f: Path) -> None:
             if method is not None and getattr(module, "r", None) is not None:
                 hint = f" (the config gives this module r={module.r}; check r / rank_pattern)"
             raise GraftingError(f"{f}: tensor '{key}' has shape {tuple(t.shape)}, expected {shape}{hint}")
-        if not torch.isfinite(t).all():
-            raise GraftingError(f"{f}: tensor '{key}' holds NaN or infinite values")
+    if not finite_checked:
+        require_finite({k: tensors[k] for k in slots}, f)
     with torch.no_grad():
         for key, (module, attr, shape, method, host) in slots.items():
-            if method is not None:
+            if share and _shareable(module, attr, tensors[key], method):
+                module._parameters[attr].data = tensors[key]
+            elif method is not None:
                 method.from_peft(module, host, attr, tensors[key])
             else:
                 getattr(module, attr).copy_(tensors[key].to(getattr(module, attr).dtype))
+
+
+def _shareable(module, attr: str, t: torch.Tensor, method) -> bool:
+    """Whether an adapter's own parameter can be ``t`` itself: a plain copy would land there unchanged."""
+    target = module._parameters.get(attr) if method is not None else None
+    return (target is not None and type(method).from_peft is Method.from_peft and t.dtype == target.dtype
+            and t.shape == target.shape and t.device == target.device and t.is_contiguous())
 
 
 def inspect_adapter(path) -> dict:

@@ -241,6 +241,8 @@ class Embedder(BackgroundLoop):
         batch, rows, now = [], 0, time.monotonic()
         with self._lock:
             candidates = list(self.waiting)
+        if self.pool is not None:
+            self.pool.want([j.adapter for j in candidates if j.adapter is not None and not j.future.cancelled()])
         for job in candidates:
             if job.future.cancelled() or (job.deadline is not None and now > job.deadline):
                 self._remove_waiting(job)

@@ -163,6 +163,8 @@ class Engine(BackgroundLoop):
         now = time.monotonic()
         with self._lock:
             candidates = list(self.waiting)
+        if self.pool is not None:
+            self.pool.want([r.adapter for r in candidates if r.adapter is not None and not r.cancelled])
         for request in candidates:
             if request.cancelled or (request.deadline is not None and now > request.deadline):
                 self._remove_waiting(request)

@@ -6,7 +6,11 @@ the config is read), *resident* ones are installed in the :class:`~grafting.Adap
 path serves them), at most ``max_loras`` of them and at most ``max_bytes`` of tensors, and the least recently
 used one that no running request holds is evicted when room is needed. Files are read and validated on a
 loader thread, so a load never stalls the decode loop: the engine installs what has been read between steps
-(:meth:`AdapterPool.poll`).
+(:meth:`AdapterPool.poll`). Like S-LoRA's host memory (and vLLM's ``max_cpu_loras``), read adapters stay in a
+second, larger LRU tier (``max_cpu_loras``): one evicted from the model comes back from memory, without a
+read, a hash or the loader thread's share of two cores, which on a CPU the decode loop feels. An installed
+adapter's parameters are its host copy's tensors (nothing is copied or allocated at install, so a pool turning
+over does not fragment the heap the decode loop allocates from); nothing in serving writes to them.
 
 Resident adapters are keyed by **content hash** (config + tensors, :func:`grafting.hashing.adapter_hash`),
 not by name: re-registering a name (a new directory, or new files in the old one) makes its next request read
@@ -25,7 +29,7 @@ from pathlib import Path
 
 from ..errors import GraftingError
 from ..hashing import adapter_hash, adopt_hash
-from ..io.peft_format import install_adapter
+from ..io.peft_format import install_adapter, require_finite
 from ..io.reader import AdapterReader, read_config
 
 
@@ -49,6 +53,17 @@ class _Registered:
 
 
 @dataclass
+class _HostCopy:
+    """An adapter as read (validated, hashed, prepared) for one registration of its name."""
+    generation: int
+    digest: str
+    config: object
+    tensors: dict
+    metadata: dict | None
+    nbytes: int
+
+
+@dataclass
 class _Resident:
     internal: str  # the adapter's name inside the model
     nbytes: int
@@ -67,16 +82,25 @@ class AdapterPool:
     """Registered adapters by name; the resident ones inside ``model`` (an AdaptedModel).
 
     ``max_loras``: resident adapters at most (so also distinct adapters in one batch); ``max_bytes``: their
-    tensors' bytes at most (None: no limit); ``max_rank``: registering an adapter with a larger rank is refused
-    (None: any rank); ``prepare``: ``(config, tensors) -> (config, tensors)`` applied after reading (and after
-    hashing, so keys stay the files' content), e.g. :func:`grafting.serve.embed.encoder_view`."""
+    tensors' bytes at most (None: no limit); ``max_cpu_loras`` / ``max_cpu_bytes``: adapters kept in memory as
+    read, so a re-install needs no disk read (default: as many as ``max_loras``; 0 keeps none); ``max_rank``:
+    registering an adapter with a larger rank is refused (None: any rank); ``prepare``: ``(config, tensors) ->
+    (config, tensors)`` applied after reading (and after hashing, so keys stay the files' content), e.g.
+    :func:`grafting.serve.embed.encoder_view`."""
 
     def __init__(self, model, max_loras: int = 8, max_bytes: int | None = None, max_rank: int | None = None,
-                 loader_threads: int = 1, prepare=None):
+                 loader_threads: int = 1, prepare=None, max_cpu_loras: int | None = None,
+                 max_cpu_bytes: int | None = None):
         if max_loras < 1:
             raise GraftingError(f"max_loras: expected >= 1, got {max_loras}")
+        if max_cpu_loras is not None and max_cpu_loras < 0:
+            raise GraftingError(f"max_cpu_loras: expected >= 0, got {max_cpu_loras}")
         self.model = model
         self.max_loras, self.max_bytes, self.max_rank = max_loras, max_bytes, max_rank
+        self.max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras
+        self.max_cpu_bytes = max_cpu_bytes
+        self._host: OrderedDict[str, _HostCopy] = OrderedDict()  # name -> as read, LRU first
+        self._host_bytes = 0
         self.prepare = prepare
         self._registered: dict[str, _Registered] = {}
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # digest -> resident, LRU first
@@ -84,7 +108,9 @@ class AdapterPool:
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(loader_threads, thread_name_prefix="grafting-adapter-loader")
         self._generation = 0
-        self.stats = {"loads": 0, "evictions": 0, "load_errors": 0}
+        self._wanted: set = set()  # names queued requests wait for that may take room now (see want)
+        self._deferred: set = set()  # names queued further back: not read until room is theirs
+        self.stats = {"loads": 0, "evictions": 0, "load_errors": 0, "reads": 0}
         self.on_change = None  # called (no arguments) from the loader thread when a read finished
 
     # ---- registration (any thread) ----------------------------------------------------------------------------
@@ -101,12 +127,14 @@ class AdapterPool:
         with self._lock:
             self._generation += 1
             self._registered[name] = _Registered(name, path, rank, self._generation)
+            self._drop_host_copy(name)  # the new registration reads its files anew
 
     def unregister(self, name: str) -> None:
         """Forget ``name``; its resident copy is evicted once no running request holds it."""
         with self._lock:
             if self._registered.pop(name, None) is None:
                 raise AdapterNotFound(f"no adapter named '{name}'")
+            self._drop_host_copy(name)
 
     def names(self) -> list[str]:
         with self._lock:
@@ -117,6 +145,12 @@ class AdapterPool:
 
     def path(self, name: str) -> Path:
         return self._registered[name].path
+
+    @property
+    def in_memory(self) -> list[str]:
+        """Names whose adapter the host tier holds as read, least recently used first."""
+        with self._lock:
+            return list(self._host)
 
     @property
     def resident(self) -> list[str]:
@@ -140,9 +174,45 @@ class AdapterPool:
                 res.last_used = time.monotonic()
                 self._resident.move_to_end(entry.digest)
                 return res.internal
-            if entry.loading is None:
-                entry.loading = self._loader.submit(self._read, entry, entry.generation)
+            if entry.loading is None and name not in self._deferred:
+                self._fetch(entry)
             return None
+
+    def _fetch(self, entry: _Registered) -> None:
+        """Queue ``entry`` for install: from the host tier if it holds this registration, else read (locked)."""
+        copy = self._host.get(entry.name)
+        if copy is not None and copy.generation == entry.generation:
+            self._host.move_to_end(entry.name)
+            self._ready.append((entry, entry.generation, copy.digest, copy.config, copy.tensors, None,
+                                copy.metadata))
+            entry.loading = _DONE
+        else:
+            entry.loading = self._loader.submit(self._read, entry, entry.generation)
+
+    def want(self, names) -> None:
+        """The adapters that queued requests wait for, in the order they will be admitted; a scheduler calls
+        this before it acquires. Reads start for the first ones that fit beside the pinned residents, installs
+        evict residents nobody waits for before any that somebody does, and names further back wait their turn
+        instead of being read now and evicted before their request runs (512 adapters queued through a pool of
+        64 read each adapter about twice that way)."""
+        with self._lock:
+            room = self.max_loras - sum(1 for r in self._resident.values() if r.pins > 0)
+            wanted, deferred = [], set()
+            for name in dict.fromkeys(names):
+                entry = self._registered.get(name)
+                if entry is None or entry.error is not None:
+                    continue
+                res = self._resident.get(entry.digest) if entry.digest is not None else None
+                if res is not None and res.pins > 0:
+                    continue  # already holds its room
+                if len(wanted) < max(room, 1):
+                    wanted.append(entry)
+                else:
+                    deferred.add(name)
+            self._wanted, self._deferred = {e.name for e in wanted}, deferred
+            for entry in wanted:
+                if entry.loading is None and not (entry.digest is not None and entry.digest in self._resident):
+                    self._fetch(entry)
 
     def release(self, internal: str) -> None:
         with self._lock:
@@ -152,21 +222,28 @@ class AdapterPool:
                     return
 
     def _read(self, entry: _Registered, generation: int):
-        try:
-            reader = AdapterReader(entry.path)
-            tensors = reader.read_all()
-            digest = adapter_hash(reader.config, tensors)
-            config = reader.config
-            if self.prepare is not None:
-                config, tensors = self.prepare(config, tensors)
-            result = (entry, generation, digest, config, tensors, None, reader.metadata)
-        except Exception as e:  # reported to the requests that asked for it
-            result = (entry, generation, None, None, None, str(e) if isinstance(e, GraftingError) else
-                      f"{entry.path}: cannot read adapter '{entry.name}' ({type(e).__name__}: {e})", None)
+        result = self._read_files(entry, generation)
         with self._lock:
             self._ready.append(result)
         if self.on_change is not None:
             self.on_change()
+
+    def _read_files(self, entry: _Registered, generation: int) -> tuple:
+        """(entry, generation, digest, config, tensors, error, metadata): read, checked, hashed, prepared."""
+        try:
+            reader = AdapterReader(entry.path)
+            tensors = reader.read_all()
+            require_finite(tensors, reader.file)  # here, not on the engine's thread at install
+            digest = adapter_hash(reader.config, tensors)
+            config = reader.config
+            if self.prepare is not None:
+                config, tensors = self.prepare(config, tensors)
+            with self._lock:
+                self.stats["reads"] += 1
+            return entry, generation, digest, config, tensors, None, reader.metadata
+        except Exception as e:  # reported to the requests that asked for it
+            return (entry, generation, None, None, None, str(e) if isinstance(e, GraftingError) else
+                    f"{entry.path}: cannot read adapter '{entry.name}' ({type(e).__name__}: {e})", None)
 
     def poll(self) -> bool:
         """Install adapters read since the last call, evicting unpinned LRU ones to make room. Call between
@@ -187,6 +264,7 @@ class AdapterPool:
                     self.stats["load_errors"] += 1
                     changed = True
                     continue
+                self._keep_host_copy(entry, generation, digest, config, tensors, metadata)
                 if digest in self._resident:  # same content under another name, or read twice
                     entry.digest = digest
                     changed = True
@@ -199,7 +277,8 @@ class AdapterPool:
                 continue
             internal = "pool-" + digest[:24]
             try:
-                install_adapter(self.model, internal, config, tensors, entry.path, metadata)
+                install_adapter(self.model, internal, config, tensors, entry.path, metadata, finite_checked=True,
+                                share=True)
             except Exception as e:
                 with self._lock:
                     entry.error = str(e) if isinstance(e, GraftingError) else f"{entry.path}: {e}"
@@ -218,6 +297,25 @@ class AdapterPool:
         self._evict_unregistered()
         return changed
 
+    def _keep_host_copy(self, entry, generation, digest, config, tensors, metadata) -> None:
+        """Keep what was read in the host tier (locked), least recently used copies dropped past its limits."""
+        if self.max_cpu_loras == 0:
+            return
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.max_cpu_bytes is not None and nbytes > self.max_cpu_bytes:
+            return
+        self._drop_host_copy(entry.name)
+        self._host[entry.name] = _HostCopy(generation, digest, config, tensors, metadata, nbytes)
+        self._host_bytes += nbytes
+        while len(self._host) > self.max_cpu_loras or (self.max_cpu_bytes is not None
+                                                       and self._host_bytes > self.max_cpu_bytes):
+            self._drop_host_copy(next(iter(self._host)))
+
+    def _drop_host_copy(self, name: str) -> None:
+        dropped = self._host.pop(name, None)
+        if dropped is not None:
+            self._host_bytes -= dropped.nbytes
+
     def _make_room(self, nbytes: int) -> bool:
         if self.max_bytes is not None and nbytes > self.max_bytes:
             return False
@@ -228,7 +326,8 @@ class AdapterPool:
                                                                   or used + nbytes <= self.max_bytes)
                 if fits:
                     return True
-                victim = next((d for d, r in self._resident.items() if r.pins <= 0), None)
+                spare = {self._registered[n].digest for n in self._wanted if n in self._registered}
+                victim = next((d for d, r in self._resident.items() if r.pins <= 0 and d not in spare), None)
                 if victim is None:
                     return False
             self._evict(victim)
@@ -252,10 +351,11 @@ class AdapterPool:
 
     def preload(self, names=None) -> list[str]:
         """Read and install adapters now, on the calling thread (the model's, before serving starts): ``names``
-        (default: the registered ones, in registration order), at most ``max_loras`` of them. A server that
-        starts warm answers its first requests without waiting for disk; S-LoRA's and peft's servers hold their
-        adapters before the first request too. Returns the names now resident; ones that fail to load keep
-        their error for the requests that ask for them."""
+        (default: the registered ones, in registration order), the first ``max_loras`` of them installed and
+        the rest, up to ``max_cpu_loras`` in all, read into the host tier. A server that starts warm answers its
+        first requests without waiting for disk; S-LoRA's and peft's servers hold their adapters before the
+        first request too. Returns the names now resident; ones that fail to load keep their error for the
+        requests that ask for them."""
         with self._lock:
             wanted = list(self._registered) if names is None else list(names)
         for name in wanted:
@@ -273,15 +373,30 @@ class AdapterPool:
             self.poll()
             if entry.digest is not None and entry.digest in self._resident:
                 loaded.append(name)
+        for name in wanted[self.max_loras:max(self.max_loras, self.max_cpu_loras)]:
+            with self._lock:
+                entry = self._registered[name]
+                copy = self._host.get(name)
+                if copy is not None and copy.generation == entry.generation:
+                    continue
+            _, generation, digest, config, tensors, error, metadata = self._read_files(entry, entry.generation)
+            with self._lock:
+                if self._registered.get(name) is not entry or entry.generation != generation:
+                    continue
+                if error is not None:
+                    entry.error = error
+                    self.stats["load_errors"] += 1
+                else:
+                    self._keep_host_copy(entry, generation, digest, config, tensors, metadata)
         with self._lock:
             internal = [r.internal for r in self._resident.values()]
         self.model.stack_adapters(internal)  # the mixed-batch stacks too, not on the first requests
         return loaded
 
     def pending(self, name: str) -> bool:
-        """Whether adapter ``name`` is being read or waits for room."""
+        """Whether adapter ``name`` is being read, waits for room, or waits its turn to be read (:meth:`want`)."""
         entry = self._registered.get(name)
-        return entry is not None and entry.loading is not None
+        return entry is not None and (entry.loading is not None or name in self._deferred)
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)

@@ -48,12 +48,14 @@ STACK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def build_engine(model: str, adapters: dict | None = None, adapter_root=None, max_loras: int = 8,
                  max_lora_rank: int | None = None, max_batch: int = 32, max_queue: int = 1024,
                  max_model_len: int | None = None, max_adapter_bytes: int | None = None, task: str = "auto",
-                 preload: bool = False, stack_dtype: str | None = None):
+                 preload: bool = False, stack_dtype: str | None = None, max_cpu_loras: int | None = None):
     """(engine, tokenizer): the base model loaded for inference, an AdapterPool with ``adapters`` (name ->
     directory) and every adapter directory directly under ``adapter_root`` registered by its folder name.
     ``task`` "generate" gives an :class:`~grafting.serve.Engine` (a causal LM), "embed" an
     :class:`~grafting.serve.embed.Embedder` (an encoder); "auto" picks by the model (:func:`model_task`).
-    ``preload``: read and install the first ``max_loras`` registered adapters before returning.
+    ``max_cpu_loras``: adapters kept in memory as read (default ``max_loras``), so one evicted from the model
+    comes back without a disk read. ``preload``: read and install the first ``max_loras`` registered adapters,
+    and read the next ones up to ``max_cpu_loras`` into memory, before returning.
     ``stack_dtype``: "bfloat16" keeps the mixed-batch factors in bf16 (half the bytes a decode step with many
     adapters reads; :meth:`~grafting.AdaptedModel.set_stack_dtype`); default: the adapters' own."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,8 +76,10 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
         if stack_dtype not in STACK_DTYPES:
             raise GraftingError(f"stack_dtype '{stack_dtype}': expected one of {', '.join(STACK_DTYPES)}")
         adapted.set_stack_dtype(STACK_DTYPES[stack_dtype])
+    if max_cpu_loras is not None and max_cpu_loras < max_loras:
+        raise GraftingError(f"max_cpu_loras ({max_cpu_loras}): expected at least max_loras ({max_loras})")
     pool = AdapterPool(adapted, max_loras=max_loras, max_rank=max_lora_rank, max_bytes=max_adapter_bytes,
-                       prepare=encoder_view(adapted) if task == "embed" else None)
+                       prepare=encoder_view(adapted) if task == "embed" else None, max_cpu_loras=max_cpu_loras)
     if max_lora_rank is not None:
         adapted.reserve(max_loras, max_lora_rank)  # the stacks never reallocate while serving
     if adapter_root is not None:
