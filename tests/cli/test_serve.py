@@ -39,7 +39,9 @@ def test_graft_serve_answers_and_shuts_down_gracefully(tmp_path):
         wait_healthy(url, proc=proc)
         models = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
         assert models == ["tiny-gpt2", "style"]
-        assert "grafting_adapter_loads_total 1.0" in httpx.get(url + "/metrics").text  # --preload: read at startup
+        metrics = httpx.get(url + "/metrics").text
+        assert "grafting_adapter_loads_total 1.0" in metrics  # --preload: read at startup
+        assert "grafting_adapter_reads_total 1.0" in metrics and "grafting_adapters_in_memory 1.0" in metrics
         body = {"model": "style", "prompt": "hi", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
         first = httpx.post(url + "/v1/completions", json=body, timeout=30).json()
         assert first["usage"]["completion_tokens"] == 5

@@ -29,12 +29,16 @@ class _EngineCollector:
                                 value=stats["generated_tokens"] / elapsed)
         pool = e.pool
         if pool is not None:
-            yield CounterMetricFamily("grafting_adapter_loads", "adapters read and installed",
+            yield CounterMetricFamily("grafting_adapter_loads", "adapters installed in the model",
                                       value=pool.stats["loads"])
+            yield CounterMetricFamily("grafting_adapter_reads", "adapters read from disk (the rest of the "
+                                      "loads came from the host tier)", value=pool.stats["reads"])
             yield CounterMetricFamily("grafting_adapter_evictions", "resident adapters evicted",
                                       value=pool.stats["evictions"])
             yield GaugeMetricFamily("grafting_adapters_resident", "adapters resident in the model",
                                     value=len(pool.resident))
+            yield GaugeMetricFamily("grafting_adapters_in_memory", "adapters held in memory as read (host tier)",
+                                    value=len(pool.in_memory))
             yield GaugeMetricFamily("grafting_adapters_registered", "adapters registered",
                                     value=len(pool.names()))
 
