@@ -133,6 +133,18 @@ def test_listed_hosts_follow_every_change_to_the_module_tree():
     assert hosted(model) == ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj"]
     model.base_model.layers[0] = Block()  # a whole block replaced
     assert hosted(model) == ["layers.1.q_proj"]
+    # changes that register nothing (torch's hooks do not see them) are caught too
+    blocks = model.base_model.layers
+    blocks.insert(0, copy.deepcopy(blocks[1]))
+    assert hosted(model) == ["layers.0.q_proj", "layers.2.q_proj"]
+    del blocks[0]
+    assert hosted(model) == ["layers.1.q_proj"]
+    blocks.insert(2, copy.deepcopy(blocks[1]))  # at the end: no existing child moves
+    assert hosted(model) == ["layers.1.q_proj", "layers.2.q_proj"]
+    blocks.pop(1)
+    assert hosted(model) == ["layers.1.q_proj"]
+    delattr(blocks[1], "q_proj")
+    assert hosted(model) == []
     copied = copy.deepcopy(model)  # a copy lists its own modules, not the original's
     assert all(h is copied.base_model.get_submodule(n) for n, h in copied.hosts())
 

@@ -13,6 +13,7 @@ import re
 from torch import nn
 
 from .errors import GraftingError
+from .hashing import registrations
 from .layers import HostLayer, kind_of
 
 ALL_LINEAR = "all-linear"
@@ -41,6 +42,37 @@ def iter_candidates(model: nn.Module):
             if not isinstance(child, (HostLayer, ModulesToSave)):
                 yield from walk(child, name)
     yield from walk(model, "")
+
+
+class AdaptedTree:
+    """The host layers and modules_to_save wrappers of a model, listed once and listed again only when the tree
+    changed: one install in a serving pool asked for them about twenty times, each a walk of the whole model.
+
+    Two checks say "changed", both cheap: torch's global registration count (``hashing.registrations``: putting
+    a host in or swapping a module is a setattr), and, for every module on the path to a listed one, its
+    children as they were, which catches what skips registration (``del``, ``ModuleList.pop``/``insert``)."""
+
+    def __init__(self):
+        self._key, self._paths, self.hosts, self.saved = None, [], [], []
+
+    def get(self, model: nn.Module) -> tuple[list, list]:
+        key = (id(model), registrations())
+        if key != self._key or any(tuple(m._modules.values()) != kids for m, kids in self._paths):
+            self._list(model)
+            self._key = key
+        return self.hosts, self.saved
+
+    def _list(self, model: nn.Module) -> None:
+        self.hosts, self.saved, ancestors = [], [], {"": model}
+        for name, module in iter_candidates(model):  # does not descend into host layers
+            if isinstance(module, (HostLayer, ModulesToSave)):
+                (self.hosts if isinstance(module, HostLayer) else self.saved).append((name, module))
+                parts = name.split(".")
+                for i in range(1, len(parts)):
+                    prefix = ".".join(parts[:i])
+                    if prefix not in ancestors:
+                        ancestors[prefix] = model.get_submodule(prefix)
+        self._paths = [(m, tuple(m._modules.values())) for m in ancestors.values()]
 
 
 def find_targets(model: nn.Module, cfg, saved_in_full: list | None = None) -> list[tuple[str, nn.Module]]:

@@ -17,10 +17,10 @@ from torch import nn
 from .batching import RowRouting, Routing, bucket_of
 from .config import AdapterConfig
 from .errors import GraftingError
-from .hashing import call_state, content_hashes, registrations
+from .hashing import call_state, content_hashes
 from .init_stage import calibration_statistics, run_init
-from .inject import (ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates, name_matches,
-                     replace_module)
+from .inject import (AdaptedTree, ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates,
+                     name_matches, replace_module)
 from .layers import HostLayer
 from .registry import fixed_flags, get_method, method_for_config
 
@@ -113,20 +113,11 @@ class AdaptedModel(nn.Module):
         return iter(self._tree()[1])
 
     def _tree(self) -> tuple[list, list]:
-        """(hosts, modules_to_save wrappers), listed anew only after some module anywhere registered a submodule,
-        parameter or buffer (torch's global hooks count them; putting a host in or taking it out is a setattr):
-        one install in a serving pool walked the whole model about twenty times otherwise."""
-        key = (id(self.base_model), registrations())
-        cached = self.__dict__.get("_tree_cache")
-        if cached is None or cached[0] != key:
-            hosts, saved = [], []
-            for name, module in iter_candidates(self.base_model):  # does not descend into host layers
-                if isinstance(module, HostLayer):
-                    hosts.append((name, module))
-                elif isinstance(module, ModulesToSave):
-                    saved.append((name, module))
-            cached = self.__dict__["_tree_cache"] = (key, hosts, saved)
-        return cached[1], cached[2]
+        """(hosts, modules_to_save wrappers), listed again only when the module tree changed (AdaptedTree)."""
+        tree = self.__dict__.get("_adapted_tree")
+        if tree is None:
+            tree = self.__dict__["_adapted_tree"] = AdaptedTree()
+        return tree.get(self.base_model)
 
     def add_adapter(self, name: str, config: AdapterConfig, calibration: Iterable | None = None) -> None:
         """Inject adapter ``name`` built by ``config`` (any registered method's config).

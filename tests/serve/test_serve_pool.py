@@ -359,3 +359,27 @@ def test_a_nan_adapter_is_refused_by_the_loader_with_the_file_named(adapter_dirs
         pool.acquire("nan")
     assert pool.model.adapter_names() == []
     pool.close()
+
+
+@pytest.mark.parametrize("first", ["one_token", "expired"])
+def test_a_request_deferred_behind_one_that_finished_at_once_still_runs(adapter_dirs, first):
+    """The pool holds one adapter; the first request takes its room and is gone within the same step (one
+    token, or its deadline already passed). The second one's adapter was deferred behind it: the loop must read
+    it after all instead of sleeping on a stale 'waits its turn'."""
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=1)
+    pool.register("ad0", dirs["ad0"])
+    pool.register("ad1", dirs["ad1"])
+    pool.release(settle(pool, "ad0"))  # resident, unpinned: ad0's request is admitted on the first step
+    engine = Engine(pool.model, pool=pool)
+    if first == "one_token":
+        head = engine.submit([1, 2, 3], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), "ad0")
+    else:
+        head = engine.submit([1, 2, 3], GREEDY, "ad0", timeout=1e-9)
+    tail = engine.submit([1, 2, 3], GREEDY, "ad1")
+    engine.start()
+    try:
+        assert tail.result(timeout=20).token_ids == expected["ad1"]
+        assert head.result(timeout=5).finish_reason == ("length" if first == "one_token" else "timeout")
+    finally:
+        engine.stop(drain=False, timeout=10)

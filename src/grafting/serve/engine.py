@@ -131,8 +131,10 @@ class Engine(BackgroundLoop):
             r.cancelled = True
 
     def _has_work(self) -> bool:
+        now = time.monotonic()
         return bool(self.running) or any(
             r.cancelled or self.pool is None or r.adapter is None or not self.pool.pending(r.adapter)
+            or (r.deadline is not None and now > r.deadline)
             for r in self.waiting) or bool(self.pool and self.pool._ready)
 
     def step(self) -> None:
@@ -156,6 +158,12 @@ class Engine(BackgroundLoop):
         self.stats["steps"] += 1
         self.stats["batch_rows"] += len(self.running)
         self._retire()
+        if self.pool is not None and self.pool._deferred:
+            # rows that finished in this step freed room that the names deferred at admission may now take;
+            # left as they were, they would stay 'waiting their turn' and the loop would sleep on them
+            with self._lock:
+                waiting = list(self.waiting)
+            self.pool.want([r.adapter for r in waiting if r.adapter is not None and not r.cancelled])
 
     # ---- scheduling -------------------------------------------------------------------------------------------
     def _admit(self) -> list:
