@@ -220,6 +220,11 @@ def test_start_hides_what_is_alive_from_the_collector_until_stop():
     engine = Engine(model).start(freeze_gc=False)
     assert gc.get_freeze_count() == 0
     engine.stop()
+    first, second = Engine(model).start(), Engine(model).start()  # e.g. a generator and an embedder
+    first.stop()
+    assert gc.get_freeze_count() > 1000  # the second one still serves: still frozen
+    second.stop()
+    assert gc.get_freeze_count() == 0
 
 
 def test_modules_to_save_head_is_served_per_row():

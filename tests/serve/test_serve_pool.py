@@ -178,6 +178,22 @@ def test_refusals_say_why(adapter_dirs, tmp_path):
         pool.acquire("broken")
     with pytest.raises(AdapterError, match="no adapter named 'ghost'"):
         pool.acquire("ghost")
+    # reads fine, cannot install (its modules are not in this model): refused, and not kept in memory
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    config = json.loads((dirs["ad0"] / "adapter_config.json").read_text())
+    (foreign / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["no_such_proj"]}))
+    (foreign / "adapter_model.safetensors").write_bytes((dirs["ad0"] / "adapter_model.safetensors").read_bytes())
+    pool.register("foreign", foreign)
+    assert pool.acquire("foreign") is None
+    for _ in range(100):
+        time.sleep(0.01)
+        pool.poll()
+        if not pool.pending("foreign"):
+            break
+    with pytest.raises(AdapterError, match="foreign"):
+        pool.acquire("foreign")
+    assert "foreign" not in pool.in_memory and pool.stats["load_errors"] == 2
     pool.close()
 
 

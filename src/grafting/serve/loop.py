@@ -37,6 +37,10 @@ def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 
     return True
 
 
+_freeze_lock = threading.Lock()
+_frozen_by = [0]  # loops running with the collector frozen: the last one to stop unfreezes
+
+
 class BackgroundLoop:
     """``start()`` runs ``step()`` on a daemon thread; ``stop()`` ends it. Subclasses define ``step`` (returns
     False when nothing could run, e.g. every request waits for an adapter read), ``_has_work``, ``_drained``,
@@ -78,8 +82,11 @@ class BackgroundLoop:
         if retain_memory:
             retain_freed_memory()
         if freeze_gc and self._thread is None and not self.__dict__.get("_froze"):
-            gc.collect()
-            gc.freeze()
+            with _freeze_lock:
+                if _frozen_by[0] == 0:
+                    gc.collect()
+                    gc.freeze()
+                _frozen_by[0] += 1
             self._froze = True
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
@@ -98,7 +105,10 @@ class BackgroundLoop:
             self._thread.join(timeout)
             self._thread = None
         if self.__dict__.pop("_froze", False):
-            gc.unfreeze()  # what was alive at start may be collected again
+            with _freeze_lock:
+                _frozen_by[0] -= 1
+                if _frozen_by[0] == 0:  # another engine or embedder still serving keeps it frozen
+                    gc.unfreeze()  # what was alive at start may be collected again
         if self.pool is not None:
             self.pool.close()
 

@@ -283,6 +283,7 @@ class AdapterPool:
                 with self._lock:
                     entry.error = str(e) if isinstance(e, GraftingError) else f"{entry.path}: {e}"
                     self.stats["load_errors"] += 1
+                    self._drop_host_copy(entry.name)  # it will never install: do not hold its tensors
                 changed = True
                 continue
             if self.prepare is None:  # the model holds what was hashed: spare the engine thread a second hash
