@@ -240,6 +240,11 @@ def test_bias_modes_make_biases_trainable(bias):
         assert trainable == targeted
     else:
         assert targeted < trainable and "base_model.classifier.bias" in trainable
+    model.add_adapter("plain", gf.LoraConfig(target_modules=["q_proj"]))
+    model.set_active(["default", "plain"])
+    model.delete_adapter("default")  # the biases were trainable for it alone: frozen again
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("bias"))
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".plain" in n or "plain." in n)
 
 
 def test_inference_adapter_stays_frozen(tmp_path):

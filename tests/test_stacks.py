@@ -38,3 +38,29 @@ def test_row_bank_serves_each_row_its_slot_and_copies_only_what_it_lacks():
         bucket.clear(5)  # slot 5 now holds another adapter
         bucket.A_t[5].fill_(-5)
     assert check([1, 4, 5, 5]) == 2
+
+
+def test_write_folds_the_scale_zeroes_only_the_padding_and_takes_either_layout():
+    """A slot written with rank r < the bucket's holds A^T, scale * B^T and zeros past r, even where a
+    larger adapter was before; factors as trained and factors laid out for the store (transposed views of
+    contiguous tensors, serve.pool.stack_layout) land the same; the stamp moves so row banks copy anew."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        bucket = _Bucket(fan_in=5, out=6, rank=8, capacity=3, dtype=dtype, device="cpu")
+        bucket.write(1, torch.randn(8, 5), torch.randn(6, 8), 0.5, torch.rand(6))  # a rank-8 adapter first
+        A, B, g = torch.randn(3, 5), torch.randn(6, 3), None
+        stamp = bucket.stamps[1]
+        bucket.write(1, A, B, 2.0, g)
+        assert bucket.stamps[1] == stamp + 1
+        want_A = torch.zeros(5, 8)
+        want_A[:, :3] = A.t()
+        want_B = torch.zeros(8, 6)
+        want_B[:3] = 2.0 * B.t()
+        assert torch.equal(bucket.A_t[1], want_A.to(dtype)) and torch.equal(bucket.B_t[1], want_B.to(dtype))
+        assert torch.equal(bucket.g[1], torch.ones(6, dtype=dtype))
+        laid_out = (A.t().contiguous().t(), B.t().contiguous().t())
+        assert not laid_out[0].is_contiguous() and torch.equal(laid_out[0], A)
+        bucket.write(2, *laid_out, 2.0, torch.full((6,), 3.0))
+        assert torch.equal(bucket.A_t[2], bucket.A_t[1]) and torch.equal(bucket.B_t[2], bucket.B_t[1])
+        assert torch.equal(bucket.g[2], torch.full((6,), 3.0, dtype=dtype))
+        assert torch.equal(bucket.A_t[0], torch.zeros(5, 8, dtype=dtype))  # slot 0 untouched: "no adapter"

@@ -208,7 +208,8 @@ class AdaptedModel(nn.Module):
         self._require(name)
         if any(name in h.merged for _, h in self.hosts()):
             raise GraftingError(f"adapter '{name}' is merged; unmerge it before deleting it")
-        method = get_method(self.peft_config[name].method)
+        config = self.peft_config[name]
+        method = get_method(config.method)
         for module_name, host in self.hosts():
             if name in host.adapters:
                 if name in self._initial:  # the init changed this base weight: put the original back
@@ -228,9 +229,10 @@ class AdaptedModel(nn.Module):
         self.__dict__.get("_owners", {}).pop(name, None)  # hashing's module lists: they would keep it alive
         self._frozen.discard(name)
         self._routing.slot_of.pop(name, None)
-        if name in self._routing.active:  # else no other adapter's trainability changes: skip the model walk
+        if name in self._routing.active:
             self._routing.active = tuple(a for a in self._routing.active if a != name)
-            self._set_trainable()
+            if getattr(config, "bias", "none") != "none":  # only its trainable biases change: walk the model
+                self._set_trainable()
 
     def set_active(self, names) -> None:
         """Make ``names`` (one name or a list) the adapters applied to every row; only they are trainable."""

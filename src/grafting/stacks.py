@@ -57,6 +57,27 @@ class _Bucket:
             self.B_t[slot].zero_()
             self.g[slot].fill_(1.0)
 
+    def write(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale, g) -> None:
+        """Slot ``slot`` holds factors A (r, fan_in), B (out, r) with ``scale`` folded into B, output factor g
+        (None: 1). Only the rank padding is zeroed; a serving pool rewrites slots at every install."""
+        self.stamps[slot] += 1
+        r = A.shape[0]
+        with _writable():
+            A_t = A.t()
+            B_t = B.t() if isinstance(scale, (int, float)) and scale == 1 else B.t() * scale
+            # factors as trained are transposed here: converting in memory order first, then a narrower
+            # transposing copy, beats torch's one-pass converting copy; factors laid out for the store
+            # (serve.pool.stack_layout) are contiguous and copy straight in
+            self.A_t[slot, :, :r].copy_(A_t if A_t.is_contiguous() else A_t.to(self.A_t.dtype))
+            self.B_t[slot, :r].copy_(B_t if B_t.is_contiguous() else B_t.to(self.B_t.dtype))
+            if r < self.A_t.shape[2]:
+                self.A_t[slot, :, r:].zero_()
+                self.B_t[slot, r:].zero_()
+            if g is None:
+                self.g[slot].fill_(1.0)
+            else:
+                self.g[slot].copy_(g)
+
     def grow(self, capacity: int) -> None:
         old = (self.A_t, self.B_t, self.g)
         with _writable():
@@ -181,7 +202,9 @@ class LowRankStack:
     def free(self, name: str) -> None:
         entry = self.keys.pop(name, None)
         if entry is not None:
-            self.buckets[entry[0]].clear(entry[1])
+            # no row reads a free slot (absent adapters route to slot 0) and the next adapter given it rewrites
+            # it whole: zeroing it cost a serving pool a tenth of each eviction
+            self.buckets[entry[0]].stamps[entry[1]] += 1
             self._changed()
 
     @torch.no_grad()
@@ -206,12 +229,8 @@ class LowRankStack:
                 if b not in self.buckets or self.buckets[b].capacity <= slot:
                     current = self.buckets[b].capacity if b in self.buckets else 0
                     self.reserve(b, max(slot + 1, 2 * current, 2))
-                bucket, r = self.buckets[b], A.shape[0]
-                bucket.clear(slot)
-                bucket.A_t[slot, :, :r] = A.t().to(self.dtype)
-                bucket.B_t[slot, :r] = (B.t() * scale).to(self.dtype)
                 g = host.methods[name].output_scale(host.adapters[name], host)
-                bucket.g[slot] = 1.0 if g is None else g.to(self.dtype)
+                self.buckets[b].write(slot, A, B, scale, g)
                 self.keys[name] = key
         self._changed()
         return rescales

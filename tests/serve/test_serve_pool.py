@@ -399,3 +399,24 @@ def test_a_request_deferred_behind_one_that_finished_at_once_still_runs(adapter_
         assert head.result(timeout=5).finish_reason == ("length" if first == "one_token" else "timeout")
     finally:
         engine.stop(drain=False, timeout=10)
+
+
+def test_installed_factors_are_the_host_copys_laid_out_for_the_store(adapter_dirs):
+    """The loader lays LoRA factors out as the store keeps them (transposed views of contiguous tensors); the
+    install shares them, so the store's write is a contiguous copy and the host tier holds the only copy."""
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=2)
+    pool.register("ad1", dirs["ad1"])
+    internal = settle(pool, "ad1")
+    held = pool._host["ad1"].tensors
+    hosts = [(n, h) for n, h in pool.model.hosts() if internal in h.adapters]
+    assert hosts
+    for module_name, host in hosts:
+        A, B = host.adapters[internal].lora_A, host.adapters[internal].lora_B
+        assert A.t().is_contiguous() and not A.is_contiguous() and B.t().is_contiguous()
+        key = next(k for k in held if k.endswith(f"{module_name}.lora_A.weight"))
+        assert A.data_ptr() == held[key].data_ptr()
+    pool.release(internal)
+    engine = Engine(pool.model, pool=pool)
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad1"])[0].token_ids == expected["ad1"]
+    pool.close()

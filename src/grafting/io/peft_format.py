@@ -272,10 +272,12 @@ def _fill(model, name: str, config, tensors: dict, f: Path, finite_checked: bool
 
 
 def _shareable(module, attr: str, t: torch.Tensor, method) -> bool:
-    """Whether an adapter's own parameter can be ``t`` itself: a plain copy would land there unchanged."""
+    """Whether an adapter's own parameter can be ``t`` itself: a plain copy would land there unchanged (in
+    values; a matrix may be a transposed view, as a serving pool lays out factors for its store)."""
     target = module._parameters.get(attr) if method is not None else None
+    dense = t.is_contiguous() or (t.dim() == 2 and t.t().is_contiguous())
     return (target is not None and type(method).from_peft is Method.from_peft and t.dtype == target.dtype
-            and t.shape == target.shape and t.device == target.device and t.is_contiguous())
+            and t.shape == target.shape and t.device == target.device and dense)
 
 
 def inspect_adapter(path) -> dict:

@@ -173,6 +173,8 @@ class Engine(BackgroundLoop):
             candidates = list(self.waiting)
         if self.pool is not None:
             self.pool.want([r.adapter for r in candidates if r.adapter is not None and not r.cancelled])
+            if self.pool._ready:  # copies from the host tier are ready now: install them for this step, not next
+                self.pool.poll()
         for request in candidates:
             if request.cancelled or (request.deadline is not None and now > request.deadline):
                 self._remove_waiting(request)
