@@ -46,6 +46,15 @@ def settle(pool, name):
     raise AssertionError(f"{name} never became resident")
 
 
+def wait_read(pool, name):
+    """Poll until the loader thread finished with ``name`` (read, installed or failed)."""
+    for _ in range(100):
+        time.sleep(0.01)
+        pool.poll()
+        if not pool.pending(name):
+            return
+
+
 def test_lru_eviction_keeps_at_most_max_loras_and_spares_pinned(adapter_dirs):
     dirs, _ = adapter_dirs
     pool = fresh_pool(max_loras=2)
@@ -169,11 +178,7 @@ def test_refusals_say_why(adapter_dirs, tmp_path):
     (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 12)
     pool.register("broken", broken)
     assert pool.acquire("broken") is None
-    for _ in range(100):
-        time.sleep(0.01)
-        pool.poll()
-        if not pool.pending("broken"):
-            break
+    wait_read(pool, "broken")
     with pytest.raises(AdapterError, match="adapter_model.safetensors"):
         pool.acquire("broken")
     with pytest.raises(AdapterError, match="no adapter named 'ghost'"):
@@ -186,11 +191,7 @@ def test_refusals_say_why(adapter_dirs, tmp_path):
     (foreign / "adapter_model.safetensors").write_bytes((dirs["ad0"] / "adapter_model.safetensors").read_bytes())
     pool.register("foreign", foreign)
     assert pool.acquire("foreign") is None
-    for _ in range(100):
-        time.sleep(0.01)
-        pool.poll()
-        if not pool.pending("foreign"):
-            break
+    wait_read(pool, "foreign")
     with pytest.raises(AdapterError, match="foreign"):
         pool.acquire("foreign")
     assert "foreign" not in pool.in_memory and pool.stats["load_errors"] == 2

@@ -163,16 +163,20 @@ class Engine(BackgroundLoop):
             # left as they were, they would stay 'waiting their turn' and the loop would sleep on them
             with self._lock:
                 waiting = list(self.waiting)
-            self.pool.want([r.adapter for r in waiting if r.adapter is not None and not r.cancelled])
+            self._want(waiting)
 
     # ---- scheduling -------------------------------------------------------------------------------------------
+    def _want(self, waiting: list) -> None:
+        """Tell the pool which adapters the queue waits for, in admission order (AdapterPool.want)."""
+        self.pool.want([r.adapter for r in waiting if r.adapter is not None and not r.cancelled])
+
     def _admit(self) -> list:
         new, budget = [], self.max_prefill_tokens
         now = time.monotonic()
         with self._lock:
             candidates = list(self.waiting)
         if self.pool is not None:
-            self.pool.want([r.adapter for r in candidates if r.adapter is not None and not r.cancelled])
+            self._want(candidates)
             if self.pool._ready:  # copies from the host tier are ready now: install them for this step, not next
                 self.pool.poll()
         for request in candidates:
