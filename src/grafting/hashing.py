@@ -72,7 +72,7 @@ def adopt_hash(model, name: str, config, tensors: dict, digest: str) -> bool:
     Returns whether the digest was adopted (otherwise the hash is computed on first use, as always)."""
     from .io.peft_format import adapter_tensors
 
-    if _config_json(model.peft_config[name]) != _config_json(config):
+    if config_json(model.peft_config[name]) != config_json(config):
         return False
     held = adapter_tensors(model, name, copy=False)
     if held.keys() != tensors.keys():
@@ -90,7 +90,7 @@ def adopt_hash(model, name: str, config, tensors: dict, digest: str) -> bool:
 
 def adapter_hash(config, tensors: dict) -> str:
     """SHA-256 of an adapter config and its tensors (key, dtype, shape and bytes, in key order)."""
-    h = hashlib.sha256(_config_json(config).encode())
+    h = hashlib.sha256(config_json(config).encode())
     for k, t in sorted(tensors.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -99,7 +99,7 @@ def adapter_hash(config, tensors: dict) -> str:
     return h.hexdigest()
 
 
-def _config_json(config) -> str:
+def config_json(config) -> str:
     return json.dumps(config.to_peft_dict(), sort_keys=True, default=str)
 
 

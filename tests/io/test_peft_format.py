@@ -185,3 +185,33 @@ def test_install_copies_the_callers_tensors_unless_told_to_share(saved):
         tensors[key].add_(1.0)  # the caller writes to its tensor afterwards
         assert torch.equal(lora_A, tensors[key]) == share
         assert lora_A.requires_grad  # still the adapter's trainable parameter either way
+
+
+def test_refill_gives_an_adapter_anothers_weights_and_never_writes_what_it_shared(saved, tmp_path):
+    from grafting.io.peft_format import install_adapter, refill_adapter
+    from grafting.io.reader import AdapterReader
+    other = gf.adapt(make_toy("linear"), gf.LoraConfig(**CFG))
+    torch.manual_seed(7)
+    randomize(other)
+    other.save_adapter(tmp_path / "b")
+    x = torch.randn(3, 12)
+    first, second = AdapterReader(saved), AdapterReader(tmp_path / "b")
+    model = gf.AdaptedModel(make_toy("linear"))
+    held = first.read_all()
+    install_adapter(model, "a", first.config, held, saved, share=True)
+    model.set_active("a")
+    kept = {k: t.clone() for k, t in held.items()}
+    adapter = model.get_submodule("base_model.target").adapters["a"]
+    for dtype in (torch.float16, torch.float32):  # float16 cannot be shared: copied into storage of its own
+        tensors = {k: t.to(dtype) for k, t in second.read_all().items()}
+        refill_adapter(model, "a", second.config, tensors, tmp_path / "b", share=True)
+        assert model.get_submodule("base_model.target").adapters["a"] is adapter  # the same modules
+        reference = gf.AdaptedModel(make_toy("linear"))
+        install_adapter(reference, "b", second.config, tensors, tmp_path / "b")
+        reference.set_active("b")
+        assert torch.equal(model(x), reference(x))
+        for k in held:  # the first adapter's tensors, which the parameters shared, are as they were read
+            assert torch.equal(held[k], kept[k])
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    with pytest.raises(gf.GraftingError, match=r"b/adapter_model.safetensors: tensor .* has shape"):
+        refill_adapter(model, "a", second.config, {**tensors, key: tensors[key][:, :3]}, tmp_path / "b")

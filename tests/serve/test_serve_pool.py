@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+import torch
 from serving_models import add_random_adapter, tiny_lm
 
 import grafting as gf
@@ -418,6 +419,102 @@ def test_installed_factors_are_the_host_copys_laid_out_for_the_store(adapter_dir
         key = next(k for k in held if k.endswith(f"{module_name}.lora_A.weight"))
         assert A.data_ptr() == held[key].data_ptr()
     pool.release(internal)
+    engine = Engine(pool.model, pool=pool)
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad1"])[0].token_ids == expected["ad1"]
+    pool.close()
+
+
+def _modules_of(model, internal):
+    return [h.adapters[internal] for _, h in model.hosts() if internal in h.adapters]
+
+
+def test_an_adapter_with_the_evicted_ones_config_takes_over_its_modules(adapter_dirs, tmp_path):
+    """ad1 and ad4 share a config (r=8): installing one in the other's place hands the modules over and only
+    the weights change. The host tier's copies, which the parameters shared, are never written; a half-precision
+    file with the same config is copied into storage of its own."""
+    from safetensors.torch import load_file, save_file
+    dirs, expected = adapter_dirs
+    half = tmp_path / "ad4_half"
+    half.mkdir()
+    (half / "adapter_config.json").write_text((dirs["ad4"] / "adapter_config.json").read_text())
+    save_file({k: t.half() for k, t in load_file(dirs["ad4"] / "adapter_model.safetensors").items()},
+              half / "adapter_model.safetensors")
+    reference = fresh_pool(max_loras=1)
+    reference.register("ad4_half", half)
+    reference.release(settle(reference, "ad4_half"))
+    want_half = Engine(reference.model, pool=reference).generate([[1, 2, 3]], GREEDY, ["ad4_half"])[0].token_ids
+    reference.close()
+
+    pool = fresh_pool(max_loras=1, max_cpu_loras=4)
+    for name in ("ad1", "ad4", "ad0"):
+        pool.register(name, dirs[name])
+    pool.register("ad4_half", half)
+    engine = Engine(pool.model, pool=pool)
+    first = settle(pool, "ad1")
+    modules = _modules_of(pool.model, first)
+    pool.release(first)
+    kept = {k: t.clone() for k, t in pool._host["ad1"].tensors.items()}
+    for name, want in (("ad4", expected["ad4"]), ("ad4_half", want_half), ("ad1", expected["ad1"]),
+                       ("ad4", expected["ad4"])):
+        internal = settle(pool, name)
+        assert internal == first and pool.model.adapter_names() == [first]
+        assert all(a is b for a, b in zip(_modules_of(pool.model, internal), modules, strict=True))
+        pool.release(internal)
+        assert engine.generate([[1, 2, 3]], GREEDY, [name])[0].token_ids == want
+    assert all(torch.equal(pool._host["ad1"].tensors[k], t) for k, t in kept.items())
+    assert pool.stats["loads"] == 5 and pool.stats["evictions"] == 4
+    other = settle(pool, "ad0")  # r=4: another config, new modules
+    assert other != first and pool.model.adapter_names() == [other]
+    pool.release(other)
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad0"])[0].token_ids == expected["ad0"]
+    pool.close()
+
+
+def test_dora_adapters_taking_over_modules_never_serve_the_previous_norms(tmp_path):
+    """DoRA caches ||W0 + sBA|| per layer; an adapter installed into another's modules must not see its norm."""
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    expected = {}
+    for i in range(2):
+        add_random_adapter(model, f"d{i}", "gpt2", r=8, seed=40 + i, use_dora=True)
+        model.save_adapter(tmp_path / f"d{i}", name=f"d{i}")
+    for i in range(2):
+        expected[f"d{i}"] = Engine(model).generate([[1, 2, 3]], GREEDY, [f"d{i}"])[0].token_ids
+    assert expected["d0"] != expected["d1"]
+    pool = fresh_pool(max_loras=1)
+    for i in range(2):
+        pool.register(f"d{i}", tmp_path / f"d{i}")
+    engine = Engine(pool.model, pool=pool)
+    internals = set()
+    for name in ("d0", "d1", "d0"):
+        internal = settle(pool, name)
+        internals.add(internal)
+        pool.release(internal)
+        assert engine.generate([[1, 2, 3]], GREEDY, [name])[0].token_ids == expected[name]
+    assert len(internals) == 1 and pool.stats["evictions"] == 2
+    pool.close()
+
+
+def test_an_adapter_that_fails_to_take_over_modules_leaves_the_pool_serving(adapter_dirs, tmp_path):
+    """ad4's config with a base fingerprint of another base: the install into ad1's modules fails, the modules
+    are dropped (they hold part of each), the request for it fails with the reason, and the pool serves on."""
+    from safetensors.torch import load_file, save_file
+    dirs, expected = adapter_dirs
+    bad = tmp_path / "other_base"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((dirs["ad4"] / "adapter_config.json").read_text())
+    tensors = load_file(dirs["ad4"] / "adapter_model.safetensors")
+    module = next(iter(tensors)).removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+    save_file(tensors, bad / "adapter_model.safetensors",
+              metadata={"grafting.base_fingerprint": json.dumps({module: "0" * 32})})
+    pool = fresh_pool(max_loras=1)
+    pool.register("ad1", dirs["ad1"])
+    pool.register("bad", bad)
+    pool.release(settle(pool, "ad1"))
+    assert pool.acquire("bad") is None
+    wait_read(pool, "bad")
+    with pytest.raises(AdapterError, match=f"initialised against one exact base .* '{module}'"):
+        pool.acquire("bad")
+    assert pool.model.adapter_names() == [] and pool.resident == []
     engine = Engine(pool.model, pool=pool)
     assert engine.generate([[1, 2, 3]], GREEDY, ["ad1"])[0].token_ids == expected["ad1"]
     pool.close()

@@ -189,6 +189,22 @@ def install_adapter(model, name: str, config, tensors: dict, path, metadata: dic
         raise
 
 
+def refill_adapter(model, name: str, config, tensors: dict, path, metadata: dict | None = None,
+                   finite_checked: bool = False, share: bool = False) -> None:
+    """Give existing adapter ``name`` another adapter's weights, ``tensors`` read from ``path``, keeping its
+    modules: ``config`` must be the config ``name`` was installed from (the same JSON), so every layer, shape and
+    scale stays. A serving pool turns a resident adapter over this way: building an adapter's modules, not
+    copying its tensors, is most of an install. Parameters that shared the previous adapter's tensors get their
+    own storage before anything is copied into them, so those tensors (a host-tier copy) are never written.
+    On an error the adapter holds a mix of old and new weights: delete it."""
+    path = Path(path)
+    _fill(model, name, config, tensors, path / WEIGHTS_NAME, finite_checked, share, fresh=True)
+    model.adapter_metadata.pop(name, None)
+    if metadata and BASE_FINGERPRINT in metadata:
+        check_base_fingerprint(model, name, metadata[BASE_FINGERPRINT], path / WEIGHTS_NAME)
+        model.adapter_metadata[name] = {BASE_FINGERPRINT: metadata[BASE_FINGERPRINT]}
+
+
 # An adapter whose init fitted it to one exact base (LoftQ, LQ-LoRA: the adapter absorbs that base's
 # quantization error) records a hash of each target layer's dense base weight; loading it onto any other base
 # is an error rather than silently wrong outputs.
@@ -234,7 +250,8 @@ def require_finite(tensors: dict, f) -> None:
             raise GraftingError(f"{f}: tensor '{key}' holds NaN or infinite values")
 
 
-def _fill(model, name: str, config, tensors: dict, f: Path, finite_checked: bool = False, share: bool = False) -> None:
+def _fill(model, name: str, config, tensors: dict, f: Path, finite_checked: bool = False, share: bool = False,
+          fresh: bool = False) -> None:
     slots = _slots(model, name)
     missing = sorted(set(slots) - set(tensors))
     aliases = _peft_aliases(model, name)
@@ -265,7 +282,11 @@ def _fill(model, name: str, config, tensors: dict, f: Path, finite_checked: bool
         for key, (module, attr, shape, method, host) in slots.items():
             if share and _shareable(module, attr, tensors[key], method):
                 module._parameters[attr].data = tensors[key]
-            elif method is not None:
+                continue
+            param = module._parameters.get(attr) if isinstance(module, torch.nn.Module) else None
+            if fresh and param is not None:  # it may share a tensor someone else holds (refill_adapter)
+                param.data = param.data.clone()
+            if method is not None:
                 method.from_peft(module, host, attr, tensors[key])
             else:
                 getattr(module, attr).copy_(tensors[key].to(getattr(module, attr).dtype))

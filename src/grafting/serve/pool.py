@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import GraftingError
-from ..hashing import adapter_hash, adopt_hash
-from ..io.peft_format import install_adapter, require_finite
+from ..hashing import adapter_hash, adopt_hash, config_json
+from ..io.peft_format import install_adapter, refill_adapter, require_finite
 from ..io.reader import AdapterReader, read_config
 
 
@@ -67,6 +67,7 @@ class _HostCopy:
 class _Resident:
     internal: str  # the adapter's name inside the model
     nbytes: int
+    config: str  # the config it was installed from (JSON): an adapter with the same one can take its modules
     pins: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -108,6 +109,7 @@ class AdapterPool:
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(loader_threads, thread_name_prefix="grafting-adapter-loader")
         self._generation = 0
+        self._installs = 0  # numbers the model-side names (a name outlives the content it was installed with)
         self._wanted: set = set()  # names queued requests wait for that may take room now (see want)
         self._deferred: set = set()  # names queued further back: not read until room is theirs
         self.stats = {"loads": 0, "evictions": 0, "load_errors": 0, "reads": 0}
@@ -271,15 +273,26 @@ class AdapterPool:
                     changed = True
                     continue
             nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-            if not self._make_room(nbytes):
+            key = config_json(config)
+            fits, internal = self._make_room(nbytes, key)
+            if not fits:
                 waiting.append(item)
                 with self._lock:
                     entry.loading = _DONE
                 continue
-            internal = "pool-" + digest[:24]
             try:
-                install_adapter(self.model, internal, config, tensors, entry.path, metadata, finite_checked=True,
-                                share=True)
+                if internal is not None:  # the evicted adapter's modules, given this one's weights
+                    try:
+                        refill_adapter(self.model, internal, config, tensors, entry.path, metadata,
+                                       finite_checked=True, share=True)
+                    except Exception:
+                        self.model.delete_adapter(internal)
+                        raise
+                else:
+                    self._installs += 1
+                    internal = f"pool-{self._installs}"
+                    install_adapter(self.model, internal, config, tensors, entry.path, metadata,
+                                    finite_checked=True, share=True)
             except Exception as e:
                 with self._lock:
                     entry.error = str(e) if isinstance(e, GraftingError) else f"{entry.path}: {e}"
@@ -290,7 +303,7 @@ class AdapterPool:
             if self.prepare is None:  # the model holds what was hashed: spare the engine thread a second hash
                 adopt_hash(self.model, internal, config, tensors, digest)
             with self._lock:
-                self._resident[digest] = _Resident(internal, nbytes)
+                self._resident[digest] = _Resident(internal, nbytes, key)
                 entry.digest = digest
                 self.stats["loads"] += 1
             changed = True
@@ -318,29 +331,43 @@ class AdapterPool:
         if dropped is not None:
             self._host_bytes -= dropped.nbytes
 
-    def _make_room(self, nbytes: int) -> bool:
+    def _make_room(self, nbytes: int, config: str) -> tuple[bool, str | None]:
+        """(fits, model-side name to reuse or None): evict least recently used adapters that nobody holds or
+        waits for until ``nbytes`` more fit. Near the LRU end (its first quarter), an adapter installed from the
+        same ``config`` is evicted instead of the very LRU one and its modules are handed over (refill_adapter):
+        adapters trained with one recipe share a config, and building modules is most of an install."""
         if self.max_bytes is not None and nbytes > self.max_bytes:
-            return False
+            return False, None
         while True:
             with self._lock:
                 used = sum(r.nbytes for r in self._resident.values())
                 fits = len(self._resident) < self.max_loras and (self.max_bytes is None
                                                                   or used + nbytes <= self.max_bytes)
                 if fits:
-                    return True
+                    return True, None
                 spare = {self._registered[n].digest for n in self._wanted if n in self._registered}
-                victim = next((d for d, r in self._resident.items() if r.pins <= 0 and d not in spare), None)
-                if victim is None:
-                    return False
-            self._evict(victim)
+                victims = [d for d, r in self._resident.items() if r.pins <= 0 and d not in spare]
+                if not victims:
+                    return False, None
+                near = victims[:max(1, len(self._resident) // 4)]
+                same = next((d for d in near if self._resident[d].config == config and (
+                    self.max_bytes is None or used - self._resident[d].nbytes + nbytes <= self.max_bytes)), None)
+                if same is not None:
+                    return True, self._forget(same).internal
+            self._evict(victims[0])
+
+    def _forget(self, digest: str) -> _Resident:
+        """Drop resident ``digest`` from the books (locked); the caller deletes or reuses its modules."""
+        res = self._resident.pop(digest)
+        for entry in self._registered.values():
+            if entry.digest == digest:
+                entry.digest = None
+        self.stats["evictions"] += 1
+        return res
 
     def _evict(self, digest: str) -> None:
         with self._lock:
-            res = self._resident.pop(digest)
-            for entry in self._registered.values():
-                if entry.digest == digest:
-                    entry.digest = None
-            self.stats["evictions"] += 1
+            res = self._forget(digest)
         self.model.delete_adapter(res.internal)
 
     def _evict_unregistered(self) -> None:
