@@ -215,3 +215,44 @@ def test_refill_gives_an_adapter_anothers_weights_and_never_writes_what_it_share
     key = next(k for k in tensors if k.endswith("lora_A.weight"))
     with pytest.raises(gf.GraftingError, match=r"b/adapter_model.safetensors: tensor .* has shape"):
         refill_adapter(model, "a", second.config, {**tensors, key: tensors[key][:, :3]}, tmp_path / "b")
+
+
+def test_refill_never_serves_a_dora_norm_cached_for_the_tensors_that_lived_at_the_same_address(tmp_path):
+    # A pool frees an evicted adapter's host copy and the next read may land at the same addresses: caches keyed
+    # on (address, version) must still see that the parameters changed.
+    from grafting.io.peft_format import adapter_tensors, install_adapter, refill_adapter
+    cfg = gf.DoraConfig(**CFG)
+    template = adapter_tensors(gf.adapt(make_toy("linear"), cfg), "default")
+
+    def weights(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {k: torch.rand(t.shape, generator=g) + 0.5 for k, t in template.items()}
+
+    x = torch.randn(3, 12)
+    model = gf.AdaptedModel(make_toy("linear"))
+    first = weights(1)
+    install_adapter(model, "p", cfg, first, tmp_path, share=True)
+    with torch.inference_mode():
+        model(x, adapter_names=["p"] * 3)  # caches the norm of the first weights
+    refill_adapter(model, "p", cfg, weights(2), tmp_path, share=True)
+    model.content_hash("p")
+    third = weights(3)
+    for k in first:  # the third adapter read into the storage the first one freed
+        first[k].copy_(third[k])
+    refill_adapter(model, "p", cfg, first, tmp_path, share=True)
+    reference = gf.AdaptedModel(make_toy("linear"))
+    install_adapter(reference, "q", cfg, {k: t.clone() for k, t in third.items()}, tmp_path)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x, adapter_names=["p"] * 3), reference(x, adapter_names=["q"] * 3))
+    assert model.content_hash("p") == reference.content_hash("q")
+
+
+def test_refill_refuses_another_config(saved):
+    from grafting.io.peft_format import install_adapter, refill_adapter
+    from grafting.io.reader import AdapterReader
+    reader = AdapterReader(saved)
+    model = gf.AdaptedModel(make_toy("linear"))
+    install_adapter(model, "a", reader.config, reader.read_all(), saved)
+    other = gf.LoraConfig(**{**CFG, "lora_alpha": 32})  # same shapes, another scale
+    with pytest.raises(gf.GraftingError, match=r"a/adapter_config.json: adapter 'a' was installed from another"):
+        refill_adapter(model, "a", other, reader.read_all(), saved)

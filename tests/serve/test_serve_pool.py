@@ -518,3 +518,16 @@ def test_an_adapter_that_fails_to_take_over_modules_leaves_the_pool_serving(adap
     engine = Engine(pool.model, pool=pool)
     assert engine.generate([[1, 2, 3]], GREEDY, ["ad1"])[0].token_ids == expected["ad1"]
     pool.close()
+
+
+def test_a_pool_never_names_an_install_after_an_adapter_the_model_already_holds(adapter_dirs):
+    dirs, expected = adapter_dirs
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    add_random_adapter(model, "pool-1", "gpt2", r=4, seed=99)  # e.g. left by another pool on the same model
+    pool = AdapterPool(model, max_loras=4)
+    pool.register("ad0", dirs["ad0"])
+    internal = settle(pool, "ad0")
+    assert internal != "pool-1" and set(model.adapter_names()) == {"pool-1", internal}
+    pool.release(internal)
+    assert Engine(model, pool=pool).generate([[1, 2, 3]], GREEDY, ["ad0"])[0].token_ids == expected["ad0"]
+    pool.close()

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save
+from torch.autograd.graph import increment_version
 
 from ..errors import GraftingError
+from ..hashing import config_json
 from ..init_stage import filling_from_disk
 from ..layers import stores_plain_weight
 from ..methods.base import Method
@@ -198,6 +200,9 @@ def refill_adapter(model, name: str, config, tensors: dict, path, metadata: dict
     own storage before anything is copied into them, so those tensors (a host-tier copy) are never written.
     On an error the adapter holds a mix of old and new weights: delete it."""
     path = Path(path)
+    if config_json(model.peft_config[name]) != config_json(config):
+        raise GraftingError(f"{path / CONFIG_NAME}: adapter '{name}' was installed from another config; "
+                            "refill_adapter keeps its modules, so the config must be the same (install it anew)")
     _fill(model, name, config, tensors, path / WEIGHTS_NAME, finite_checked, share, fresh=True)
     model.adapter_metadata.pop(name, None)
     if metadata and BASE_FINGERPRINT in metadata:
@@ -280,12 +285,16 @@ def _fill(model, name: str, config, tensors: dict, f: Path, finite_checked: bool
         require_finite({k: tensors[k] for k in slots}, f)
     with torch.no_grad():
         for key, (module, attr, shape, method, host) in slots.items():
+            param = module._parameters.get(attr)
             if share and _shareable(module, attr, tensors[key], method):
-                module._parameters[attr].data = tensors[key]
+                param.data = tensors[key]
+                param._grafting_shared = True
+                if fresh:  # `.data =` keeps the version: caches keyed on (address, version) must see new content
+                    increment_version(param)
                 continue
-            param = module._parameters.get(attr) if isinstance(module, torch.nn.Module) else None
-            if fresh and param is not None:  # it may share a tensor someone else holds (refill_adapter)
-                param.data = param.data.clone()
+            if fresh and getattr(param, "_grafting_shared", False):  # never write a tensor someone else holds
+                param.data = torch.empty_like(param.data)  # shared implies the default from_peft: a full copy
+                param._grafting_shared = False
             if method is not None:
                 method.from_peft(module, host, attr, tensors[key])
             else:

@@ -289,8 +289,7 @@ class AdapterPool:
                         self.model.delete_adapter(internal)
                         raise
                 else:
-                    self._installs += 1
-                    internal = f"pool-{self._installs}"
+                    internal = self._new_internal_name()
                     install_adapter(self.model, internal, config, tensors, entry.path, metadata,
                                     finite_checked=True, share=True)
             except Exception as e:
@@ -349,12 +348,20 @@ class AdapterPool:
                 victims = [d for d, r in self._resident.items() if r.pins <= 0 and d not in spare]
                 if not victims:
                     return False, None
-                near = victims[:max(1, len(self._resident) // 4)]
+                near = victims[:max(1, len(victims) // 4)]
                 same = next((d for d in near if self._resident[d].config == config and (
                     self.max_bytes is None or used - self._resident[d].nbytes + nbytes <= self.max_bytes)), None)
                 if same is not None:
                     return True, self._forget(same).internal
             self._evict(victims[0])
+
+    def _new_internal_name(self) -> str:
+        """A model-side name no adapter holds (the model may hold adapters this pool did not install)."""
+        while True:
+            self._installs += 1
+            name = f"pool-{self._installs}"
+            if name not in self.model.peft_config:
+                return name
 
     def _forget(self, digest: str) -> _Resident:
         """Drop resident ``digest`` from the books (locked); the caller deletes or reuses its modules."""
