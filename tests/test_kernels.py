@@ -17,7 +17,8 @@ def built():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("r,fan_in,out,tokens", [(4, 37, 21, 1), (16, 64, 48, 1), (48, 70, 100, 3), (64, 96, 130, 2)])
+@pytest.mark.parametrize("r,fan_in,out,tokens", [(4, 37, 21, 1), (8, 40, 33, 1), (12, 37, 21, 4), (16, 64, 48, 1),
+                                                 (24, 35, 50, 5), (48, 70, 100, 3), (64, 96, 130, 9)])
 def test_each_row_reads_its_own_slot_in_place(dtype, r, fan_in, out, tokens):
     kernel = built()
     torch.manual_seed(r)

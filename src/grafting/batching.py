@@ -50,6 +50,7 @@ class RowRouting:
     expandable: bool = False
     key: "CallKey | None" = None  # what a layer's cached plans for this call are keyed by; None: do not cache
     gathered: dict = field(default_factory=dict)  # (id(host), bucket) -> (stack version, plan)
+    gatherable: dict = field(default_factory=dict)  # (name, method class) -> (deterministic, in the store)
     _expanded: dict = field(default_factory=dict)
     _all_rows: torch.Tensor | None = None
 
@@ -164,8 +165,27 @@ def _needs_grad(host, names) -> bool:
     return any(p.requires_grad for n in names for p in host.adapters[n].parameters())
 
 
-def _dropout_active(host, names) -> bool:
-    return not all(host.methods[n].deterministic(host.adapters[n]) for n in names)
+def _gatherable(host, names, rows: RowRouting) -> list:
+    """The adapters among ``names`` whose rows this layer may run through the store: in low-rank form, with a
+    slot, and deterministic (a mixed call runs one fixed function per row: no active dropout or noise)."""
+    if rows.key is None:  # some module of these adapters is in training mode: ask this layer's modules
+        if not all(host.methods[n].deterministic(host.adapters[n]) for n in names):
+            return []
+        return [n for n in names if host.methods[n].low_rank_form and rows.slot_of.get(n) is not None]
+    # No module of these adapters trains (a cacheable call), so every method answers `deterministic` by its
+    # class alone (each one's answer depends on training flags only): asked once per call, not per layer.
+    known, out = rows.gatherable, []
+    for n in names:
+        method = host.methods[n]
+        hit = known.get((n, type(method)))
+        if hit is None:
+            hit = known[(n, type(method))] = (method.deterministic(host.adapters[n]),
+                                                method.low_rank_form and rows.slot_of.get(n) is not None)
+        if not hit[0]:
+            return []
+        if hit[1]:
+            out.append(n)
+    return out
 
 
 def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> torch.Tensor:
@@ -187,9 +207,7 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
     present = [name for name in rows.groups if name in host.adapters]
     if not present:
         return base_out
-    gathered = []
-    if host.kind.gathered and not _needs_grad(host, present) and not _dropout_active(host, present):
-        gathered = [n for n in present if host.methods[n].low_rank_form and rows.slot_of.get(n) is not None]
+    gathered = _gatherable(host, present, rows) if host.kind.gathered and not _needs_grad(host, present) else []
     grouped = [n for n in present if n not in gathered]
     out = _gathered(host, x, base_out, rows, gathered, cacheable=not grouped) if gathered else base_out
     if not grouped:

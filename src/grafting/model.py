@@ -454,6 +454,8 @@ class AdaptedModel(nn.Module):
             raise
         if name in self._routing.active:
             self._set_trainable()
+        if not is_trainable:  # as peft's load_adapter: for inference, so no dropout is left active
+            self.eval()
 
 
 def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default",

@@ -256,3 +256,29 @@ def test_refill_refuses_another_config(saved):
     other = gf.LoraConfig(**{**CFG, "lora_alpha": 32})  # same shapes, another scale
     with pytest.raises(gf.GraftingError, match=r"a/adapter_config.json: adapter 'a' was installed from another"):
         refill_adapter(model, "a", other, reader.read_all(), saved)
+
+
+def test_loading_for_inference_turns_dropout_off_as_peft_does(tmp_path):
+    # peft's load_adapter(is_trainable=False) puts the model in eval mode; an adapter saved with lora_dropout
+    # must then answer the same input the same way every time
+    model = gf.adapt(make_toy("linear"), gf.LoraConfig(**CFG, lora_dropout=0.5))
+    randomize(model)
+    model.save_adapter(tmp_path / "a")
+    x = torch.randn(8, 12)
+    served = gf.load(make_toy("linear").train(), tmp_path / "a")
+    assert not any(m.training for m in served.modules())
+    with torch.no_grad():
+        assert torch.equal(served(x), served(x))
+    trainable = gf.load(make_toy("linear").train(), tmp_path / "a", is_trainable=True)
+    assert all(m.training for m in trainable.modules())  # left as it was, as peft leaves it
+
+
+def test_an_install_can_put_the_new_adapters_modules_in_eval_mode_alone(saved):
+    from grafting.io.peft_format import install_adapter
+    from grafting.io.reader import AdapterReader
+    reader = AdapterReader(saved)
+    model = gf.AdaptedModel(make_toy("linear")).train()
+    install_adapter(model, "a", reader.config, reader.read_all(), saved, training=False)
+    adapter = model.get_submodule("base_model.target").adapters["a"]
+    assert not any(m.training for m in adapter.modules())
+    assert model.training and model.base_model.training  # nothing else walked

@@ -531,3 +531,26 @@ def test_a_pool_never_names_an_install_after_an_adapter_the_model_already_holds(
     pool.release(internal)
     assert Engine(model, pool=pool).generate([[1, 2, 3]], GREEDY, ["ad0"])[0].token_ids == expected["ad0"]
     pool.close()
+
+
+def test_an_adapter_saved_with_dropout_serves_the_same_greedy_output_every_time(tmp_path):
+    """Modules start in training mode; a served adapter with lora_dropout must not drop activations."""
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    add_random_adapter(model, "drop", "gpt2", r=8, seed=3, lora_dropout=0.5)
+    model.save_adapter(tmp_path / "drop", name="drop")
+    model.eval()
+    want = Engine(model).generate([[1, 2, 3]], GREEDY, ["drop"])[0].token_ids
+    pool = fresh_pool(max_loras=2)
+    pool.register("drop", tmp_path / "drop")
+    engine = Engine(pool.model, pool=pool)
+    assert [engine.generate([[1, 2, 3]], GREEDY, ["drop"])[0].token_ids for _ in range(3)] == [want] * 3
+    pool.close()
+
+
+def test_the_engine_serves_a_model_in_eval_mode():
+    model = gf.AdaptedModel(tiny_lm("gpt2")).train()
+    add_random_adapter(model, "drop", "gpt2", r=8, seed=3, lora_dropout=0.5)
+    engine = Engine(model)
+    assert not any(m.training for m in model.modules())
+    outs = [engine.generate([[1, 2, 3]], GREEDY, ["drop"])[0].token_ids for _ in range(3)]
+    assert outs[0] == outs[1] == outs[2]

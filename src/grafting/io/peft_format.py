@@ -168,17 +168,21 @@ def load_adapter(model, path, name: str) -> None:
 
 
 def install_adapter(model, name: str, config, tensors: dict, path, metadata: dict | None = None,
-                    finite_checked: bool = False, share: bool = False) -> None:
+                    finite_checked: bool = False, share: bool = False, training: bool | None = None) -> None:
     """Add adapter ``name`` with ``tensors`` already read from the directory ``path`` (named in errors); a
     serving pool reads files off the engine's thread and installs here between steps. ``metadata``: the
     weights file's ``__metadata__``; a base fingerprint there is checked against this model's base.
     ``finite_checked``: the caller already ran :func:`require_finite` on ``tensors`` (off this thread).
     ``share``: the adapter's parameters may be ``tensors`` themselves rather than copies, where dtype and shape
-    already match (the caller promises not to write to them; a load then allocates and copies nothing)."""
+    already match (the caller promises not to write to them; a load then allocates and copies nothing).
+    ``training``: put the new adapter's modules in that mode (new modules start in training mode, as in torch and
+    peft, so an adapter saved with ``lora_dropout`` would drop activations while it serves); None leaves them."""
     path = Path(path)
     try:
         with filling_from_disk():
             model.add_adapter(name, config)
+        if training is not None:
+            set_training(model, name, training)
     except GraftingError as e:
         raise GraftingError(f"{path / CONFIG_NAME}: {e}") from None
     try:
@@ -189,6 +193,17 @@ def install_adapter(model, name: str, config, tensors: dict, path, metadata: dic
     except Exception:
         model.delete_adapter(name)
         raise
+
+
+def set_training(model, name: str, mode: bool) -> None:
+    """Training or eval mode for adapter ``name``'s modules only (its layers, saved heads, shared tensors); a
+    walk of the whole model (``model.eval()``) would cost a serving pool's install more than the install."""
+    roots = [h.adapters[name] for _, h in model.hosts() if name in h.adapters]
+    roots += [s.copies[name] for _, s in model.saved_modules() if name in s.copies]
+    if name in model.shared_tensors:
+        roots.append(model.shared_tensors[name])
+    for root in roots:
+        root.train(mode)
 
 
 def refill_adapter(model, name: str, config, tensors: dict, path, metadata: dict | None = None,

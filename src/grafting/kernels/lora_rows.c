@@ -5,62 +5,147 @@
    in fp32 or bf16 (bf16 halves what a step with many distinct adapters reads; widened to fp32 in registers),
    accumulating in fp32 into y. Rows run in parallel (OpenMP: the process's libgomp, which torch loads too).
    A is (slots, in, r) and B (slots, r, out), row-major; x is (rows, tokens, in) and y (rows, tokens, out);
-   slot 0 means no adapter. x @ A keeps 16 ranks x 4 input features of accumulators in registers, so the loop
-   never waits on one; (x A) @ B streams B[slot] front to back (one contiguous block) into y's row, which
-   stays in L1. */
+   slot 0 means no adapter.
+
+   The arithmetic is written with GCC vector types (clang has them too) rather than left to the
+   auto-vectorizer, which vectorized some (dtype, rank) pairs and left others scalar (4x slower). x @ A keeps
+   16 (or 8) ranks x 4 input features of accumulators in registers, so no add waits on the previous one, for up
+   to 4 tokens at once (prefill: each load of A serves every token); (x A) @ B streams B[slot] front to back,
+   4 ranks per pass over y's row, which stays in L1. */
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-#define LOAD_F32(v) (v)
-#define LOAD_BF16(v) bf16_to_f32(v)
-#define W 16
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef uint16_t h16 __attribute__((vector_size(32)));
+typedef uint16_t h8 __attribute__((vector_size(16)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
+typedef uint32_t u8 __attribute__((vector_size(32)));
 
-#define LORA_ROWS(NAME, TYPE, LOAD)                                                                     \
-static void NAME##_one(const float *xv, float *yv, const TYPE *a, const TYPE *b, int64_t in, int64_t r,  \
-                       int64_t out) {                                                                   \
-    float xa[r];                                                                                        \
+/* unaligned loads, widened to fp32: bf16 is the top half of an fp32 */
+static inline v16 ld16_f32(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline v8 ld8_f32(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline v16 ld16_bf16(const uint16_t *p) {
+    h16 h; memcpy(&h, p, sizeof h);
+    u16 w = __builtin_convertvector(h, u16) << 16;
+    v16 v; memcpy(&v, &w, sizeof v); return v;
+}
+static inline v8 ld8_bf16(const uint16_t *p) {
+    h8 h; memcpy(&h, p, sizeof h);
+    u8 w = __builtin_convertvector(h, u8) << 16;
+    v8 v; memcpy(&v, &w, sizeof v); return v;
+}
+static inline float ld1_f32(const float *p) { return *p; }
+static inline float ld1_bf16(const uint16_t *p) {
+    uint32_t bits = (uint32_t)*p << 16;
+    float f; memcpy(&f, &bits, sizeof f); return f;
+}
+
+/* xa[t][k0 .. k0+WW) = x[t] @ A[:, k0 .. k0+WW) for NT tokens (x rows `in` apart, xa rows `r` apart) */
+#define XA_BLOCK(SUF, TYPE, VT, WW, NT)                                                                 \
+static inline void xa_##SUF##_##WW##_##NT(const float *x, const TYPE *a, int64_t in, int64_t r,        \
+                                          int64_t k0, float *xa) {                                      \
+    VT acc[NT][4];                                                                                      \
+    memset(acc, 0, sizeof acc);                                                                         \
+    int64_t i = 0;                                                                                      \
+    for (; i + 4 <= in; i += 4)                                                                         \
+        for (int u = 0; u < 4; u++) {                                                                   \
+            const VT av = ld##WW##_##SUF(a + (i + u) * r + k0);                                         \
+            for (int t = 0; t < NT; t++) acc[t][u] += x[t * in + i + u] * av;                           \
+        }                                                                                               \
+    for (; i < in; i++) {                                                                               \
+        const VT av = ld##WW##_##SUF(a + i * r + k0);                                                   \
+        for (int t = 0; t < NT; t++) acc[t][0] += x[t * in + i] * av;                                   \
+    }                                                                                                   \
+    for (int t = 0; t < NT; t++) {                                                                      \
+        VT s = (acc[t][0] + acc[t][1]) + (acc[t][2] + acc[t][3]);                                       \
+        memcpy(xa + t * r + k0, &s, sizeof s);                                                          \
+    }                                                                                                   \
+}
+
+/* one token, 16·V ranks in one pass over A (whole rows of A read front to back: one stream, not V) */
+#define XA_WIDE(SUF, TYPE, V)                                                                           \
+static inline void xa_##SUF##_w##V(const float *x, const TYPE *a, int64_t in, int64_t r, int64_t k0,   \
+                                   float *xa) {                                                         \
+    v16 acc[4][V];                                                                                      \
+    memset(acc, 0, sizeof acc);                                                                         \
+    int64_t i = 0;                                                                                      \
+    for (; i + 4 <= in; i += 4)                                                                         \
+        for (int u = 0; u < 4; u++)                                                                     \
+            for (int v = 0; v < V; v++) acc[u][v] += x[i + u] * ld16_##SUF(a + (i + u) * r + k0 + 16 * v); \
+    for (; i < in; i++)                                                                                 \
+        for (int v = 0; v < V; v++) acc[0][v] += x[i] * ld16_##SUF(a + i * r + k0 + 16 * v);            \
+    for (int v = 0; v < V; v++) {                                                                       \
+        v16 s = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]);                                      \
+        memcpy(xa + k0 + 16 * v, &s, sizeof s);                                                         \
+    }                                                                                                   \
+}
+
+#define XA_TOKENS(SUF, TYPE, NT)                                                                        \
+XA_BLOCK(SUF, TYPE, v16, 16, NT)                                                                        \
+XA_BLOCK(SUF, TYPE, v8, 8, NT)                                                                          \
+static inline void xa_##SUF##_##NT(const float *x, const TYPE *a, int64_t in, int64_t r, float *xa) {   \
     int64_t k0 = 0;                                                                                     \
-    for (; k0 + W <= r; k0 += W) {                                                                      \
-        float acc[4][W] = {{0}};                                                                        \
-        int64_t i = 0;                                                                                  \
-        for (; i + 4 <= in; i += 4)                                                                     \
-            for (int u = 0; u < 4; u++) {                                                               \
-                const float xi = xv[i + u];                                                             \
-                const TYPE *ai = a + (i + u) * r + k0;                                                  \
-                for (int kk = 0; kk < W; kk++) acc[u][kk] += xi * LOAD(ai[kk]);                         \
-            }                                                                                           \
-        for (; i < in; i++)                                                                             \
-            for (int kk = 0; kk < W; kk++) acc[0][kk] += xv[i] * LOAD(a[i * r + k0 + kk]);              \
-        for (int kk = 0; kk < W; kk++) xa[k0 + kk] = (acc[0][kk] + acc[1][kk]) + (acc[2][kk] + acc[3][kk]); \
+    if (NT == 1) {                                                                                      \
+        for (; k0 + 64 <= r; k0 += 64) xa_##SUF##_w4(x, a, in, r, k0, xa);                              \
+        for (; k0 + 32 <= r; k0 += 32) xa_##SUF##_w2(x, a, in, r, k0, xa);                              \
     }                                                                                                   \
-    for (int64_t k = k0; k < r; k++) {                                                                  \
-        float acc = 0.0f;                                                                               \
-        for (int64_t i = 0; i < in; i++) acc += xv[i] * LOAD(a[i * r + k]);                             \
-        xa[k] = acc;                                                                                    \
+    for (; k0 + 16 <= r; k0 += 16) xa_##SUF##_16_##NT(x, a, in, r, k0, xa);                            \
+    for (; k0 + 8 <= r; k0 += 8) xa_##SUF##_8_##NT(x, a, in, r, k0, xa);                                \
+    for (int t = 0; t < NT; t++)                                                                        \
+        for (int64_t k = k0; k < r; k++) {                                                              \
+            float s = 0.0f;                                                                             \
+            for (int64_t i = 0; i < in; i++) s += x[t * in + i] * ld1_##SUF(a + i * r + k);             \
+            xa[t * r + k] = s;                                                                          \
+        }                                                                                               \
+}
+
+/* y[j] += sum_k xa[k] * B[k, j], four ranks per pass over y */
+#define XA_B(SUF, TYPE)                                                                                 \
+static inline void xab_##SUF(const float *xa, const TYPE *b, float *y, int64_t r, int64_t out) {        \
+    int64_t k = 0;                                                                                      \
+    for (; k + 4 <= r; k += 4) {                                                                        \
+        const float c0 = xa[k], c1 = xa[k + 1], c2 = xa[k + 2], c3 = xa[k + 3];                         \
+        const TYPE *b0 = b + k * out, *b1 = b0 + out, *b2 = b1 + out, *b3 = b2 + out;                   \
+        int64_t j = 0;                                                                                  \
+        for (; j + 16 <= out; j += 16) {                                                                \
+            v16 yv = ld16_f32(y + j);                                                                   \
+            yv += (c0 * ld16_##SUF(b0 + j) + c1 * ld16_##SUF(b1 + j))                                   \
+                + (c2 * ld16_##SUF(b2 + j) + c3 * ld16_##SUF(b3 + j));                                  \
+            memcpy(y + j, &yv, sizeof yv);                                                              \
+        }                                                                                               \
+        for (; j < out; j++)                                                                            \
+            y[j] += (c0 * ld1_##SUF(b0 + j) + c1 * ld1_##SUF(b1 + j))                                   \
+                  + (c2 * ld1_##SUF(b2 + j) + c3 * ld1_##SUF(b3 + j));                                  \
     }                                                                                                   \
-    for (int64_t k = 0; k < r; k++) {                                                                   \
-        const float c = xa[k];                                                                          \
-        const TYPE *bk = b + k * out;                                                                   \
-        for (int64_t j = 0; j < out; j++) yv[j] += c * LOAD(bk[j]);                                     \
-    }                                                                                                   \
-}                                                                                                       \
+    for (; k < r; k++)                                                                                  \
+        for (int64_t j = 0; j < out; j++) y[j] += xa[k] * ld1_##SUF(b + k * out + j);                   \
+}
+
+#define LORA_ROWS(NAME, SUF, TYPE)                                                                      \
+XA_WIDE(SUF, TYPE, 2)                                                                                   \
+XA_WIDE(SUF, TYPE, 4)                                                                                   \
+XA_TOKENS(SUF, TYPE, 1)                                                                                 \
+XA_TOKENS(SUF, TYPE, 4)                                                                                 \
+XA_B(SUF, TYPE)                                                                                         \
 void NAME(const float *x, float *y, const TYPE *A, const TYPE *B, const int64_t *rows,                  \
           const int64_t *slots, int64_t m, int64_t tokens, int64_t in, int64_t r, int64_t out,          \
           int threads) {                                                                                \
+    const int64_t blocks = (tokens + 3) / 4; /* a row's tokens in blocks of 4 (decode: one token) */    \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                   \
-    for (int64_t e = 0; e < m * tokens; e++) {                                                          \
-        int64_t row = e / tokens, t = e % tokens, s = slots[row];                                       \
+    for (int64_t e = 0; e < m * blocks; e++) {                                                          \
+        const int64_t row = e / blocks, t0 = (e % blocks) * 4, s = slots[row];                          \
         if (s == 0) continue;                                                                           \
-        NAME##_one(x + (rows[row] * tokens + t) * in, y + (rows[row] * tokens + t) * out,               \
-                   A + s * in * r, B + s * r * out, in, r, out);                                        \
+        const int64_t nt = tokens - t0 < 4 ? tokens - t0 : 4;                                           \
+        const float *xv = x + (rows[row] * tokens + t0) * in;                                           \
+        float *yv = y + (rows[row] * tokens + t0) * out;                                                \
+        const TYPE *a = A + s * in * r, *b = B + s * r * out;                                           \
+        float xa[4 * r];                                                                                \
+        if (nt == 4) xa_##SUF##_4(xv, a, in, r, xa);                                                    \
+        else for (int64_t t = 0; t < nt; t++) xa_##SUF##_1(xv + t * in, a, in, r, xa + t * r);          \
+        for (int64_t t = 0; t < nt; t++) xab_##SUF(xa + t * r, b, yv + t * out, r, out);                \
     }                                                                                                   \
 }
 
-LORA_ROWS(lora_rows_f32, float, LOAD_F32)
-LORA_ROWS(lora_rows_bf16, uint16_t, LOAD_BF16)
+LORA_ROWS(lora_rows_f32, f32, float)
+LORA_ROWS(lora_rows_bf16, bf16, uint16_t)

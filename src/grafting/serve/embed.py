@@ -132,7 +132,8 @@ class Embedder(BackgroundLoop):
 
     ``pool``: resolves adapter names; ``max_batch``: rows per forward pass at most (one larger request still
     goes alone); ``max_queue``: waiting requests at most (more raise QueueFull); ``pooling``: how token states
-    become one vector (default: what the model directory declares, see :func:`read_pooling`)."""
+    become one vector (default: what the model directory declares, see :func:`read_pooling`). The model is put
+    in eval mode: serving never drops activations (``lora_dropout``)."""
 
     task = "embed"
     thread_name = "grafting-embedder"
@@ -140,6 +141,8 @@ class Embedder(BackgroundLoop):
     def __init__(self, model, tokenizer=None, pool=None, pooling: Pooling | None = None, max_batch: int = 64,
                  max_queue: int = 1024):
         self.model, self.tokenizer, self.pool = model, tokenizer, pool
+        if isinstance(model, torch.nn.Module):
+            model.eval()
         self.pooling = pooling or Pooling()
         if self.pooling.mode not in POOLING_MODES:
             raise GraftingError(f"pooling mode '{self.pooling.mode}': expected one of {POOLING_MODES}")

@@ -45,7 +45,7 @@ class Engine(BackgroundLoop):
     model's own adapters). ``max_batch``: running rows at most; ``max_queue``: waiting requests at most
     (more raise :class:`QueueFull`); ``max_prefill_tokens``: prompt tokens prefilled in one step at most (one
     long prompt still goes alone); ``max_model_len``: prompt + output tokens at most (default: the model's
-    context size)."""
+    context size). The model is put in eval mode: serving never drops activations (``lora_dropout``)."""
 
     task = "generate"
     thread_name = "grafting-engine"
@@ -53,6 +53,8 @@ class Engine(BackgroundLoop):
     def __init__(self, model, tokenizer=None, pool=None, max_batch: int = 32, max_queue: int = 1024,
                  max_prefill_tokens: int = 4096, max_model_len: int | None = None, eos_token_ids=None):
         self.model, self.tokenizer, self.pool = model, tokenizer, pool
+        if isinstance(model, torch.nn.Module):
+            model.eval()
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
         config = getattr(model, "config", None)
         self.max_model_len = max_model_len or _context_size(config)

@@ -291,7 +291,7 @@ class AdapterPool:
                 else:
                     internal = self._new_internal_name()
                     install_adapter(self.model, internal, config, tensors, entry.path, metadata,
-                                    finite_checked=True, share=True)
+                                    finite_checked=True, share=True, training=False)  # served: no dropout
             except Exception as e:
                 with self._lock:
                     entry.error = str(e) if isinstance(e, GraftingError) else f"{entry.path}: {e}"
