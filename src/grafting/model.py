@@ -119,6 +119,18 @@ class AdaptedModel(nn.Module):
             tree = self.__dict__["_adapted_tree"] = AdaptedTree()
         return tree.get(self.base_model)
 
+    def train_adapter(self, name: str, mode: bool = True) -> None:
+        """``train(mode)`` for adapter ``name``'s modules only (its layers, saved heads, shared tensors): a
+        serving pool's install would cost more as a walk of the whole model. New adapters start in training
+        mode, as in torch and peft, unless this model is in eval mode."""
+        self._require(name)
+        roots = [h.adapters[name] for _, h in self.hosts() if name in h.adapters]
+        roots += [s.copies[name] for _, s in self.saved_modules() if name in s.copies]
+        if name in self.shared_tensors:
+            roots.append(self.shared_tensors[name])
+        for root in roots:
+            root.train(mode)
+
     def add_adapter(self, name: str, config: AdapterConfig, calibration: Iterable | None = None) -> None:
         """Inject adapter ``name`` built by ``config`` (any registered method's config).
 
@@ -190,6 +202,8 @@ class AdaptedModel(nn.Module):
             raise
         self.peft_config[name] = config
         self._structure += 1
+        if not self.training:  # a model put in eval mode (serving, evaluation) keeps a new adapter there too
+            self.train_adapter(name, False)
         low_rank = ranks and all(r is not None for r in ranks)
         self._routing.assign_slot(name, max(ranks) if low_rank else None)
         if not self._routing.active:

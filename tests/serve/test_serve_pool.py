@@ -552,5 +552,11 @@ def test_the_engine_serves_a_model_in_eval_mode():
     add_random_adapter(model, "drop", "gpt2", r=8, seed=3, lora_dropout=0.5)
     engine = Engine(model)
     assert not any(m.training for m in model.modules())
-    outs = [engine.generate([[1, 2, 3]], GREEDY, ["drop"])[0].token_ids for _ in range(3)]
-    assert outs[0] == outs[1] == outs[2]
+    add_random_adapter(model, "late", "gpt2", r=8, seed=4, lora_dropout=0.5)  # added after: eval too
+    assert not any(m.training for m in model.modules())
+    for name in ("drop", "late"):
+        outs = [engine.generate([[1, 2, 3]], GREEDY, [name])[0].token_ids for _ in range(3)]
+        assert outs[0] == outs[1] == outs[2]
+    model.train()
+    add_random_adapter(model, "trained", "gpt2", r=8, seed=5, lora_dropout=0.5)
+    assert all(m.training for _, h in model.hosts() for m in h.adapters["trained"].modules())

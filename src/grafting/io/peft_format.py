@@ -182,7 +182,7 @@ def install_adapter(model, name: str, config, tensors: dict, path, metadata: dic
         with filling_from_disk():
             model.add_adapter(name, config)
         if training is not None:
-            set_training(model, name, training)
+            model.train_adapter(name, training)
     except GraftingError as e:
         raise GraftingError(f"{path / CONFIG_NAME}: {e}") from None
     try:
@@ -193,17 +193,6 @@ def install_adapter(model, name: str, config, tensors: dict, path, metadata: dic
     except Exception:
         model.delete_adapter(name)
         raise
-
-
-def set_training(model, name: str, mode: bool) -> None:
-    """Training or eval mode for adapter ``name``'s modules only (its layers, saved heads, shared tensors); a
-    walk of the whole model (``model.eval()``) would cost a serving pool's install more than the install."""
-    roots = [h.adapters[name] for _, h in model.hosts() if name in h.adapters]
-    roots += [s.copies[name] for _, s in model.saved_modules() if name in s.copies]
-    if name in model.shared_tensors:
-        roots.append(model.shared_tensors[name])
-    for root in roots:
-        root.train(mode)
 
 
 def refill_adapter(model, name: str, config, tensors: dict, path, metadata: dict | None = None,
