@@ -72,7 +72,7 @@ def adopt_hash(model, name: str, config, tensors: dict, digest: str) -> bool:
     Returns whether the digest was adopted (otherwise the hash is computed on first use, as always)."""
     from .io.peft_format import adapter_tensors
 
-    if config_json(model.peft_config[name]) != config_json(config):
+    if not same_config(model.peft_config[name], config):
         return False
     held = adapter_tensors(model, name, copy=False)
     if held.keys() != tensors.keys():
@@ -103,13 +103,14 @@ def config_json(config) -> str:
     return json.dumps(config.to_peft_dict(), sort_keys=True, default=str)
 
 
+def same_config(a, b) -> bool:
+    """Whether two configs write the same adapter_config.json (the same object: without serializing either)."""
+    return a is b or config_json(a) == config_json(b)
+
+
 def _listing(model, name) -> tuple:
     """(uids and tensor ids, tensors, modules) of everything adapter ``name`` owns."""
-    roots = [h.adapters[name] for _, h in model.hosts() if name in h.adapters]
-    roots += [s.copies[name] for _, s in model.saved_modules() if name in s.copies]
-    if name in model.shared_tensors:
-        roots.append(model.shared_tensors[name])
-    modules = [m for root in roots for m in root.modules()]
+    modules = [m for root in model.adapter_roots(name) for m in root.modules()]
     tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
     fixed = (tuple([m.__dict__.get("_graft_uid") for m in modules]), tuple([id(t) for t in tensors]))
     return fixed, tensors, modules

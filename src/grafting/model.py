@@ -119,16 +119,20 @@ class AdaptedModel(nn.Module):
             tree = self.__dict__["_adapted_tree"] = AdaptedTree()
         return tree.get(self.base_model)
 
-    def train_adapter(self, name: str, mode: bool = True) -> None:
-        """``train(mode)`` for adapter ``name``'s modules only (its layers, saved heads, shared tensors): a
-        serving pool's install would cost more as a walk of the whole model. New adapters start in training
-        mode, as in torch and peft, unless this model is in eval mode."""
-        self._require(name)
+    def adapter_roots(self, name: str) -> list[nn.Module]:
+        """The modules holding everything adapter ``name`` owns: its layers, saved heads, shared tensors."""
         roots = [h.adapters[name] for _, h in self.hosts() if name in h.adapters]
         roots += [s.copies[name] for _, s in self.saved_modules() if name in s.copies]
         if name in self.shared_tensors:
             roots.append(self.shared_tensors[name])
-        for root in roots:
+        return roots
+
+    def train_adapter(self, name: str, mode: bool = True) -> None:
+        """``train(mode)`` for adapter ``name``'s modules only: a serving pool's install would cost more as a
+        walk of the whole model. New adapters start in training mode, as in torch and peft, unless this model
+        is in eval mode."""
+        self._require(name)
+        for root in self.adapter_roots(name):
             root.train(mode)
 
     def add_adapter(self, name: str, config: AdapterConfig, calibration: Iterable | None = None) -> None:

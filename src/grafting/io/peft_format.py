@@ -18,7 +18,7 @@ from safetensors.torch import save
 from torch.autograd.graph import increment_version
 
 from ..errors import GraftingError
-from ..hashing import config_json
+from ..hashing import same_config
 from ..init_stage import filling_from_disk
 from ..layers import stores_plain_weight
 from ..methods.base import Method
@@ -204,7 +204,7 @@ def refill_adapter(model, name: str, config, tensors: dict, path, metadata: dict
     own storage before anything is copied into them, so those tensors (a host-tier copy) are never written.
     On an error the adapter holds a mix of old and new weights: delete it."""
     path = Path(path)
-    if config_json(model.peft_config[name]) != config_json(config):
+    if not same_config(model.peft_config[name], config):
         raise GraftingError(f"{path / CONFIG_NAME}: adapter '{name}' was installed from another config; "
                             "refill_adapter keeps its modules, so the config must be the same (install it anew)")
     _fill(model, name, config, tensors, path / WEIGHTS_NAME, finite_checked, share, fresh=True)

@@ -282,6 +282,7 @@ class AdapterPool:
                 continue
             try:
                 if internal is not None:  # the evicted adapter's modules, given this one's weights
+                    config = self.model.peft_config[internal]  # the same JSON (_make_room matched it): no re-check
                     try:
                         refill_adapter(self.model, internal, config, tensors, entry.path, metadata,
                                        finite_checked=True, share=True)
