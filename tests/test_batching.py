@@ -132,6 +132,24 @@ def test_a_repeated_call_replays_its_plans_yet_sees_every_change_to_an_adapter(e
     assert key not in host._stack.calls
 
 
+def test_layers_share_a_call_s_split_only_while_they_hold_the_same_adapters():
+    """A mixed call works out once which adapters run through the store for all layers holding the same
+    adapters; a layer holding others (here: "b" targets q_proj only) gets its own, and add/delete re-key it."""
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), lora(4))
+    model.add_adapter("b", gf.LoraConfig(r=16, target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("c", lora(8))
+    model.eval()
+    hosts = dict(model.hosts())
+    q0, q1, v0 = hosts["layers.0.q_proj"], hosts["layers.1.q_proj"], hosts["layers.0.v_proj"]
+    assert q0.adapter_set() is q1.adapter_set() and q0.adapter_set() is not v0.adapter_set()
+    names = ["b", "c", None, "default", "b", "c", "default"]  # three rank buckets in one call
+    assert_rows_match(model, torch.randn(7, 8), names)
+    model.delete_adapter("b")
+    assert q0.adapter_set() is v0.adapter_set()
+    assert_rows_match(model, torch.randn(7, 8), ["c", "default", None, "c", "default", "c", "c"])
+
+
 def test_replayed_plans_never_skip_dropout_in_training_mode():
     torch.manual_seed(0)
     model = gf.adapt(Net(), lora(4, lora_dropout=0.5))

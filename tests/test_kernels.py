@@ -25,15 +25,34 @@ def test_each_row_reads_its_own_slot_in_place(dtype, r, fan_in, out, tokens):
     x = torch.randn(6, tokens, fan_in)
     A, B = torch.randn(5, fan_in, r).to(dtype), torch.randn(5, r, out).to(dtype)
     base = torch.randn(6, tokens, out)
-    rows, slots = torch.tensor([4, 0, 2, 5]), torch.tensor([3, 1, 0, 3])  # slot 0: no adapter; slot 3 twice
+    entries = torch.tensor([[4, 0, 3], [0, 0, 1], [2, 0, 3]])  # (row, bucket, slot); slot 3 twice
     y = base.clone()
-    kernel(x, y, A, B, rows, slots)
+    kernel(x, y, kernel.table([(A, B)]), entries, dtype)
     want = base.clone()
-    for row, slot in zip(rows.tolist(), slots.tolist()):
-        if slot:
-            want[row] += (x[row].double() @ A[slot].double() @ B[slot].double()).float()
+    for row, _, slot in entries.tolist():
+        want[row] += (x[row].double() @ A[slot].double() @ B[slot].double()).float()
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
-    assert torch.equal(y[[1, 3]], base[[1, 3]])  # rows not listed are untouched
+    assert torch.equal(y[[1, 3, 5]], base[[1, 3, 5]])  # rows not listed are untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_one_call_serves_rows_of_every_rank_bucket(dtype, tokens):
+    kernel = built()
+    torch.manual_seed(tokens)
+    fan_in, out, n = 40, 52, 9
+    ranks = (64, 16, 4, 8)  # in any order: each entry names its bucket
+    factors = [(torch.randn(3, fan_in, r).to(dtype), torch.randn(3, r, out).to(dtype)) for r in ranks]
+    x, base = torch.randn(n, tokens, fan_in), torch.randn(n, tokens, out)
+    entries = torch.tensor([[row, row % 4, 1 + row % 2] for row in range(n) if row != 5])
+    y = base.clone()
+    kernel(x, y, kernel.table(factors), entries, dtype)
+    want = base.clone()
+    for row, b, slot in entries.tolist():
+        A, B = factors[b]
+        want[row] += (x[row].double() @ A[slot].double() @ B[slot].double()).float()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
+    assert torch.equal(y[5], base[5])
 
 
 def test_the_build_is_cached_keyed_and_can_be_refused(tmp_path, monkeypatch):

@@ -51,6 +51,8 @@ class RowRouting:
     key: "CallKey | None" = None  # what a layer's cached plans for this call are keyed by; None: do not cache
     gathered: dict = field(default_factory=dict)  # (id(host), bucket) -> (stack version, plan)
     gatherable: dict = field(default_factory=dict)  # (name, method class) -> (deterministic, in the store)
+    layers: dict = field(default_factory=dict)  # AdapterSet -> LayerCall: what layers holding these adapters run
+    _stack_keys: dict | None = None
     _expanded: dict = field(default_factory=dict)
     _all_rows: torch.Tensor | None = None
 
@@ -88,6 +90,25 @@ class RowRouting:
         if self._all_rows is None:
             self._all_rows = torch.arange(len(self.names))
         return self._all_rows
+
+    @property
+    def stack_keys(self) -> dict:
+        """name -> (bucket, slot, content hash): what each layer's stack must hold for this call."""
+        if self._stack_keys is None:
+            self._stack_keys = {n: (*self.slot_of[n], self.hashes[n]) for n in self.groups
+                                if self.slot_of.get(n) is not None}
+        return self._stack_keys
+
+    def kernel_entries(self, gathered: list) -> tuple:
+        """(bucket order, (entries, 3) int64 of row, bucket position, slot) for the compiled kernel: every row
+        whose adapter is in ``gathered``, heaviest rank first, so threads taking rows in turn end together."""
+        order = tuple(sorted(self.buckets, reverse=True))
+        position = {b: i for i, b in enumerate(order)}
+        keep = set(gathered)
+        entries = [(i, position[self.slot_of[n][0]], self.slot_of[n][1]) for i, n in enumerate(self.names)
+                   if n in keep]
+        entries.sort(key=lambda e: e[1])
+        return order, torch.tensor(entries, dtype=torch.int64).view(-1, 3)
 
     def for_batch(self, n: int) -> "RowRouting":
         """This routing for a batch of ``n`` rows: ``generate`` may have expanded each row into k copies."""
@@ -188,6 +209,35 @@ def _gatherable(host, names, rows: RowRouting) -> list:
     return out
 
 
+@dataclass
+class LayerCall:
+    """What every host layer holding one set of adapters does in one call (see :func:`_layer_call`)."""
+
+    present: list  # the call's adapters this layer holds
+    gathered: list  # ... that run through the store
+    grouped: list  # ... that run their own delta, rows grouped by adapter
+    rescales: bool  # some gathered adapter rescales the output (DoRA)
+    kernel: tuple | None = None  # (bucket order, entries) for the compiled kernel, built on first use
+
+
+def _layer_call(host, rows: RowRouting) -> LayerCall:
+    """This layer's split of the call's adapters, worked out once per call for all layers holding the same
+    adapters (a decode step whose rows changed would otherwise redo it in each of a model's layers)."""
+    cacheable = rows.key is not None and not torch.is_grad_enabled() and not transforms_active()
+    sig = host.adapter_set() if cacheable else None
+    hit = rows.layers.get(sig) if cacheable else None
+    if hit is not None:
+        return hit
+    present = [name for name in rows.groups if name in host.adapters]
+    gathered = _gatherable(host, present, rows) if present and host.kind.gathered \
+        and not _needs_grad(host, present) else []
+    call = LayerCall(present, gathered, [n for n in present if n not in gathered],
+                     any(host.methods[n].rescales_output for n in gathered))
+    if cacheable:
+        rows.layers[sig] = call
+    return call
+
+
 def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> torch.Tensor:
     if host.merged:
         raise GraftingError(f"adapters {sorted(host.merged)} are merged into the base weights; "
@@ -201,20 +251,18 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
             if hit is not None and hit[0] == "kernel":
                 kernel = _rows_kernel(x, base_out, stack, False)
                 if kernel is not None:
-                    return _run_kernel(kernel, x, base_out, hit[1])
+                    return _run_kernel(kernel, x, base_out, stack.dtype, *hit[1])
             elif hit is not None:
                 return _apply_plans(x, base_out, *hit, host)
-    present = [name for name in rows.groups if name in host.adapters]
-    if not present:
+    layer = _layer_call(host, rows)
+    if not layer.present:
         return base_out
-    gathered = _gatherable(host, present, rows) if host.kind.gathered and not _needs_grad(host, present) else []
-    grouped = [n for n in present if n not in gathered]
-    out = _gathered(host, x, base_out, rows, gathered, cacheable=not grouped) if gathered else base_out
-    if not grouped:
+    out = _gathered(host, x, base_out, rows, layer) if layer.gathered else base_out
+    if not layer.grouped:
         return out
     # grouped: differentiable, and the path for methods and kinds without a gathered kernel
     delta = torch.zeros_like(base_out)
-    for name in grouped:
+    for name in layer.grouped:
         idx = rows.groups[name]
         d = host.methods[name].delta(host.adapters[name], host, x.index_select(0, idx), base_out.index_select(0, idx))
         delta = delta.index_add(0, idx, d)
@@ -238,21 +286,25 @@ class BankPlan:
     slots: list
 
 
-def _gathered(host, x, base_out, rows: RowRouting, present, cacheable: bool) -> torch.Tensor:
-    stack = _stack_for(host, present[0])
+def _gathered(host, x, base_out, rows: RowRouting, layer: LayerCall) -> torch.Tensor:
+    stack = _stack_for(host, layer.gathered[0])
+    present, rescales, cacheable = layer.gathered, layer.rescales, not layer.grouped
     one_token = x.dim() > 1 and x[0].numel() == x.shape[-1]  # decode: a row bank beats re-gathering per call
     with stack.lock:
-        rescales = stack.sync(host, present, rows.slot_of, rows.hashes)
+        stack.sync(host, present, rows.stack_keys)
         kernel = _rows_kernel(x, base_out, stack, rescales)
-        runs = [] if kernel is None else [
-            (stack.buckets[b], rows.row_index(row_idx), _layer_slots(rows, row_idx, slots, bnames, present))
-            for b, (row_idx, slots, bnames) in rows.buckets.items() if any(n in present for n in bnames)]
-        if stack.dtype == torch.float32 and len(runs) == 1 and len(rows.buckets) == 1 and _run_of_slots(runs[0][2]):
-            kernel = None  # rows in slot order: torch's batched matmul reads views, as fast as the kernel in fp32
+        if kernel is not None and stack.dtype == torch.float32 and len(rows.buckets) == 1:
+            row_idx, slots, bnames = next(iter(rows.buckets.values()))
+            if len(bnames) == len(present) and _run_of_slots(slots):
+                kernel = None  # rows in slot order: torch's batched matmul reads views, as fast as the kernel in fp32
         if kernel is not None:  # every row reads its factors in place: nothing gathered, nothing to plan
+            if layer.kernel is None:
+                layer.kernel = rows.kernel_entries(present)
+            order, entries = layer.kernel
+            run = (stack.kernel_table(order), entries)
             if cacheable and rows.key is not None:
-                stack.remember(rows.key, ("kernel", runs))
-            return _run_kernel(kernel, x, base_out, runs)
+                stack.remember(rows.key, ("kernel", run))
+            return _run_kernel(kernel, x, base_out, stack.dtype, *run)
         plans = []
         for b, (row_idx, slots, bnames) in rows.buckets.items():
             here = [n for n in bnames if n in present]
@@ -307,12 +359,10 @@ def _run_of_slots(slots: torch.Tensor) -> bool:
     return first > 0 and torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device))
 
 
-def _run_kernel(kernel, x, base_out, runs) -> torch.Tensor:
+def _run_kernel(kernel, x, base_out, stack_dtype, table, entries) -> torch.Tensor:
     n = x.shape[0]
     xr = x.reshape(n, -1, x.shape[-1]).contiguous()
-    out = base_out.view(n, xr.shape[1], -1)
-    for bucket, row_t, slots in runs:
-        kernel(xr, out, bucket.A_t, bucket.B_t, row_t, slots)
+    kernel(xr, base_out.view(n, xr.shape[1], -1), table, entries, stack_dtype)
     return base_out
 
 

@@ -14,6 +14,7 @@ dense weight in place. Without it, a merge is refused; grafting never writes int
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -199,6 +200,15 @@ class EmbeddingKind(LayerKind):
 KINDS: tuple[LayerKind, ...] = (LinearKind(), Conv1DKind(), Conv2dKind(), EmbeddingKind())
 
 
+class AdapterSet:
+    """Identity of a set of adapters on a layer (see :meth:`HostLayer.adapter_set`); gone with its last layer."""
+
+    __slots__ = ("__weakref__",)
+
+
+_ADAPTER_SETS: "weakref.WeakValueDictionary[tuple, AdapterSet]" = weakref.WeakValueDictionary()
+
+
 def kind_of(module: nn.Module) -> LayerKind | None:
     for kind in KINDS:
         if kind.matches(module):
@@ -222,6 +232,7 @@ class HostLayer(nn.Module):
         self.merged: dict[str, Any] = {}  # adapter name -> what its method needs to unmerge
         self._routing = routing
         self._stack = None  # batching.LowRankStack, built on the first mixed batch
+        self._adapter_set = None  # see adapter_set()
         kind.in_out(base_layer)  # validates the base layer
         w = kind.weight(base_layer)
         if not (isinstance(w, torch.Tensor) and w.is_floating_point()):
@@ -252,6 +263,17 @@ class HostLayer(nn.Module):
     def add(self, name: str, method: Any, adapter: nn.Module) -> None:
         self.adapters[name] = adapter
         self.methods[name] = method
+        self._adapter_set = None
+
+    def adapter_set(self) -> "AdapterSet":
+        """This layer's kind and (adapter name, method) pairs, interned: every layer holding the same adapters
+        returns the same object, so a mixed call works out their split once for all of them."""
+        if self._adapter_set is None:
+            value = (self.kind, tuple(self.methods.items()))
+            self._adapter_set = _ADAPTER_SETS.get(value)
+            if self._adapter_set is None:
+                self._adapter_set = _ADAPTER_SETS[value] = AdapterSet()
+        return self._adapter_set
 
     def remove(self, name: str) -> None:
         if name in self.merged:
@@ -260,6 +282,7 @@ class HostLayer(nn.Module):
             self._stack.free(name)
         del self.adapters[name]
         del self.methods[name]
+        self._adapter_set = None
 
     # ---- merging ----------------------------------------------------------------------------------------------
     def can_write_weight(self) -> str | None:

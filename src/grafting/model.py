@@ -400,7 +400,7 @@ class AdaptedModel(nn.Module):
             if host.kind.gathered and present:
                 stack = _stack_for(host, present[0])
                 with stack.lock:
-                    stack.sync(host, present, slot_of, hashes)
+                    stack.sync(host, present, {n: (*slot_of[n], hashes[n]) for n in present})
 
     def trainable_summary(self) -> dict:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -159,6 +159,7 @@ class LowRankStack:
         # checks (64 adapters x 24 layers of them cost more per decode step than the factors' extra reads)
         self.calls: OrderedDict = OrderedDict()
         self.banks: dict = {}  # bucket -> RowBank
+        self.tables: dict = {}  # bucket order -> the kernel's table of this layer's buckets (see kernel_table)
 
     def remember(self, key, plans) -> None:
         """What a call keyed ``key`` ran, for the next call with the same rows (the last PLANS_KEPT kept)."""
@@ -170,6 +171,7 @@ class LowRankStack:
         self.version += 1  # keys the per-call plans
         self.plans.clear()
         self.calls.clear()
+        self.tables.clear()  # a reserve or .to() may have moved the buckets
 
     def __deepcopy__(self, memo):  # a cache: a copied model refills its own on first use
         return LowRankStack(self.fan_in, self.out, self.dtype, self.device)
@@ -179,6 +181,16 @@ class LowRankStack:
 
     def __setstate__(self, state):
         self.__init__(state["fan_in"], state["out"], state["dtype"], state["device"])
+
+    def kernel_table(self, order: tuple) -> torch.Tensor:
+        """(len(order), 3) int64: each bucket's A and B addresses and rank, as the compiled kernel reads them
+        (zeros for a bucket this layer lacks: no row of this layer reads it). Kept until a slot changes."""
+        table = self.tables.get(order)
+        if table is None:
+            rows = [(self.buckets[b].A_t.data_ptr(), self.buckets[b].B_t.data_ptr(), b) if b in self.buckets
+                    else (0, 0, 0) for b in order]
+            table = self.tables[order] = torch.tensor(rows, dtype=torch.int64).view(-1, 3)
+        return table
 
     def reserve(self, bucket: int, capacity: int) -> None:
         """Room for ``capacity`` slots (slot 0 included) in ``bucket``, allocated now."""
@@ -208,17 +220,12 @@ class LowRankStack:
             self._changed()
 
     @torch.no_grad()
-    def sync(self, host, names, slot_of: dict, hashes: dict) -> bool:
-        """Make the slots of ``names`` current. Returns whether any of them rescales the output."""
-        rescales, stale = False, []
-        for name in names:
-            method = host.methods[name]
-            rescales |= method.rescales_output
-            key = (*slot_of[name], hashes[name])
-            if self.keys.get(name) != key:
-                stale.append((name, key))
+    def sync(self, host, names, keys: dict) -> None:
+        """Make the slots of ``names`` current: ``keys`` maps each to its (bucket, slot, content hash)."""
+        held = self.keys
+        stale = [(name, keys[name]) for name in names if held.get(name) != keys[name]]
         if not stale:
-            return rescales
+            return
         with _writable():
             for name, key in stale:
                 old = self.keys.pop(name, None)
@@ -233,4 +240,3 @@ class LowRankStack:
                 self.buckets[b].write(slot, A, B, scale, g)
                 self.keys[name] = key
         self._changed()
-        return rescales

@@ -28,7 +28,8 @@ FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
 
 
 class LoraRows:
-    """``y[rows[e]] += (x[rows[e]] @ A[slots[e]]) @ B[slots[e]]`` for every entry e, in place on ``y``."""
+    """``y[row] += (x[row] @ A_b[slot]) @ B_b[slot]`` for every entry (row, b, slot), in place on ``y``: one
+    call serves a layer's rows over all its rank buckets."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
@@ -36,7 +37,7 @@ class LoraRows:
         self._fns = {}
         for dtype, name in ((torch.float32, "lora_rows_f32"), (torch.bfloat16, "lora_rows_bf16")):
             fn = getattr(lib, name)
-            fn.argtypes = [p, p, p, p, p, p, i, i, i, i, i, ctypes.c_int]
+            fn.argtypes = [p, p, p, p, i, i, i, i, ctypes.c_int]
             fn.restype = None
             self._fns[dtype] = fn
 
@@ -44,14 +45,20 @@ class LoraRows:
         return (x.dtype == y.dtype == torch.float32 and A.dtype in self._fns and x.device.type == "cpu"
                 and A.device.type == "cpu" and y.is_contiguous())
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor,
-                 slots: torch.Tensor) -> None:
-        """``x`` (n, tokens, in) fp32, ``y`` (n, tokens, out) fp32 contiguous, ``A`` (slots, in, r) and ``B``
-        (slots, r, out) contiguous, ``rows`` and ``slots`` int64 of one length."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, entries: torch.Tensor,
+                 dtype: torch.dtype) -> None:
+        """``x`` (n, tokens, in) fp32 and ``y`` (n, tokens, out) fp32, contiguous. ``table`` (buckets, 3) int64:
+        each bucket's A (slots, in, r) and B (slots, r, out) addresses (contiguous tensors of ``dtype``, which
+        the caller keeps alive) and r. ``entries`` (m, 3) int64: row, bucket position in ``table``, slot; rows
+        are taken in this order by the threads in turn (heaviest first balances them)."""
         n, tokens, fan_in = x.shape
-        self._fns[A.dtype](x.data_ptr(), y.data_ptr(), A.data_ptr(), B.data_ptr(), rows.data_ptr(),
-                           slots.data_ptr(), len(rows), tokens, fan_in, A.shape[-1], B.shape[-1],
-                           torch.get_num_threads())
+        self._fns[dtype](x.data_ptr(), y.data_ptr(), table.data_ptr(), entries.data_ptr(), len(entries), tokens,
+                         fan_in, y.shape[-1], torch.get_num_threads())
+
+    @staticmethod
+    def table(buckets: list) -> torch.Tensor:
+        """The ``table`` for ``[(A, B), ...]`` (each A (slots, in, r), B (slots, r, out), contiguous)."""
+        return torch.tensor([(A.data_ptr(), B.data_ptr(), A.shape[-1]) for A, B in buckets], dtype=torch.int64)
 
 
 def lora_rows() -> LoraRows | None:
