@@ -67,7 +67,7 @@ class _Bucket:
             B_t = B.t() if isinstance(scale, (int, float)) and scale == 1 else B.t() * scale
             # factors as trained are transposed here: converting in memory order first, then a narrower
             # transposing copy, beats torch's one-pass converting copy; factors laid out for the store
-            # (serve.pool.stack_layout) are contiguous and copy straight in
+            # (serve.host_tier.stack_layout) are contiguous and copy straight in
             self.A_t[slot, :, :r].copy_(A_t if A_t.is_contiguous() else A_t.to(self.A_t.dtype))
             self.B_t[slot, :r].copy_(B_t if B_t.is_contiguous() else B_t.to(self.B_t.dtype))
             if r < self.A_t.shape[2]:

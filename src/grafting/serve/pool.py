@@ -7,10 +7,11 @@ path serves them), at most ``max_loras`` of them and at most ``max_bytes`` of te
 used one that no running request holds is evicted when room is needed. Files are read and validated on a
 loader thread, so a load never stalls the decode loop: the engine installs what has been read between steps
 (:meth:`AdapterPool.poll`). Like S-LoRA's host memory (and vLLM's ``max_cpu_loras``), read adapters stay in a
-second, larger LRU tier (``max_cpu_loras``): one evicted from the model comes back from memory, without a
-read, a hash or the loader thread's share of two cores, which on a CPU the decode loop feels. An installed
-adapter's parameters are its host copy's tensors (nothing is copied or allocated at install, so a pool turning
-over does not fragment the heap the decode loop allocates from); nothing in serving writes to them.
+second, larger LRU tier (``max_cpu_loras``, :mod:`grafting.serve.host_tier`): one evicted from the model comes
+back from memory, without a read, a hash or the loader thread's share of two cores, which on a CPU the decode
+loop feels. An installed adapter's parameters are its host copy's tensors (nothing is copied or allocated at
+install, so a pool turning over does not fragment the heap the decode loop allocates from); nothing in
+serving writes to them.
 
 Resident adapters are keyed by **content hash** (config + tensors, :func:`grafting.hashing.adapter_hash`),
 not by name: re-registering a name (a new directory, or new files in the old one) makes its next request read
@@ -28,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import GraftingError
-from ..hashing import adapter_hash, adopt_hash, config_json
-from ..io.peft_format import install_adapter, refill_adapter, require_finite
-from ..io.reader import AdapterReader, read_config
+from ..hashing import adopt_hash, config_json
+from ..io.peft_format import install_adapter, refill_adapter
+from ..io.reader import read_config
+from .host_tier import HostTier, adapter_rank, read_adapter, tensor_bytes
 
 
 class AdapterError(GraftingError):
@@ -53,30 +55,12 @@ class _Registered:
 
 
 @dataclass
-class _HostCopy:
-    """An adapter as read (validated, hashed, prepared) for one registration of its name."""
-    generation: int
-    digest: str
-    config: object
-    tensors: dict
-    metadata: dict | None
-    nbytes: int
-
-
-@dataclass
 class _Resident:
     internal: str  # the adapter's name inside the model
     nbytes: int
     config: str  # the config it was installed from (JSON): an adapter with the same one can take its modules
     pins: int = 0
     last_used: float = field(default_factory=time.monotonic)
-
-
-def adapter_rank(config) -> int:
-    """The largest rank an adapter config gives any layer (``r`` and ``rank_pattern``)."""
-    ranks = [getattr(config, "r", 0) or 0]
-    ranks += list((getattr(config, "rank_pattern", None) or {}).values())
-    return int(max(ranks))
 
 
 class AdapterPool:
@@ -100,8 +84,7 @@ class AdapterPool:
         self.max_loras, self.max_bytes, self.max_rank = max_loras, max_bytes, max_rank
         self.max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras
         self.max_cpu_bytes = max_cpu_bytes
-        self._host: OrderedDict[str, _HostCopy] = OrderedDict()  # name -> as read, LRU first
-        self._host_bytes = 0
+        self._host = HostTier(self.max_cpu_loras, max_cpu_bytes)  # name -> as read
         self.prepare = prepare
         self._registered: dict[str, _Registered] = {}
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # digest -> resident, LRU first
@@ -129,14 +112,14 @@ class AdapterPool:
         with self._lock:
             self._generation += 1
             self._registered[name] = _Registered(name, path, rank, self._generation)
-            self._drop_host_copy(name)  # the new registration reads its files anew
+            self._host.drop(name)  # the new registration reads its files anew
 
     def unregister(self, name: str) -> None:
         """Forget ``name``; its resident copy is evicted once no running request holds it."""
         with self._lock:
             if self._registered.pop(name, None) is None:
                 raise AdapterNotFound(f"no adapter named '{name}'")
-            self._drop_host_copy(name)
+            self._host.drop(name)
 
     def names(self) -> list[str]:
         with self._lock:
@@ -152,7 +135,7 @@ class AdapterPool:
     def in_memory(self) -> list[str]:
         """Names whose adapter the host tier holds as read, least recently used first."""
         with self._lock:
-            return list(self._host)
+            return self._host.names()
 
     @property
     def resident(self) -> list[str]:
@@ -182,9 +165,8 @@ class AdapterPool:
 
     def _fetch(self, entry: _Registered) -> None:
         """Queue ``entry`` for install: from the host tier if it holds this registration, else read (locked)."""
-        copy = self._host.get(entry.name)
-        if copy is not None and copy.generation == entry.generation:
-            self._host.move_to_end(entry.name)
+        copy = self._host.current(entry.name, entry.generation)
+        if copy is not None:
             self._ready.append((entry, entry.generation, copy.digest, copy.config, copy.tensors, None,
                                 copy.metadata))
             entry.loading = _DONE
@@ -233,17 +215,10 @@ class AdapterPool:
     def _read_files(self, entry: _Registered, generation: int) -> tuple:
         """(entry, generation, digest, config, tensors, error, metadata): read, checked, hashed, prepared."""
         try:
-            reader = AdapterReader(entry.path)
-            tensors = reader.read_all()
-            require_finite(tensors, reader.file)  # here, not on the engine's thread at install
-            digest = adapter_hash(reader.config, tensors)
-            config = reader.config
-            if self.prepare is not None:
-                config, tensors = self.prepare(config, tensors)
-            tensors = stack_layout(config, tensors)
+            digest, config, tensors, metadata = read_adapter(entry.path, self.prepare)
             with self._lock:
                 self.stats["reads"] += 1
-            return entry, generation, digest, config, tensors, None, reader.metadata
+            return entry, generation, digest, config, tensors, None, metadata
         except Exception as e:  # reported to the requests that asked for it
             return (entry, generation, None, None, None, str(e) if isinstance(e, GraftingError) else
                     f"{entry.path}: cannot read adapter '{entry.name}' ({type(e).__name__}: {e})", None)
@@ -267,12 +242,12 @@ class AdapterPool:
                     self.stats["load_errors"] += 1
                     changed = True
                     continue
-                self._keep_host_copy(entry, generation, digest, config, tensors, metadata)
+                self._host.keep(entry.name, generation, digest, config, tensors, metadata)
                 if digest in self._resident:  # same content under another name, or read twice
                     entry.digest = digest
                     changed = True
                     continue
-            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            nbytes = tensor_bytes(tensors)
             key = config_json(config)
             fits, internal = self._make_room(nbytes, key)
             if not fits:
@@ -297,7 +272,7 @@ class AdapterPool:
                 with self._lock:
                     entry.error = str(e) if isinstance(e, GraftingError) else f"{entry.path}: {e}"
                     self.stats["load_errors"] += 1
-                    self._drop_host_copy(entry.name)  # it will never install: do not hold its tensors
+                    self._host.drop(entry.name)  # it will never install: do not hold its tensors
                 changed = True
                 continue
             if self.prepare is None:  # the model holds what was hashed: spare the engine thread a second hash
@@ -311,25 +286,6 @@ class AdapterPool:
             self._ready = waiting + self._ready
         self._evict_unregistered()
         return changed
-
-    def _keep_host_copy(self, entry, generation, digest, config, tensors, metadata) -> None:
-        """Keep what was read in the host tier (locked), least recently used copies dropped past its limits."""
-        if self.max_cpu_loras == 0:
-            return
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.max_cpu_bytes is not None and nbytes > self.max_cpu_bytes:
-            return
-        self._drop_host_copy(entry.name)
-        self._host[entry.name] = _HostCopy(generation, digest, config, tensors, metadata, nbytes)
-        self._host_bytes += nbytes
-        while len(self._host) > self.max_cpu_loras or (self.max_cpu_bytes is not None
-                                                       and self._host_bytes > self.max_cpu_bytes):
-            self._drop_host_copy(next(iter(self._host)))
-
-    def _drop_host_copy(self, name: str) -> None:
-        dropped = self._host.pop(name, None)
-        if dropped is not None:
-            self._host_bytes -= dropped.nbytes
 
     def _make_room(self, nbytes: int, config: str) -> tuple[bool, str | None]:
         """(fits, model-side name to reuse or None): evict least recently used adapters that nobody holds or
@@ -413,8 +369,7 @@ class AdapterPool:
         for name in wanted[self.max_loras:max(self.max_loras, self.max_cpu_loras)]:
             with self._lock:
                 entry = self._registered[name]
-                copy = self._host.get(name)
-                if copy is not None and copy.generation == entry.generation:
+                if self._host.current(name, entry.generation) is not None:
                     continue
             _, generation, digest, config, tensors, error, metadata = self._read_files(entry, entry.generation)
             with self._lock:
@@ -424,7 +379,7 @@ class AdapterPool:
                     entry.error = error
                     self.stats["load_errors"] += 1
                 else:
-                    self._keep_host_copy(entry, generation, digest, config, tensors, metadata)
+                    self._host.keep(name, generation, digest, config, tensors, metadata)
         with self._lock:
             internal = [r.internal for r in self._resident.values()]
         self.model.stack_adapters(internal)  # the mixed-batch stacks too, not on the first requests
@@ -437,23 +392,6 @@ class AdapterPool:
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
-
-
-def stack_layout(config, tensors: dict) -> dict:
-    """LoRA and DoRA factors laid out as the mixed-batch store keeps them, done here on the loader thread: each
-    ``lora_A`` (r, fan_in) and ``lora_B`` (out, r) becomes a transposed view of a contiguous (fan_in, r) /
-    (r, out) tensor, same values and shape. Installs share these tensors (``install_adapter(share=True)``), so
-    writing an adapter into the store is a contiguous copy instead of a transposing one, about six times
-    faster; with the host tier an adapter is laid out once and installed many times. Other methods' tensors
-    are left as read."""
-    if getattr(config, "method", None) not in ("lora", "dora"):
-        return tensors
-    out = {}
-    for key, t in tensors.items():
-        if t.dim() == 2 and key.endswith(("lora_A.weight", "lora_B.weight")) and t.is_contiguous():
-            t = t.t().contiguous().t()
-        out[key] = t
-    return out
 
 
 _DONE = Future()  # marks "read, waiting for room" so acquire does not read the files again

@@ -1,0 +1,112 @@
+"""What the adapter pool reads and keeps in memory: an adapter's files, checked, hashed and laid out for the
+mixed-batch store (:func:`read_adapter`), and the host tier that holds them by name (:class:`HostTier`).
+
+S-LoRA (arXiv:2311.03285, section 4) keeps every adapter in host memory and pages the ones a batch needs onto
+the device; vLLM bounds that memory with ``max_cpu_loras``. Here the tier is an LRU of adapters as read, within
+a count and a byte budget: one evicted from the model comes back from it without a read, a hash or the loader
+thread's share of two cores. Installs share the tier's tensors (nothing is copied at install).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..hashing import adapter_hash
+from ..io.peft_format import require_finite
+from ..io.reader import AdapterReader
+
+
+@dataclass
+class HostCopy:
+    """An adapter as read (validated, hashed, prepared) for one registration of its name."""
+    generation: int
+    digest: str
+    config: object
+    tensors: dict
+    metadata: dict | None
+    nbytes: int
+
+
+class HostTier:
+    """Adapters as read, by name, least recently used first: at most ``max_count`` of them (0: none) and, when
+    ``max_bytes`` is set, at most that many tensor bytes. Not thread-safe: the pool calls it under its lock."""
+
+    def __init__(self, max_count: int, max_bytes: int | None = None):
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self._copies: OrderedDict[str, HostCopy] = OrderedDict()
+        self.nbytes = 0
+
+    def __getitem__(self, name: str) -> HostCopy:
+        return self._copies[name]
+
+    def names(self) -> list[str]:
+        return list(self._copies)
+
+    def current(self, name: str, generation: int) -> HostCopy | None:
+        """The copy of ``name`` if it was read for registration ``generation`` (then marked most recent)."""
+        copy = self._copies.get(name)
+        if copy is None or copy.generation != generation:
+            return None
+        self._copies.move_to_end(name)
+        return copy
+
+    def keep(self, name: str, generation: int, digest: str, config, tensors: dict, metadata) -> None:
+        """Hold what was read for ``name``, dropping least recently used copies past the limits; an adapter
+        alone over the byte budget is not held."""
+        if self.max_count == 0:
+            return
+        nbytes = tensor_bytes(tensors)
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            return
+        self.drop(name)
+        self._copies[name] = HostCopy(generation, digest, config, tensors, metadata, nbytes)
+        self.nbytes += nbytes
+        while len(self._copies) > self.max_count or (self.max_bytes is not None and self.nbytes > self.max_bytes):
+            self.drop(next(iter(self._copies)))
+
+    def drop(self, name: str) -> None:
+        dropped = self._copies.pop(name, None)
+        if dropped is not None:
+            self.nbytes -= dropped.nbytes
+
+
+def read_adapter(path, prepare=None) -> tuple:
+    """(content hash, config, tensors, metadata) of the PEFT-format adapter in ``path``: read, checked finite,
+    hashed as the files are, then ``prepare``\\ d (if given) and laid out for the store (:func:`stack_layout`)."""
+    reader = AdapterReader(path)
+    tensors = reader.read_all()
+    require_finite(tensors, reader.file)  # here, on the loader thread, not on the engine's at install
+    digest = adapter_hash(reader.config, tensors)
+    config = reader.config
+    if prepare is not None:
+        config, tensors = prepare(config, tensors)
+    return digest, config, stack_layout(config, tensors), reader.metadata
+
+
+def stack_layout(config, tensors: dict) -> dict:
+    """LoRA and DoRA factors laid out as the mixed-batch store keeps them, done here on the loader thread: each
+    ``lora_A`` (r, fan_in) and ``lora_B`` (out, r) becomes a transposed view of a contiguous (fan_in, r) /
+    (r, out) tensor, same values and shape. Installs share these tensors (``install_adapter(share=True)``), so
+    writing an adapter into the store is a contiguous copy instead of a transposing one, about six times
+    faster; with the host tier an adapter is laid out once and installed many times. Other methods' tensors
+    are left as read."""
+    if getattr(config, "method", None) not in ("lora", "dora"):
+        return tensors
+    out = {}
+    for key, t in tensors.items():
+        if t.dim() == 2 and key.endswith(("lora_A.weight", "lora_B.weight")) and t.is_contiguous():
+            t = t.t().contiguous().t()
+        out[key] = t
+    return out
+
+
+def tensor_bytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def adapter_rank(config) -> int:
+    """The largest rank an adapter config gives any layer (``r`` and ``rank_pattern``)."""
+    ranks = [getattr(config, "r", 0) or 0]
+    ranks += list((getattr(config, "rank_pattern", None) or {}).values())
+    return int(max(ranks))

@@ -1,0 +1,86 @@
+"""The pool's host tier (LRU by count and bytes, one registration's copy per name) and what goes into it
+(read_adapter: checked, hashed as the files are, laid out for the store with the same values)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from serving_models import add_random_adapter, tiny_lm
+
+import grafting as gf
+from grafting.hashing import adapter_hash
+from grafting.io.reader import AdapterReader
+from grafting.serve.host_tier import HostTier, adapter_rank, read_adapter
+
+
+def tensors(nbytes: int) -> dict:
+    return {"w": torch.zeros(nbytes // 4)}
+
+
+def test_least_recently_used_copies_go_first_past_the_count():
+    tier = HostTier(max_count=2)
+    tier.keep("a", 1, "da", None, tensors(8), None)
+    tier.keep("b", 2, "db", None, tensors(8), None)
+    assert tier.current("a", 1) is not None  # a is now the most recent
+    tier.keep("c", 3, "dc", None, tensors(8), None)
+    assert tier.names() == ["a", "c"] and tier.nbytes == 16
+
+
+def test_the_byte_budget_holds_and_an_adapter_alone_over_it_is_not_kept():
+    tier = HostTier(max_count=10, max_bytes=40)
+    tier.keep("a", 1, "da", None, tensors(16), None)
+    tier.keep("b", 2, "db", None, tensors(16), None)
+    tier.keep("c", 3, "dc", None, tensors(16), None)  # 48 > 40: a goes
+    assert tier.names() == ["b", "c"] and tier.nbytes == 32
+    tier.keep("huge", 4, "dh", None, tensors(44), None)
+    assert tier.names() == ["b", "c"] and tier.nbytes == 32
+    tier.drop("b")
+    tier.drop("nobody")
+    assert tier.names() == ["c"] and tier.nbytes == 16
+
+
+def test_a_copy_serves_only_the_registration_it_was_read_for():
+    tier = HostTier(max_count=4)
+    tier.keep("a", 1, "da", None, tensors(8), None)
+    assert tier.current("a", 2) is None and tier.current("a", 1).digest == "da"
+    tier.keep("a", 2, "da2", None, tensors(4), None)  # re-read for a new registration: replaces the old copy
+    assert tier.names() == ["a"] and tier.nbytes == 4 and tier.current("a", 1) is None
+
+
+def test_a_tier_of_size_zero_keeps_nothing():
+    tier = HostTier(max_count=0)
+    tier.keep("a", 1, "da", None, tensors(8), None)
+    assert tier.names() == [] and tier.nbytes == 0
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_read_adapter_hashes_the_files_and_lays_factors_out_for_the_store(tmp_path, use_dora):
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    add_random_adapter(model, "a", "gpt2", r=8, seed=3, use_dora=use_dora)
+    model.save_adapter(tmp_path, name="a")
+    digest, config, laid_out, _ = read_adapter(tmp_path)
+    reader = AdapterReader(tmp_path)
+    as_read = reader.read_all()
+    assert digest == adapter_hash(reader.config, as_read) and adapter_rank(config) == 8
+    assert laid_out.keys() == as_read.keys()
+    factors = [k for k in as_read if k.endswith(("lora_A.weight", "lora_B.weight"))]
+    assert factors
+    for key, t in laid_out.items():
+        assert torch.equal(t, as_read[key])
+        if key in factors:  # a transposed view of a contiguous (fan_in, r) / (r, out) tensor
+            assert not t.is_contiguous() and t.t().is_contiguous()
+
+
+def test_read_adapter_refuses_non_finite_weights(tmp_path):
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    add_random_adapter(model, "a", "gpt2", r=4, seed=1)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    model.save_adapter(tmp_path, name="a")
+    with pytest.raises(gf.GraftingError, match="adapter_model.safetensors"):
+        read_adapter(tmp_path)
+
+
+def test_adapter_rank_is_the_largest_over_rank_pattern():
+    assert adapter_rank(gf.LoraConfig(r=8, rank_pattern={"c_attn": 32})) == 32
+    assert adapter_rank(gf.LoraConfig(r=16)) == 16
