@@ -149,6 +149,33 @@ def test_listed_hosts_follow_every_change_to_the_module_tree():
     assert all(h is copied.base_model.get_submodule(n) for n, h in copied.hosts())
 
 
+class SlicingNet(Net):
+    """Builds a ModuleList in every forward, as transformers' Llama-family models do (``self.layers[:n]``)."""
+
+    def forward(self, x):
+        for layer in self.layers[:2]:
+            x = layer(x)
+        return self.classifier(x)
+
+
+def test_module_lists_built_during_a_forward_do_not_relist_the_model_or_its_adapters():
+    model = gf.adapt(SlicingNet(), gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("b", gf.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    x, names = torch.randn(2, 8), ["default", "b"]
+    with torch.no_grad():
+        model(x, adapter_names=names)
+        hosts, owners = model._tree()[0], dict(model._owners)
+        model(x, adapter_names=names)
+    assert model._tree()[0] is hosts and all(model._owners[n] is owners[n] for n in owners)
+    b = dict(model.hosts())["layers.0.v_proj"].adapters["b"]
+    b.register_buffer("extra", torch.ones(1))  # a listed adapter module registering still counts
+    model.base_model.layers[1] = Block()  # and so does a module swapped into the model
+    with torch.no_grad():
+        model(x, adapter_names=names)
+    assert model._tree()[0] is not hosts and model._owners["b"] is not owners["b"]
+    assert hosted(model) == ["layers.0.q_proj", "layers.0.v_proj"]
+
+
 def test_delete_adapter_frees_its_slot_and_layers():
     model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
     model.add_adapter("b", gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))

@@ -43,16 +43,20 @@ class RowRouting:
     """Per-row routing for one call (shared by every host layer during it)."""
 
     names: list  # adapter name (or None) per row
-    groups: dict  # name -> LongTensor of row indices
-    buckets: dict  # bucket -> (row indices or None for all rows, (rows,) slot per row, names in the bucket)
+    groups: dict  # name -> row indices (a list; index() gives them as a tensor)
+    bucket_names: dict  # bucket -> names of the call's adapters in it
     hashes: dict  # name -> content hash of the adapter (keys the stacks)
     slot_of: dict  # name -> (bucket, slot) at build time
+    device: torch.device | None = None
     expandable: bool = False
     key: "CallKey | None" = None  # what a layer's cached plans for this call are keyed by; None: do not cache
     gathered: dict = field(default_factory=dict)  # (id(host), bucket) -> (stack version, plan)
-    gatherable: dict = field(default_factory=dict)  # (name, method class) -> (deterministic, in the store)
+    gatherable: dict = field(default_factory=dict)  # method class -> deterministic (no module trains)
     layers: dict = field(default_factory=dict)  # AdapterSet -> LayerCall: what layers holding these adapters run
     _stack_keys: dict | None = None
+    _kernel: tuple = ()  # (the compiled kernel or None,) once looked up for this call
+    _index: dict = field(default_factory=dict)
+    _buckets: dict | None = None
     _expanded: dict = field(default_factory=dict)
     _all_rows: torch.Tensor | None = None
 
@@ -67,21 +71,34 @@ class RowRouting:
         for name in groups:
             if slot_of.get(name) is not None:
                 by_bucket.setdefault(slot_of[name][0], []).append(name)
-        buckets = {}
-        for b, bnames in by_bucket.items():
-            if len(by_bucket) == 1:  # every row in one kernel call; base rows read the zero slot
-                slots = [slot_of[n][1] if n in bnames else 0 for n in names]
-                buckets[b] = (None, torch.tensor(slots, dtype=torch.long, device=device), bnames)
-            else:
-                idx = [i for i, n in enumerate(names) if n in bnames]
-                slots = [slot_of[names[i]][1] for i in idx]
-                buckets[b] = (torch.tensor(idx, dtype=torch.long, device=device),
-                              torch.tensor(slots, dtype=torch.long, device=device), bnames)
         key = CallKey((tuple(names), tuple((n, slot_of.get(n), hashes.get(n)) for n in sorted(groups)))) \
             if cacheable else None
-        return cls(names=list(names), groups={n: torch.tensor(ix, dtype=torch.long, device=device)
-                                              for n, ix in groups.items()},
-                   buckets=buckets, hashes=hashes, slot_of=dict(slot_of), expandable=expandable, key=key)
+        return cls(names=list(names), groups=groups, bucket_names=by_bucket, hashes=hashes, slot_of=dict(slot_of),
+                   device=device, expandable=expandable, key=key)
+
+    def index(self, name: str) -> torch.Tensor:
+        """The rows of adapter ``name`` as a LongTensor (built on first use: the kernel path never asks)."""
+        idx = self._index.get(name)
+        if idx is None:
+            idx = self._index[name] = torch.tensor(self.groups[name], dtype=torch.long, device=self.device)
+        return idx
+
+    @property
+    def buckets(self) -> dict:
+        """bucket -> (row indices, or None for all rows; (rows,) slot per row; names in the bucket), for the
+        torch path (built on first use)."""
+        if self._buckets is None:
+            names, slot_of, self._buckets = self.names, self.slot_of, {}
+            for b, bnames in self.bucket_names.items():
+                if len(self.bucket_names) == 1:  # every row in one batched matmul; base rows read the zero slot
+                    slots = [slot_of[n][1] if n in bnames else 0 for n in names]
+                    self._buckets[b] = (None, torch.tensor(slots, dtype=torch.long, device=self.device), bnames)
+                else:
+                    idx = [i for i, n in enumerate(names) if n in bnames]
+                    self._buckets[b] = (torch.tensor(idx, dtype=torch.long, device=self.device),
+                                        torch.tensor([slot_of[names[i]][1] for i in idx], dtype=torch.long,
+                                                     device=self.device), bnames)
+        return self._buckets
 
     def row_index(self, row_idx) -> torch.Tensor:
         """``row_idx``, or every row when it is None (a bucket holding all rows)."""
@@ -99,10 +116,17 @@ class RowRouting:
                                 if self.slot_of.get(n) is not None}
         return self._stack_keys
 
+    def kernel(self):
+        """The compiled kernel (:func:`grafting.kernels.lora_rows`), looked up once per call."""
+        if not self._kernel:
+            from .kernels import lora_rows
+            self._kernel = (lora_rows(),)
+        return self._kernel[0]
+
     def kernel_entries(self, gathered: list) -> tuple:
         """(bucket order, (entries, 3) int64 of row, bucket position, slot) for the compiled kernel: every row
         whose adapter is in ``gathered``, heaviest rank first, so threads taking rows in turn end together."""
-        order = tuple(sorted(self.buckets, reverse=True))
+        order = tuple(sorted(self.bucket_names, reverse=True))
         position = {b: i for i, b in enumerate(order)}
         keep = set(gathered)
         entries = [(i, position[self.slot_of[n][0]], self.slot_of[n][1]) for i, n in enumerate(self.names)
@@ -118,9 +142,8 @@ class RowRouting:
         if not self.expandable or rem or k < 1:
             raise GraftingError(f"adapter_names has {len(self.names)} entries but the batch has {n} rows")
         if k not in self._expanded:
-            device = next(iter(self.groups.values())).device if self.groups else None
             names = [name for name in self.names for _ in range(k)]  # HF expands inputs with repeat_interleave
-            self._expanded[k] = RowRouting.build(names, self.slot_of, self.hashes, device,
+            self._expanded[k] = RowRouting.build(names, self.slot_of, self.hashes, self.device,
                                                  cacheable=self.key is not None)
         return self._expanded[k]
 
@@ -194,17 +217,16 @@ def _gatherable(host, names, rows: RowRouting) -> list:
             return []
         return [n for n in names if host.methods[n].low_rank_form and rows.slot_of.get(n) is not None]
     # No module of these adapters trains (a cacheable call), so every method answers `deterministic` by its
-    # class alone (each one's answer depends on training flags only): asked once per call, not per layer.
-    known, out = rows.gatherable, []
+    # class alone (each one's answer depends on training flags only): asked once per method and call.
+    known, slot_of, out = rows.gatherable, rows.slot_of, []
     for n in names:
         method = host.methods[n]
-        hit = known.get((n, type(method)))
-        if hit is None:
-            hit = known[(n, type(method))] = (method.deterministic(host.adapters[n]),
-                                                method.low_rank_form and rows.slot_of.get(n) is not None)
-        if not hit[0]:
+        fixed = known.get(type(method))
+        if fixed is None:
+            fixed = known[type(method)] = method.deterministic(host.adapters[n])
+        if not fixed:
             return []
-        if hit[1]:
+        if method.low_rank_form and slot_of.get(n) is not None:
             out.append(n)
     return out
 
@@ -249,7 +271,7 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
         with stack.lock:
             hit = stack.calls.get(rows.key)
             if hit is not None and hit[0] == "kernel":
-                kernel = _rows_kernel(x, base_out, stack, False)
+                kernel = _rows_kernel(rows, x, base_out, stack, False)
                 if kernel is not None:
                     return _run_kernel(kernel, x, base_out, stack.dtype, *hit[1])
             elif hit is not None:
@@ -263,7 +285,7 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
     # grouped: differentiable, and the path for methods and kinds without a gathered kernel
     delta = torch.zeros_like(base_out)
     for name in layer.grouped:
-        idx = rows.groups[name]
+        idx = rows.index(name)
         d = host.methods[name].delta(host.adapters[name], host, x.index_select(0, idx), base_out.index_select(0, idx))
         delta = delta.index_add(0, idx, d)
     return out + delta
@@ -292,10 +314,10 @@ def _gathered(host, x, base_out, rows: RowRouting, layer: LayerCall) -> torch.Te
     one_token = x.dim() > 1 and x[0].numel() == x.shape[-1]  # decode: a row bank beats re-gathering per call
     with stack.lock:
         stack.sync(host, present, rows.stack_keys)
-        kernel = _rows_kernel(x, base_out, stack, rescales)
-        if kernel is not None and stack.dtype == torch.float32 and len(rows.buckets) == 1:
-            row_idx, slots, bnames = next(iter(rows.buckets.values()))
-            if len(bnames) == len(present) and _run_of_slots(slots):
+        kernel = _rows_kernel(rows, x, base_out, stack, rescales)
+        if kernel is not None and stack.dtype == torch.float32 and len(rows.bucket_names) == 1 \
+                and len(next(iter(rows.bucket_names.values()))) == len(present):
+            if _run_of_slots(next(iter(rows.buckets.values()))[1]):
                 kernel = None  # rows in slot order: torch's batched matmul reads views, as fast as the kernel in fp32
         if kernel is not None:  # every row reads its factors in place: nothing gathered, nothing to plan
             if layer.kernel is None:
@@ -337,20 +359,18 @@ def _layer_slots(rows: RowRouting, row_idx, slots: torch.Tensor, bnames: list, p
         return slots
     slots = slots.clone()
     for name in absent:
-        pos = rows.groups[name] if row_idx is None else torch.nonzero(torch.isin(row_idx, rows.groups[name])).flatten()
+        pos = rows.index(name) if row_idx is None else torch.nonzero(torch.isin(row_idx, rows.index(name))).flatten()
         slots[pos] = 0
     return slots
 
 
-def _rows_kernel(x, base_out, stack, rescales: bool):
+def _rows_kernel(rows: RowRouting, x, base_out, stack, rescales: bool):
     """The compiled kernel (:mod:`grafting.kernels`) when it can run this call: LoRA rows (no output factor),
     no autograd (it writes into the base output in place), fp32 activations, an fp32 or bf16 store on the CPU."""
     if rescales or torch.is_grad_enabled() or not stack.buckets:
         return None
-    from .kernels import lora_rows
-    kernel = lora_rows()
-    A = next(iter(stack.buckets.values())).A_t
-    return kernel if kernel is not None and kernel.supports(x, base_out, A) else None
+    kernel = rows.kernel()
+    return kernel if kernel is not None and kernel.supports(x, base_out, stack.dtype, stack.device) else None
 
 
 def _run_of_slots(slots: torch.Tensor) -> bool:

@@ -5,24 +5,34 @@ recomputed only when one of the adapter's tensors changed: the version key is ev
 storage) plus a uid given to each adapter module at creation (ids alone may be reused once an adapter is freed).
 
 The key is read on every mixed forward, so each adapter's modules and tensors are listed once and re-listed only
-when the model's adapters change or any module anywhere registers a parameter, buffer or submodule (torch's
+when the model's adapters change or a listed module registers a parameter, buffer or submodule (torch's
 global registration hooks bump a counter): a per-call walk of 64 adapters x 24 layers of module dicts cost
-about a millisecond per decode step.
+about a millisecond per decode step. Only registrations on modules some cache listed (:func:`watch`) count:
+transformers' Llama-family models build a new ``ModuleList`` (``self.layers[:n]``) in every forward, and
+counting its registrations re-listed every adapter and the whole model at every call.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 
 import torch
 from torch.nn.modules import module as _module
 
-_registrations = [0]  # bumped whenever any module registers a parameter, buffer or submodule
+_registrations = [0]  # bumped whenever a watched module registers a parameter, buffer or submodule
+_watched: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
-def _registered(*_args) -> None:
-    _registrations[0] += 1
+def _registered(module, *_args) -> None:
+    if module in _watched:
+        _registrations[0] += 1
+
+
+def watch(modules) -> None:
+    """Count registrations on ``modules`` from now on: a cache keyed on :func:`registrations` listed them."""
+    _watched.update(modules)
 
 
 _module.register_module_parameter_registration_hook(_registered)
@@ -31,7 +41,7 @@ _module.register_module_module_registration_hook(_registered)
 
 
 def registrations() -> int:
-    """How many parameters, buffers and submodules any module has registered so far (a cache key)."""
+    """How many parameters, buffers and submodules watched modules have registered so far (a cache key)."""
     return _registrations[0]
 
 
@@ -111,6 +121,7 @@ def same_config(a, b) -> bool:
 def _listing(model, name) -> tuple:
     """(uids and tensor ids, tensors, modules) of everything adapter ``name`` owns."""
     modules = [m for root in model.adapter_roots(name) for m in root.modules()]
+    watch(modules)
     tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
     fixed = (tuple([m.__dict__.get("_graft_uid") for m in modules]), tuple([id(t) for t in tensors]))
     return fixed, tensors, modules

@@ -13,7 +13,7 @@ import re
 from torch import nn
 
 from .errors import GraftingError
-from .hashing import registrations
+from .hashing import registrations, watch
 from .layers import HostLayer, kind_of
 
 ALL_LINEAR = "all-linear"
@@ -49,8 +49,9 @@ class AdaptedTree:
     changed: one install in a serving pool asked for them about twenty times, each a walk of the whole model.
 
     Two checks say "changed", both cheap: torch's global registration count (``hashing.registrations``: putting
-    a host in or swapping a module is a setattr), and, for every module on the path to a listed one, its
-    children as they were, which catches what skips registration (``del``, ``ModuleList.pop``/``insert``)."""
+    a host in or swapping a module is a setattr on a module listed here, each of which it watches), and, for
+    every module on the path to a listed one, its children as they were, which catches what skips
+    registration (``del``, ``ModuleList.pop``/``insert``)."""
 
     def __init__(self):
         self._key, self._paths, self.hosts, self.saved = None, [], [], []
@@ -64,7 +65,9 @@ class AdaptedTree:
 
     def _list(self, model: nn.Module) -> None:
         self.hosts, self.saved, ancestors = [], [], {"": model}
+        listed = [model]
         for name, module in iter_candidates(model):  # does not descend into host layers
+            listed.append(module)
             if isinstance(module, (HostLayer, ModulesToSave)):
                 (self.hosts if isinstance(module, HostLayer) else self.saved).append((name, module))
                 parts = name.split(".")
@@ -73,6 +76,7 @@ class AdaptedTree:
                     if prefix not in ancestors:
                         ancestors[prefix] = model.get_submodule(prefix)
         self._paths = [(m, tuple(m._modules.values())) for m in ancestors.values()]
+        watch(listed)
 
 
 def find_targets(model: nn.Module, cfg, saved_in_full: list | None = None) -> list[tuple[str, nn.Module]]:
@@ -148,8 +152,9 @@ class ModulesToSave(nn.Module):
         if rows is not None:
             rows = rows.for_batch(x.shape[0])
             out = self.original_module(x, *args, **kwargs)
-            for name, idx in rows.groups.items():
+            for name in rows.groups:
                 if name in self.copies:
+                    idx = rows.index(name)
                     sub = self.copies[name](x.index_select(0, idx), *args, **kwargs)
                     out = out.index_copy(0, idx, sub)
             return out

@@ -219,12 +219,11 @@ class LowRankStack:
             self.buckets[entry[0]].stamps[entry[1]] += 1
             self._changed()
 
-    @torch.no_grad()
     def sync(self, host, names, keys: dict) -> None:
         """Make the slots of ``names`` current: ``keys`` maps each to its (bucket, slot, content hash)."""
         held = self.keys
         stale = [(name, keys[name]) for name in names if held.get(name) != keys[name]]
-        if not stale:
+        if not stale:  # checked without entering no_grad: this runs in every layer of every mixed call
             return
         with _writable():
             for name, key in stale:

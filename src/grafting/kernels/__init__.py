@@ -41,9 +41,10 @@ class LoraRows:
             fn.restype = None
             self._fns[dtype] = fn
 
-    def supports(self, x: torch.Tensor, y: torch.Tensor, A: torch.Tensor) -> bool:
-        return (x.dtype == y.dtype == torch.float32 and A.dtype in self._fns and x.device.type == "cpu"
-                and A.device.type == "cpu" and y.is_contiguous())
+    def supports(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether it runs activations ``x`` into ``y`` with factors of ``dtype`` on ``device``."""
+        return (x.dtype == y.dtype == torch.float32 and dtype in self._fns and x.device.type == "cpu"
+                and device.type == "cpu" and y.is_contiguous())
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, entries: torch.Tensor,
                  dtype: torch.dtype) -> None:
