@@ -9,8 +9,10 @@ bucket = no adapter), so one routing, built once per call, serves every layer:
     delta[rows] = (x[rows] @ A_t[slot[rows]]) @ B_t[slot[rows]]                 (two batched matmuls per bucket)
     DoRA rows:    out = g·(base_out + low) + (1 − g)·b                           (g = 1 for plain LoRA)
 
-When rows share adapters, each adapter's factors are gathered once and its rows are batched behind them;
-decode rows with mostly distinct adapters read a row bank that copies only what a new batch composition adds.
+Without grad, LoRA rows run through the compiled kernel (:mod:`grafting.kernels`), one call per layer that
+reads every row's factors in place; otherwise through torch's batched matmuls over gathered factors
+(:mod:`grafting.plans`). Which of a call's adapters a layer holds and runs through the store is worked out
+once per call for all layers holding the same adapters (:class:`LayerCall`).
 
 Stack entries are keyed by the adapter's content hash (config + tensors, computed once per call and cached on
 tensor versions), so training between mixed forwards, or reloading a name with other weights, never serves stale
@@ -27,14 +29,14 @@ Routing is per call (a context variable), so threads may run differently routed 
 from __future__ import annotations
 
 import contextvars
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from .autodiff import transforms_active
 from .errors import GraftingError
-from .stacks import PLANS_KEPT, LowRankStack, RowBank, _Bucket, bucket_of
+from .plans import apply_plans, run_of_slots, torch_rows
+from .stacks import LowRankStack, bucket_of
 
 __all__ = ["CallKey", "LowRankStack", "RowRouting", "Routing", "bucket_of", "mixed_forward"]
 
@@ -275,7 +277,7 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
                 if kernel is not None:
                     return _run_kernel(kernel, x, base_out, stack.dtype, *hit[1])
             elif hit is not None:
-                return _apply_plans(x, base_out, *hit, host)
+                return apply_plans(x, base_out, *hit, host)
     layer = _layer_call(host, rows)
     if not layer.present:
         return base_out
@@ -299,25 +301,15 @@ def _stack_for(host, name):
     return host._stack
 
 
-@dataclass(frozen=True)
-class BankPlan:
-    """Rows read their factors from a row bank, filled when the call runs (see :class:`RowBank`)."""
-
-    bank: RowBank
-    bucket: _Bucket
-    slots: list
-
-
 def _gathered(host, x, base_out, rows: RowRouting, layer: LayerCall) -> torch.Tensor:
     stack = _stack_for(host, layer.gathered[0])
     present, rescales, cacheable = layer.gathered, layer.rescales, not layer.grouped
-    one_token = x.dim() > 1 and x[0].numel() == x.shape[-1]  # decode: a row bank beats re-gathering per call
     with stack.lock:
         stack.sync(host, present, rows.stack_keys)
         kernel = _rows_kernel(rows, x, base_out, stack, rescales)
         if kernel is not None and stack.dtype == torch.float32 and len(rows.bucket_names) == 1 \
                 and len(next(iter(rows.bucket_names.values()))) == len(present):
-            if _run_of_slots(next(iter(rows.buckets.values()))[1]):
+            if run_of_slots(next(iter(rows.buckets.values()))[1]):
                 kernel = None  # rows in slot order: torch's batched matmul reads views, as fast as the kernel in fp32
         if kernel is not None:  # every row reads its factors in place: nothing gathered, nothing to plan
             if layer.kernel is None:
@@ -327,41 +319,7 @@ def _gathered(host, x, base_out, rows: RowRouting, layer: LayerCall) -> torch.Te
             if cacheable and rows.key is not None:
                 stack.remember(rows.key, ("kernel", run))
             return _run_kernel(kernel, x, base_out, stack.dtype, *run)
-        plans = []
-        for b, (row_idx, slots, bnames) in rows.buckets.items():
-            here = [n for n in bnames if n in present]
-            if not here:
-                continue
-            cached = rows.gathered.get((id(host), b))
-            if cached is None or cached[0] != stack.version:
-                slots = _layer_slots(rows, row_idx, slots, bnames, present)
-                key = (one_token, slots.cpu().numpy().tobytes())
-                kept = stack.plans.setdefault(b, OrderedDict())
-                hit = kept.get(key)
-                if hit is None or hit[0] != stack.version:
-                    bank = stack.banks.setdefault(b, RowBank()) if one_token else None
-                    hit = kept[key] = (stack.version, _gather_plan(stack.buckets[b], slots, bank))
-                    while len(kept) > PLANS_KEPT:
-                        kept.popitem(last=False)
-                kept.move_to_end(key)
-                cached = hit
-                rows.gathered[(id(host), b)] = cached
-            plans.append((row_idx, cached[1]))
-        if cacheable and rows.key is not None:
-            stack.remember(rows.key, (rescales, plans))
-        return _apply_plans(x, base_out, rescales, plans, host)
-
-
-def _layer_slots(rows: RowRouting, row_idx, slots: torch.Tensor, bnames: list, present: list) -> torch.Tensor:
-    """The bucket's slots for this layer: rows whose adapter does not touch it (or is grouped) read slot 0."""
-    absent = [n for n in bnames if n not in present]
-    if not absent:
-        return slots
-    slots = slots.clone()
-    for name in absent:
-        pos = rows.index(name) if row_idx is None else torch.nonzero(torch.isin(row_idx, rows.index(name))).flatten()
-        slots[pos] = 0
-    return slots
+        return torch_rows(host, x, base_out, rows, stack, present, rescales, cacheable)
 
 
 def _rows_kernel(rows: RowRouting, x, base_out, stack, rescales: bool):
@@ -373,104 +331,8 @@ def _rows_kernel(rows: RowRouting, x, base_out, stack, rescales: bool):
     return kernel if kernel is not None and kernel.supports(x, base_out, stack.dtype, stack.device) else None
 
 
-def _run_of_slots(slots: torch.Tensor) -> bool:
-    """Rows whose slots run consecutively from a real one: they read a view of the stack."""
-    first = int(slots[0])
-    return first > 0 and torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device))
-
-
 def _run_kernel(kernel, x, base_out, stack_dtype, table, entries) -> torch.Tensor:
     n = x.shape[0]
     xr = x.reshape(n, -1, x.shape[-1]).contiguous()
     kernel(xr, base_out.view(n, xr.shape[1], -1), table, entries, stack_dtype)
     return base_out
-
-
-def _apply_plans(x, base_out, rescales: bool, plans: list, host) -> torch.Tensor:
-    """The low-rank part of a mixed call from its plans; runs under the stack's lock (row banks change)."""
-    n = x.shape[0]
-    plans = [_bank_rows(row_idx, p, n, x.device) if isinstance(p, BankPlan) else (row_idx, p) for row_idx, p in plans]
-    A0 = plans[0][1][0]
-    xr = x.reshape(n, -1, x.shape[-1]).to(A0.dtype)
-    if len(plans) == 1 and plans[0][0] is None and plans[0][1][3] is None and not rescales \
-            and base_out.dtype == A0.dtype:  # every row in one bucket, own factors: the add fused into the bmm
-        _, (A, B, _, _) = plans[0]
-        return torch.baddbmm(base_out.reshape(n, -1, base_out.shape[-1]), torch.bmm(xr, A), B).view(base_out.shape)
-    if not rescales and not torch.is_grad_enabled():  # each bucket's rows added into the fresh base output
-        out = base_out.reshape(n, xr.shape[1], -1)
-        for row_idx, (A, B, _, groups) in plans:
-            low = _lowrank_rows(xr if row_idx is None else xr.index_select(0, row_idx), A, B, groups)
-            out = out.add_(low.to(out.dtype)) if row_idx is None else out.index_add_(0, row_idx, low.to(out.dtype))
-        return out.view(base_out.shape)
-    low_all, g_all = None, None
-    for row_idx, (A, B, g, groups) in plans:
-        xb = xr if row_idx is None else xr.index_select(0, row_idx)
-        low = _lowrank_rows(xb, A, B, groups)
-        if groups is not None and rescales:
-            g = g.index_select(0, groups[0])
-        if row_idx is None:
-            low_all, g_all = low, g
-            continue
-        if low_all is None:
-            low_all = xr.new_zeros(n, xr.shape[1], low.shape[-1])
-            g_all = xr.new_ones(n, low.shape[-1]) if rescales else None
-        low_all.index_copy_(0, row_idx, low)
-        if rescales:
-            g_all.index_copy_(0, row_idx, g)
-    low = low_all.view(base_out.shape)
-    if not rescales:
-        return base_out + low.to(base_out.dtype)
-    # out = g (W x + low) + b  =  g (base_out + low) + (1 - g) b
-    g = g_all.view(n, *([1] * (base_out.dim() - 2)), -1).to(base_out.dtype)
-    out = (base_out + low.to(base_out.dtype)) * g
-    bias = host.kind.bias(host.base_layer)
-    return out if bias is None else out + (1 - g) * bias
-
-
-def _bank_rows(row_idx, plan: BankPlan, n: int, device) -> tuple:
-    """(rows in bank order, factors): the bank decides which position serves which row."""
-    order, factors = plan.bank.rows(plan.bucket, plan.slots)
-    if row_idx is None and order == list(range(n)):
-        return None, factors
-    base = list(range(n)) if row_idx is None else row_idx.tolist()
-    return torch.tensor([base[i] for i in order], dtype=torch.long, device=device), factors
-
-
-def _lowrank_rows(xr: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups) -> torch.Tensor:
-    if groups is None:
-        return torch.bmm(torch.bmm(xr, A), B)
-    # rows share adapters: each adapter's factors once, its rows stacked (zero-padded) behind it
-    inverse, pos, most = groups
-    xg = xr.new_zeros(A.shape[0], most, *xr.shape[1:])
-    xg[inverse, pos] = xr
-    lowg = torch.bmm(torch.bmm(xg.view(A.shape[0], -1, xr.shape[-1]), A), B)
-    return lowg.view(A.shape[0], most, xr.shape[1], -1)[inverse, pos]
-
-
-def _gather_plan(bucket: _Bucket, slots: torch.Tensor, bank: RowBank | None = None):
-    """(A, B, g, groups) for rows with these slots: per-row factors, or per-adapter factors plus row groups.
-
-    Rows in slot order read views of the stack. Otherwise, when rows share adapters (at least two rows per
-    adapter on average), each adapter's factors are gathered once and its rows are batched together; copying
-    every row's own factors would move (in + out)·r values per row, as much as a whole base weight at 64 rows.
-    Mostly distinct adapters: the row bank when one is given (decode), else a copy per row (prefill, where
-    many tokens per row share the copy).
-    """
-    if _run_of_slots(slots):
-        first = int(slots[0])
-        picked = slice(first, first + len(slots))
-        return bucket.A_t[picked], bucket.B_t[picked], bucket.g[picked], None
-    unique, inverse = torch.unique(slots, return_inverse=True)
-    if 2 * len(unique) > len(slots):
-        if bank is not None:
-            return BankPlan(bank, bucket, slots.tolist())
-        return (bucket.A_t.index_select(0, slots), bucket.B_t.index_select(0, slots),
-                bucket.g.index_select(0, slots), None)
-    counts = torch.bincount(inverse, minlength=len(unique))
-    order = torch.argsort(inverse, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.empty_like(inverse)
-    pos[order] = torch.arange(len(slots), device=slots.device) - starts[inverse[order]]
-    groups = (inverse, pos, int(counts.max()))
-    return (bucket.A_t.index_select(0, unique), bucket.B_t.index_select(0, unique),
-            bucket.g.index_select(0, unique), groups)
