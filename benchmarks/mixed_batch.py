@@ -260,7 +260,7 @@ def main() -> None:
         diff, moved = agreement(g, p, base)
         print(f"# check: mixed-batch logits, grafting vs peft max |diff| = {diff:.2e} "
               f"(adapters move the base by up to {moved:.2f})")
-        out["logit_max_abs_diff"] = diff
+        out["logit_max_abs_diff"] = f"{diff:.1e}"  # a string: the JSON rounds numbers to 4 decimals
         out["decode"] = serving_section("Decode", base, g, p, 64, 1, cfg["n_serve"], cfg["decode_rounds"],
                                         cfg["decode_warmup"])
         lap("decode")
