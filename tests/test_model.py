@@ -176,6 +176,42 @@ def test_module_lists_built_during_a_forward_do_not_relist_the_model_or_its_adap
     assert hosted(model) == ["layers.0.q_proj", "layers.0.v_proj"]
 
 
+def _mixed_row_error(model, x, name):
+    with torch.no_grad():
+        mixed = model(x, adapter_names=["default", name])
+        model.set_active(name)
+        return (mixed[1] - model(x)[1]).abs().max().item()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "replace_root"])
+def test_an_adapter_changed_on_a_copy_or_swapped_whole_is_served_anew(how):
+    """A copied model carries grafting's listings but not their watch on its modules; an adapter replaced
+    whole is a registration on its host's container: both must re-list and re-hash the adapter."""
+    import pickle
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), gf.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("b", gf.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()
+    x = torch.randn(2, 8)
+    assert _mixed_row_error(model, x, "b") < 1e-5
+    if how == "deepcopy":
+        model = copy.deepcopy(model)
+    elif how == "pickle":
+        model = pickle.loads(pickle.dumps(model))
+    assert _mixed_row_error(model, x, "b") < 1e-5
+    host = dict(model.hosts())["layers.0.q_proj"]
+    before = model.content_hash("b")
+    if how == "replace_root":
+        new = copy.deepcopy(host.adapters["b"])
+        with torch.no_grad():
+            new.lora_B.mul_(5)
+        host.adapters["b"] = new
+    else:
+        host.adapters["b"].lora_B = nn.Parameter(torch.randn_like(host.adapters["b"].lora_B) * 3)
+    assert model.content_hash("b") != before
+    assert _mixed_row_error(model, x, "b") < 1e-5
+
+
 def test_delete_adapter_frees_its_slot_and_layers():
     model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
     model.add_adapter("b", gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))

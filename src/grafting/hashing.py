@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import weakref
 
 import torch
@@ -23,6 +24,7 @@ from torch.nn.modules import module as _module
 
 _registrations = [0]  # bumped whenever a watched module registers a parameter, buffer or submodule
 _watched: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_PROCESS = os.urandom(8)  # stamps listings: a model pickled in another process lists its adapters anew
 
 
 def _registered(module, *_args) -> None:
@@ -67,7 +69,8 @@ def call_state(model, names) -> tuple[dict, bool]:
 def _version_key(model, name) -> tuple:
     """(version key, modules) of adapter ``name``: what its cached hash is valid for."""
     owners = model.__dict__.setdefault("_owners", {})
-    stamp = (model._structure, _registrations[0])
+    # id(model) and this process: a deepcopy or unpickled model carries the cache but not the watched modules
+    stamp = (model._structure, _registrations[0], id(model), _PROCESS)
     hit = owners.get(name)
     if hit is None or hit[0] != stamp:
         hit = owners[name] = (stamp, *_listing(model, name))
@@ -121,7 +124,9 @@ def same_config(a, b) -> bool:
 def _listing(model, name) -> tuple:
     """(uids and tensor ids, tensors, modules) of everything adapter ``name`` owns."""
     modules = [m for root in model.adapter_roots(name) for m in root.modules()]
-    watch(modules)
+    # the roots and the containers holding them: replacing a root is a registration on its container
+    watch([*modules, model.shared_tensors, *(h.adapters for _, h in model.hosts()),
+           *(s.copies for _, s in model.saved_modules())])
     tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
     fixed = (tuple([m.__dict__.get("_graft_uid") for m in modules]), tuple([id(t) for t in tensors]))
     return fixed, tensors, modules
