@@ -60,7 +60,6 @@ class RowRouting:
     _index: dict = field(default_factory=dict)
     _buckets: dict | None = None
     _expanded: dict = field(default_factory=dict)
-    _all_rows: torch.Tensor | None = None
 
     @classmethod
     def build(cls, names: list, slot_of: dict, hashes: dict, device, expandable: bool = False,
@@ -101,14 +100,6 @@ class RowRouting:
                                         torch.tensor([slot_of[names[i]][1] for i in idx], dtype=torch.long,
                                                      device=self.device), bnames)
         return self._buckets
-
-    def row_index(self, row_idx) -> torch.Tensor:
-        """``row_idx``, or every row when it is None (a bucket holding all rows)."""
-        if row_idx is not None:
-            return row_idx
-        if self._all_rows is None:
-            self._all_rows = torch.arange(len(self.names))
-        return self._all_rows
 
     @property
     def stack_keys(self) -> dict:

@@ -170,6 +170,10 @@ def test_bad_requests_get_clear_errors():
         engine.submit([1], GREEDY, "zzz")
     with pytest.raises(GraftingError, match="tokenizer"):
         engine.submit("text without a tokenizer", GREEDY)
+    vocab = model.base_model.get_input_embeddings().num_embeddings
+    for bad in (vocab, -5):
+        with pytest.raises(GraftingError, match=f"token id {bad} at position 1 is outside the vocabulary"):
+            engine.submit([1, bad], GREEDY)
     engine.submit([1], GREEDY)
     engine.submit([2], GREEDY)
     with pytest.raises(QueueFull, match="max_queue=2"):
@@ -259,6 +263,43 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving():
         assert second.token_ids == hf_greedy(model, PROMPTS[0], "a", GREEDY.max_tokens)
     finally:
         engine.stop()
+
+
+def test_a_failing_prefill_fails_only_the_requests_it_admitted():
+    model = served("gpt2")
+    engine = Engine(model)
+    running = engine.submit(PROMPTS[0], GREEDY, "a")
+    engine.step()
+    real = engine._prefill
+
+    def failing(new):
+        raise RuntimeError("injected prefill fault")
+
+    engine._prefill = failing
+    doomed = engine.submit(PROMPTS[1], GREEDY, "b")
+    engine.step()
+    engine._prefill = real
+    out = doomed.result(timeout=1)
+    assert out.finish_reason == "error" and "injected prefill fault" in out.error
+    while engine.running:
+        engine.step()
+    assert running.result(timeout=1).token_ids == hf_greedy(model, PROMPTS[0], "a", GREEDY.max_tokens)
+
+
+def test_cancelled_requests_behind_a_full_batch_give_their_queue_places_back():
+    model = served("gpt2")
+    engine = Engine(model, max_batch=1, max_queue=2)
+    engine.submit(PROMPTS[0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), "a")
+    engine.step()  # the one row of the batch is taken
+    gone = [engine.submit(PROMPTS[1], GREEDY, "b"), engine.submit(PROMPTS[2], GREEDY, None, timeout=0.0)]
+    with pytest.raises(QueueFull):
+        engine.submit(PROMPTS[3], GREEDY)
+    gone[0].cancel()
+    engine.step()
+    assert [h.result(timeout=1).finish_reason for h in gone] == ["cancelled", "timeout"]
+    assert len(engine.waiting) == 0 and len(engine.running) == 1
+    engine.submit(PROMPTS[3], GREEDY)
+    engine.submit(PROMPTS[4], GREEDY)
 
 
 FAULTS = """

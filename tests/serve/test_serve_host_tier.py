@@ -1,5 +1,6 @@
 """The pool's host tier (LRU by count and bytes, one registration's copy per name) and what goes into it
-(read_adapter: checked, hashed as the files are, laid out for the store with the same values)."""
+(read_adapter: checked, hashed as the files are, laid out for the store with the same values; inside the
+adapter root, when there is one, as the files resolve at the read)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from serving_models import add_random_adapter, tiny_lm
 import grafting as gf
 from grafting.hashing import adapter_hash
 from grafting.io.reader import AdapterReader
-from grafting.serve.host_tier import HostTier, adapter_rank, read_adapter
+from grafting.serve.host_tier import AdapterError, HostTier, adapter_rank, contained, read_adapter
 
 
 def tensors(nbytes: int) -> dict:
@@ -84,3 +85,26 @@ def test_read_adapter_refuses_non_finite_weights(tmp_path):
 def test_adapter_rank_is_the_largest_over_rank_pattern():
     assert adapter_rank(gf.LoraConfig(r=8, rank_pattern={"c_attn": 32})) == 32
     assert adapter_rank(gf.LoraConfig(r=16)) == 16
+
+
+def test_containment_follows_symlinks_to_where_the_files_are_at_the_read(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    add_random_adapter(model, "a", "gpt2", r=4, seed=1)
+    model.save_adapter(root / "a", name="a")
+    model.save_adapter(outside / "a", name="a")
+    assert contained(root, root / "a") == (root / "a").resolve()
+    assert read_adapter(root / "a", root=root)[0] == read_adapter(outside / "a")[0]
+    (root / "inner").symlink_to(root / "a", target_is_directory=True)  # a symlink that stays inside is fine
+    assert contained(root, root / "inner") == (root / "a").resolve()
+    (root / "a" / "adapter_config.json").unlink()
+    (root / "a" / "adapter_config.json").symlink_to(outside / "a" / "adapter_config.json")
+    with pytest.raises(AdapterError, match="adapter_config.json resolves outside the adapter root"):
+        read_adapter(root / "a", root=root)
+    assert read_adapter(root / "a")[0]  # unconfined, the same files read
+    (root / "loop").symlink_to(root / "loop")
+    for path in [root / "loop", root / "a\x00b"]:
+        with pytest.raises(AdapterError, match="not a usable adapter path"):
+            contained(root, path)
+    with pytest.raises(AdapterError, match=r"xxx\.\.\.: cannot read the adapter \(OSError: File name too long\)$"):
+        read_adapter(root / ("x" * 5000), root=root)  # the client's path once, shortened

@@ -1,14 +1,18 @@
 """What `graft serve MODEL` decides from MODEL: the task (generate for causal LMs and GGUF files, embed for
-encoders), the served name, and clear errors for what it cannot serve."""
+encoders), the served name, clear errors for what it cannot serve, and its adapters: a directory under the
+adapter root that cannot register is skipped with a warning, an adapter named with --adapter that cannot serve
+stops the start."""
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
-from serving_models import tiny_lm
+from serving_models import add_random_adapter, tiny_lm
 
+import grafting as gf
 from grafting.errors import GraftingError
 from grafting.serve.server import build_engine, model_task, served_name
 
@@ -56,3 +60,51 @@ def test_max_cpu_loras_sizes_the_host_tier_and_is_at_least_max_loras(tmp_path):
     assert engine.pool.max_cpu_loras == 2  # vLLM's default: as many as resident
     with pytest.raises(GraftingError, match=r"max_cpu_loras \(1\): expected at least max_loras \(2\)"):
         build_engine(str(tmp_path / "gpt2"), max_loras=2, max_cpu_loras=1)
+
+
+def _adapters(tmp_path):
+    """A tiny gpt2 saved as a model, and adapters for it: rank 4 and rank 16."""
+    tiny_lm("gpt2").save_pretrained(tmp_path / "gpt2")
+    source = gf.AdaptedModel(tiny_lm("gpt2"))
+    for name, r in (("small", 4), ("big", 16)):
+        add_random_adapter(source, name, "gpt2", r=r, seed=r)
+        source.save_adapter(tmp_path / "saved" / name, name=name)
+    return tmp_path / "saved"
+
+
+def test_a_directory_under_the_adapter_root_that_cannot_register_is_skipped_with_a_warning(tmp_path, caplog):
+    saved = _adapters(tmp_path)
+    root = tmp_path / "root"
+    for name in ("small", "big"):
+        shutil.copytree(saved / name, root / name)
+    (root / "malformed").mkdir()
+    (root / "malformed" / "adapter_config.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="grafting.serve"):
+        engine, _ = build_engine(str(tmp_path / "gpt2"), adapter_root=root, max_lora_rank=8)
+    assert engine.pool.names() == ["small"]
+    warned = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"skipping {root / 'big'}" in warned and "rank 16, above this server's maximum 8" in warned
+    assert f"skipping {root / 'malformed'}" in warned and "not valid JSON" in warned
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from grafting.serve.http import create_app
+    with TestClient(create_app(engine, "gpt2", adapter_root=root)) as client:
+        for name in ("big", "malformed"):
+            r = client.post("/v1/completions", json={"model": name, "prompt": [1, 2], "max_tokens": 2})
+            assert r.status_code == 404 and name in r.json()["error"]["message"]
+
+
+def test_an_adapter_named_on_the_command_line_is_read_and_checked_before_the_start(tmp_path):
+    saved = _adapters(tmp_path)
+    (tmp_path / "root").mkdir()
+    engine, _ = build_engine(str(tmp_path / "gpt2"), adapters={"small": saved / "small"},
+                             adapter_root=tmp_path / "root")  # outside the root: the operator named it
+    assert engine.pool.names() == ["small"] and engine.pool.in_memory == ["small"]
+    shutil.copytree(saved / "small", tmp_path / "broken")
+    (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"garbage")
+    for adapters, says in [({"broken": tmp_path / "broken"}, "adapter_model.safetensors: not a readable"),
+                           ({"big": saved / "big"}, "rank 16, above this server's maximum 8")]:
+        name = next(iter(adapters))
+        with pytest.raises(GraftingError, match=f"--adapter {name}=.*cannot serve it.*{says}"):
+            build_engine(str(tmp_path / "gpt2"), adapters=adapters, max_lora_rank=8)

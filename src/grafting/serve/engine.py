@@ -22,18 +22,21 @@ events stream the output (text deltas), or ``handle.result()`` waits for all of 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections import deque
 
 import torch
 
 from ..errors import GraftingError
-from .kv import BatchCache, cache_tensors, make_cache
+from .kv import BatchCache, cache_tensors
 from .loop import BackgroundLoop, EngineStopped, QueueFull
 from .pool import AdapterError
 from .request import Completion, Output, Request, RequestHandle
 from .sampling import SamplingParams, make_generator, sample_token
 from .text import Detokenizer
+
+log = logging.getLogger("grafting.serve")
 
 __all__ = ["Completion", "Engine", "EngineStopped", "Output", "QueueFull", "Request", "RequestHandle"]
 
@@ -70,6 +73,7 @@ class Engine(BackgroundLoop):
         accepted = inspect.signature(forward).parameters if forward is not None else {}
         self._keep_last = "logits_to_keep" in accepted
         self._cache_kw = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.2x
+        self.vocab_size = _vocab_size(inner, config)
         self.stats = {"requests": 0, "finished": 0, "errors": 0, "generated_tokens": 0, "prompt_tokens": 0,
                       "steps": 0, "batch_rows": 0}
         self.on_finish = None  # callable(Request), e.g. metrics
@@ -90,6 +94,10 @@ class Engine(BackgroundLoop):
             prompt_ids = [int(t) for t in prompt]
         if not prompt_ids:
             raise GraftingError("prompt: expected at least one token")
+        bad = next((i for i, t in enumerate(prompt_ids) if not 0 <= t < self.vocab_size), None)
+        if bad is not None:  # the embedding lookup would fail the whole prefill, other requests included
+            raise GraftingError(f"prompt: token id {prompt_ids[bad]} at position {bad} is outside the vocabulary "
+                                f"(0 to {self.vocab_size - 1})")
         if len(prompt_ids) >= self.max_model_len:
             raise GraftingError(f"prompt: {len(prompt_ids)} tokens, but this model's context is "
                                 f"{self.max_model_len} tokens (prompt plus output)")
@@ -149,11 +157,13 @@ class Engine(BackgroundLoop):
             if new:
                 try:
                     self._prefill(new)
-                except Exception as e:  # admitted but never joined the batch: nobody else would finish them
+                except Exception as e:
+                    # only the admitted requests fail: the running rows' cache is joined after a prefill
+                    # succeeds, so they go on untouched
+                    log.exception("prefill of %d requests failed", len(new))
                     for r in new:
                         if r.finish_reason is None and r not in self.running:
                             self._finish(r, "error", f"internal error in prefill: {type(e).__name__}: {e}")
-                    raise
                 self._retire()
             if self.running:
                 self._decode()
@@ -181,12 +191,15 @@ class Engine(BackgroundLoop):
             self._want(candidates)
             if self.pool._ready:  # copies from the host tier are ready now: install them for this step, not next
                 self.pool.poll()
-        for request in candidates:
+        live = []
+        for request in candidates:  # all of them, so a full batch never keeps gone clients' places in the queue
             if request.cancelled or (request.deadline is not None and now > request.deadline):
                 self._remove_waiting(request)
                 self._finish(request, "cancelled" if request.cancelled else "timeout",
                              None if request.cancelled else "the request timed out while waiting")
-                continue
+            else:
+                live.append(request)
+        for request in live:
             if len(self.running) + len(new) >= self.max_batch:
                 break
             if new and len(request.prompt_ids) > budget:
@@ -230,10 +243,12 @@ class Engine(BackgroundLoop):
         self.running, self.cache = [], BatchCache()
 
     # ---- model calls ------------------------------------------------------------------------------------------
-    def _forward(self, input_ids, mask, positions, kv, names):
+    def _forward(self, input_ids, mask, positions, cache, names):
+        """Logits of each row's last position and the (keys, values) per layer; ``cache``: a transformers
+        cache of the running rows (decode) or None (prefill)."""
         kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        if kv is not None:
-            kwargs[self._cache_kw] = make_cache(kv)
+        if cache is not None:
+            kwargs[self._cache_kw] = cache
         if self._keep_last:
             kwargs["logits_to_keep"] = 1
         if hasattr(self.model, "peft_config"):
@@ -267,7 +282,7 @@ class Engine(BackgroundLoop):
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self.device)
         positions = self.cache.mask.sum(1, keepdim=True)
         mask = torch.cat([self.cache.mask, self.cache.mask.new_ones(len(rows), 1)], dim=1)
-        logits, kv = self._forward(ids, mask, positions, self.cache.kv, [r.internal for r in rows])
+        logits, kv = self._forward(ids, mask, positions, self.cache.model_cache(), [r.internal for r in rows])
         self.cache.append_step(kv)
         for i, r in enumerate(rows):
             if r.finish_reason is None:
@@ -278,12 +293,15 @@ class Engine(BackgroundLoop):
         if r.first_token_at is None:
             r.first_token_at = time.monotonic()
         self.stats["generated_tokens"] += 1
-        if token in self.eos_token_ids and not r.params.ignore_eos:
+        r.completion_tokens += 1
+        ends = token in r.params.stop_token_ids or (token in self.eos_token_ids and not r.params.ignore_eos)
+        # sampling holds these back before min_tokens; one arriving anyway is an ordinary token
+        if ends and len(r.output_ids) >= r.params.min_tokens:
             self._finish(r, "stop", text=r.detok.flush())
             return
         r.output_ids.append(token)
         r.last_token = token
-        text, stopped = r.detok.add(token)
+        text, stopped = r.detok.add(token, may_stop=len(r.output_ids) >= r.params.min_tokens)
         total = len(r.prompt_ids) + len(r.output_ids)
         if stopped:
             self._finish(r, "stop", text=text, token_ids=[token])
@@ -314,6 +332,13 @@ def _context_size(config) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 2048
+
+
+def _vocab_size(model, config) -> int:
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(getattr(embed, "num_embeddings", None), int):
+        return embed.num_embeddings
+    return getattr(config, "vocab_size", None) or 2 ** 62
 
 
 def _eos_ids(model, tokenizer) -> list:

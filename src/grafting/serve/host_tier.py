@@ -11,10 +11,20 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
+from ..errors import GraftingError
 from ..hashing import adapter_hash
 from ..io.peft_format import require_finite
-from ..io.reader import AdapterReader
+from ..io.reader import CONFIG_NAME, WEIGHTS_NAME, AdapterReader
+
+
+class AdapterError(GraftingError):
+    """An adapter request that cannot be served (unknown name, over the rank limit, unreadable files)."""
+
+
+class AdapterNotFound(AdapterError):
+    pass
 
 
 @dataclass
@@ -71,11 +81,51 @@ class HostTier:
             self.nbytes -= dropped.nbytes
 
 
-def read_adapter(path, prepare=None) -> tuple:
+def contained(root, path) -> Path:
+    """The real directory of adapter ``path`` if it and the two files read from it resolve inside ``root``
+    (symlinks followed); AdapterError otherwise. Checked before every read, not once at registration: files
+    swapped for symlinks out of the root after a load are refused at the next read. Reads then go through the
+    real directory, so a symlink along ``path`` re-pointed after this check does not move them."""
+    try:
+        real_root = Path(root).resolve()
+        real = Path(path).resolve()
+        targets = (real, (real / CONFIG_NAME).resolve(), (real / WEIGHTS_NAME).resolve())
+    except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops
+        raise AdapterError(f"{shorten(path)!r}: not a usable adapter path ({type(e).__name__})") from None
+    for target in targets:
+        if target != real_root and real_root not in target.parents:
+            what = "the directory" if target == real else target.name  # not where: that is outside
+            raise AdapterError(f"{shorten(path)}: {what} resolves outside the adapter root {real_root} (symlinks "
+                               "are followed; an adapter root serves only what is inside it)")
+    return real
+
+
+def unreadable(path, name: str | None, e: Exception) -> AdapterError:
+    """The error for adapter ``name`` whose files at ``path`` the OS would not read (a name too long, no
+    permission), naming the path once and shortened: the path may be a client's."""
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)[:200]
+    what = "the adapter" if name is None else f"adapter '{shorten(name, 100)}'"
+    return AdapterError(f"{shorten(path)}: cannot read {what} ({type(e).__name__}: {why})")
+
+
+def shorten(path, limit: int = 300) -> str:
+    text = str(path)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_adapter(path, prepare=None, root=None) -> tuple:
     """(content hash, config, tensors, metadata) of the PEFT-format adapter in ``path``: read, checked finite,
-    hashed as the files are, then ``prepare``\\ d (if given) and laid out for the store (:func:`stack_layout`)."""
-    reader = AdapterReader(path)
-    tensors = reader.read_all()
+    hashed as the files are, then ``prepare``\\ d (if given) and laid out for the store (:func:`stack_layout`).
+    ``root``: the files must stay inside it (:func:`contained`)."""
+    if root is not None:
+        path = contained(root, path)
+    try:
+        reader = AdapterReader(path)
+        tensors = reader.read_all()
+    except GraftingError:
+        raise  # says what is wrong and in which file
+    except (OSError, ValueError) as e:  # what the reader leaves to the OS: a name too long, no permission
+        raise unreadable(path, None, e) from None
     require_finite(tensors, reader.file)  # here, on the loader thread, not on the engine's at install
     digest = adapter_hash(reader.config, tensors)
     config = reader.config

@@ -12,6 +12,7 @@ disconnects cancels its request. Requires the ``serve`` extra.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import secrets
 from contextlib import asynccontextmanager, contextmanager
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GraftingError
 from ..io.reader import CONFIG_NAME, WEIGHTS_NAME
+from .choices import Choices
 from .engine import EngineStopped, QueueFull
 from .metrics import ServerMetrics
 from .pool import AdapterError, AdapterNotFound
@@ -54,18 +56,25 @@ def key_matches(headers, api_key: str) -> bool:
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, _KINDS.get(status, "server_error"), status, param), status_code=status)
+    kind = _KINDS.get(status) or ("invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse(error_body(message, kind, status, param), status_code=status)
 
 
 def inside_root(root: Path, path: str) -> Path:
     """``path`` (relative to ``root`` unless absolute) resolved, if it and the files read from it stay inside
-    ``root`` after following symlinks; APIError 400 otherwise."""
+    ``root`` after following symlinks; APIError 400 otherwise. The pool checks again at every read (files can
+    change after this answer; :func:`grafting.serve.host_tier.contained`)."""
     p = Path(path)
     if ".." in p.parts:
         raise APIError(400, "lora_path may not contain '..'", param="lora_path")
-    real_root = root.resolve()
-    real = (p if p.is_absolute() else root / p).resolve()
-    for target in (real, (real / CONFIG_NAME).resolve(), (real / WEIGHTS_NAME).resolve()):
+    try:
+        real_root = root.resolve()
+        real = (p if p.is_absolute() else root / p).resolve()
+        targets = (real, (real / CONFIG_NAME).resolve(), (real / WEIGHTS_NAME).resolve())
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long, a symlink loop
+        raise APIError(400, f"lora_path {path[:200]!r}: not a usable path ({type(e).__name__})",
+                       param="lora_path") from None
+    for target in targets:
         if target != real_root and real_root not in target.parents:
             raise APIError(400, f"lora_path '{path}' is outside the adapter root", param="lora_path")
     return real
@@ -98,11 +107,15 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        parts = []
+        parts, params = [], []
         for err in exc.errors()[:5]:
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{loc or 'body'}: {err.get('msg')}")
-        return error_response(400, "invalid request: " + "; ".join(parts))
+            params.append(loc or None)
+            if err.get("type") == "extra_forbidden":  # unknown, or known and not implemented (guided_json, ...)
+                parts.append(f"'{loc}' is not supported by this server")
+            else:
+                parts.append(f"{loc or 'body'}: {err.get('msg')}")
+        return error_response(400, "invalid request: " + "; ".join(parts), params[0] if params else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
@@ -146,8 +159,9 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         if body.lora_name == served_model_name:
             raise APIError(400, f"'{body.lora_name}' is the base model's name", param="lora_name")
         path = inside_root(root, body.lora_path) if root is not None else Path(body.lora_path)
-        try:
-            await asyncio.to_thread(pool.register, body.lora_name, path)
+        try:  # read and checked against the model before the answer, as vLLM does: 200 means it will serve
+            confine = {} if root is None else {"root": root}  # every later read stays inside it too
+            await asyncio.to_thread(pool.load, body.lora_name, path, **confine)
         except GraftingError as e:
             raise APIError(400, str(e), param="lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
@@ -176,9 +190,9 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
 
     def check(body) -> None:
         serves("generate")
-        field = body.unsupported()
-        if field is not None:
-            raise APIError(400, f"'{field}' is not supported by this server", param=field)
+        refused = body.refused()
+        if refused is not None:
+            raise APIError(400, refused[1], param=refused[0])
 
     @contextmanager
     def submitting(param: str | None = None):
@@ -192,57 +206,51 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         except AdapterNotFound as e:
             raise APIError(404, str(e), param="model") from None
         except (AdapterError, GraftingError) as e:
-            raise APIError(400, str(e), param=param) from None
+            raise APIError(400, str(e), param=param or _field_of(str(e))) from None
 
-    def submit(prompt, params, adapter, on_event):
-        with submitting():
-            return engine.submit(prompt, params, adapter, timeout=request_timeout, on_event=on_event)
+    def encode(prompt) -> list:
+        """Token ids, tokenized as the engine would, so the context check below sees what the engine runs."""
+        if isinstance(prompt, str):
+            return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return list(prompt)
 
-    def start(prompts, params_list, adapter, http_request):
-        """Submit every (prompt, params); returns handles and an async iterator of (index, event)."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        handles = []
-        try:
-            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
-                handles.append(submit(prompt, params, adapter,
-                                      lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
-        except APIError:
-            for h in handles:
-                h.cancel()
-            raise
+    def choices_for(body, prompts: list, default_max_tokens: int, limit_param: str = "max_tokens"):
+        """(prompt ids, SamplingParams) per choice: n per prompt, seeds offset per choice so they differ.
 
-        async def stream():
-            open_ = len(handles)
-            try:
-                while open_:
-                    try:
-                        i, ev = await asyncio.wait_for(events.get(), timeout=1.0)
-                    except asyncio.TimeoutError:
-                        if await http_request.is_disconnected():
-                            return
-                        continue
-                    if ev.finish_reason is not None:
-                        open_ -= 1
-                    yield i, ev
-            finally:  # the client went away (or the response is done): stop whatever still runs
-                for h in handles:
-                    if h.request.finish_reason is None:
-                        h.cancel()
-
-        return handles, stream()
-
-    def expand(body, prompts, default_max_tokens):
-        """One entry per choice: n choices per prompt, seeds offset per choice so they differ."""
-        out_prompts, params = [], []
-        for prompt in prompts:
+        An explicit max_tokens that does not fit in the context beside its prompt is a 400 (vLLM's rule);
+        the default is cut to fit."""
+        out = []
+        for ids in prompts:
+            room = engine.max_model_len - len(ids)  # < 1: the engine refuses the prompt itself, saying why
+            with submitting():
+                params = body.sampling(min(default_max_tokens, max(room, 1)))
+                if body.logit_bias or body.stop_token_ids:
+                    params.check_vocab(engine.vocab_size)
+            if 0 < room < params.max_tokens:
+                raise APIError(400, f"{limit_param}: {params.max_tokens} tokens requested, but this model's context "
+                                    f"is {engine.max_model_len} tokens and the prompt uses {len(ids)}: at most "
+                                    f"{room} can be generated", param=limit_param)
             for j in range(body.n):
-                p = body.sampling(default_max_tokens(prompt))
+                p = copy.copy(params)
                 if p.seed is not None:
                     p.seed += j
-                out_prompts.append(prompt)
-                params.append(p)
-        return out_prompts, params
+                out.append((ids, p))
+        return out
+
+    def start(choices, adapter, http_request) -> Choices:
+        loop = asyncio.get_running_loop()
+        run = Choices(http_request)
+        try:
+            for i, (ids, params) in enumerate(choices):
+                with submitting():
+                    run.handles.append(engine.submit(
+                        ids, params, adapter, timeout=request_timeout,
+                        on_event=lambda ev, i=i: loop.call_soon_threadsafe(run.queue.put_nowait, (i, ev))))
+        except APIError:
+            run.close()
+            raise
+        run.watch()
+        return run
 
     def failed(ev):
         if ev.finish_reason in ("error", "timeout"):
@@ -250,53 +258,65 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
                             kind="timeout" if ev.finish_reason == "timeout" else "server_error")
         return None
 
-    def tokens_of(prompt) -> int:
-        return len(prompt) if isinstance(prompt, list) else len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    async def collect(run: Choices):
+        """Texts and finish reasons of every choice, once all finished; APIError if one failed or the client
+        left."""
+        texts, finish = [""] * len(run.handles), [None] * len(run.handles)
+        async for i, ev in run.events():
+            err = failed(ev)
+            if err is not None:
+                raise err
+            texts[i] += ev.text
+            finish[i] = _finish(ev) or finish[i]
+        if any(f is None for f in finish):
+            raise APIError(499, "the client closed the request")
+        return texts, finish
+
+    async def streamed(run: Choices, rid, model, chunk, lead, include_usage, prompt_tokens):
+        """Server-sent events: ``lead`` first, then each choice's deltas as ``chunk(index, text, finish)``.
+        A failure after the 200 has gone out is an error event (an OpenAI error object), then [DONE]."""
+        try:
+            for event in lead:
+                yield _sse(event)
+            async for i, ev in run.events():
+                err = failed(ev)
+                if err is not None:
+                    yield _sse(error_body(err.message, err.kind, err.status))
+                    continue
+                if ev.text or ev.finish_reason:
+                    yield _sse(chunk(i, ev.text, _finish(ev)))
+            if include_usage:
+                yield _sse({**chunk(0, "", None), "choices": [],
+                            "usage": usage(prompt_tokens, run.completion_tokens())})
+            yield "data: [DONE]\n\n"
+        finally:
+            run.close()
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, http_request: Request):
         check(body)
         adapter = adapter_for(body.model)
-        prompts, params = expand(body, body.prompts(), lambda p: 16)
-        handles, events = start(prompts, params, adapter, http_request)
+        raw = body.prompts()
+        prompts = [encode(p) for p in raw]
+        choices = choices_for(body, prompts, 16)
+        run = start(choices, adapter, http_request)
         rid, model = new_id("cmpl"), body.model
-        prompt_tokens = sum(len(h.request.prompt_ids) for h in handles)
-        echo = [(p if isinstance(p, str) else tokenizer.decode(p)) if body.echo else "" for p in prompts]
+        prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, whatever n (OpenAI, vLLM)
+        echo = [(p if isinstance(p, str) else tokenizer.decode(p)) if body.echo else "" for p in raw]
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            async def sse():
-                generated = 0
-                for i, prefix in enumerate(echo):
-                    if prefix:
-                        yield _sse(completion_chunk(rid, model, i, prefix, None))
-                async for i, ev in events:
-                    generated += len(ev.token_ids)
-                    err = failed(ev)
-                    if err is not None:
-                        yield _sse(error_body(err.message, err.kind, err.status))
-                        continue
-                    if ev.text or ev.finish_reason:
-                        yield _sse(completion_chunk(rid, model, i, ev.text, _finish(ev)))
-                if include_usage:
-                    yield _sse({**completion_chunk(rid, model, 0, "", None), "choices": [],
-                                "usage": usage(prompt_tokens, generated)})
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(sse(), media_type="text/event-stream")
-        texts, finish, generated = [""] * len(handles), [None] * len(handles), 0
-        async for i, ev in events:
-            err = failed(ev)
-            if err is not None:
-                raise err
-            texts[i] += ev.text
-            generated += len(ev.token_ids)
-            finish[i] = _finish(ev) or finish[i]
-        if any(f is None for f in finish):
-            raise APIError(499, "the client closed the request")
-        choices = [{"index": i, "text": echo[i] + t, "logprobs": None, "finish_reason": finish[i]}
-                   for i, t in enumerate(texts)]
-        return completion_response(rid, model, choices, prompt_tokens, generated)
+            lead = [completion_chunk(rid, model, i, echo[i // body.n], None)
+                    for i in range(len(choices)) if echo[i // body.n]]
+            return StreamingResponse(streamed(
+                run, rid, model, lambda i, text, finish: completion_chunk(rid, model, i, text, finish), lead,
+                bool(body.stream_options and body.stream_options.include_usage), prompt_tokens),
+                media_type="text/event-stream")
+        try:
+            texts, finish = await collect(run)
+        finally:
+            run.close()
+        out = [{"index": i, "text": echo[i // body.n] + t, "logprobs": None, "finish_reason": finish[i]}
+               for i, t in enumerate(texts)]
+        return completion_response(rid, model, out, prompt_tokens, run.completion_tokens())
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(body: ChatRequest, http_request: Request):
@@ -305,54 +325,33 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         template = chat_template or getattr(tokenizer, "chat_template", None)
         if not template:
             raise APIError(400, "this model has no chat template; use /v1/completions")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.as_template_input() for m in body.messages]
         try:
             prompt = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
                                                    tokenize=False)
         except Exception as e:  # a template that rejects these roles raises its own error text
             raise APIError(400, f"messages: the chat template rejected them ({e})", param="messages") from None
-        if body.max_completion_tokens is not None and body.max_tokens is None:
-            body.max_tokens = body.max_completion_tokens
-        room = max(engine.max_model_len - tokens_of(prompt), 1)
-        prompts, params = expand(body, [prompt], lambda p: room)
-        handles, events = start(prompts, params, adapter, http_request)
+        limit_param = "max_tokens"
+        if body.max_completion_tokens is not None:  # OpenAI's newer name wins over the deprecated one (vLLM)
+            body.max_tokens, limit_param = body.max_completion_tokens, "max_completion_tokens"
+        ids = encode(prompt)
+        run = start(choices_for(body, [ids], engine.max_model_len, limit_param), adapter, http_request)
         rid, model = new_id("chatcmpl"), body.model
-        prompt_tokens = len(handles[0].request.prompt_ids)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            async def sse():
-                generated = 0
-                for i in range(len(handles)):
-                    yield _sse(chat_chunk(rid, model, i, {"role": "assistant", "content": ""}, None))
-                async for i, ev in events:
-                    generated += len(ev.token_ids)
-                    err = failed(ev)
-                    if err is not None:
-                        yield _sse(error_body(err.message, err.kind, err.status))
-                        continue
-                    if ev.text or ev.finish_reason:
-                        yield _sse(chat_chunk(rid, model, i, {"content": ev.text} if ev.text else {},
-                                              _finish(ev)))
-                if include_usage:
-                    yield _sse({**chat_chunk(rid, model, 0, {}, None), "choices": [],
-                                "usage": usage(prompt_tokens * len(handles), generated)})
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(sse(), media_type="text/event-stream")
-        texts, finish, generated = [""] * len(handles), [None] * len(handles), 0
-        async for i, ev in events:
-            err = failed(ev)
-            if err is not None:
-                raise err
-            texts[i] += ev.text
-            generated += len(ev.token_ids)
-            finish[i] = _finish(ev) or finish[i]
-        if any(f is None for f in finish):
-            raise APIError(499, "the client closed the request")
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                    "finish_reason": finish[i]} for i, t in enumerate(texts)]
-        return chat_response(rid, model, choices, prompt_tokens * len(handles), generated)
+            lead = [chat_chunk(rid, model, i, {"role": "assistant", "content": ""}, None)
+                    for i in range(len(run.handles))]
+            return StreamingResponse(streamed(
+                run, rid, model,
+                lambda i, text, finish: chat_chunk(rid, model, i, {"content": text} if text else {}, finish), lead,
+                bool(body.stream_options and body.stream_options.include_usage), len(ids)),
+                media_type="text/event-stream")
+        try:
+            texts, finish = await collect(run)
+        finally:
+            run.close()
+        out = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                "finish_reason": finish[i]} for i, t in enumerate(texts)]
+        return chat_response(rid, model, out, len(ids), run.completion_tokens())
 
     @app.post("/v1/embeddings", dependencies=v1)
     async def embeddings(body: EmbeddingRequest, http_request: Request):
@@ -387,6 +386,12 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         return embedding_response(body.model, vectors, body.encoding_format, sum(len(r) for r in rows))
 
     return app
+
+
+def _field_of(message: str) -> str | None:
+    """The field an engine error message names first ("max_tokens: expected ..."), for the error's param."""
+    head = message.split(":", 1)[0]
+    return head if message != head and head.isidentifier() else None
 
 
 def _finish(ev) -> str | None:

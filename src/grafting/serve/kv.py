@@ -1,4 +1,4 @@
-"""The running batch's key/value cache: one left-padded tensor pair per layer, rows joining and leaving.
+"""The running batch's key/value cache: one left-padded buffer pair per layer, rows joining and leaving.
 
 Continuous batching over a model that computes attention itself (any transformers causal LM) needs the cache
 of rows of different lengths in one tensor. Rows are right-aligned: row i's real tokens sit in the last
@@ -6,11 +6,21 @@ of rows of different lengths in one tensor. Rows are right-aligned: row i's real
 column for all rows. A joining row (or batch) is left-padded to the longer of the two; leaving rows are
 dropped and the padding columns no row needs any more are cut (Text Generation Inference's batch
 concatenate / filter). Memory is rows x longest row; requests of similar length waste little.
+
+Each layer's keys and values live in a buffer with room for more columns than the rows use, and a decode
+step writes its column into that room: transformers' ``DynamicCache`` concatenates instead, copying the
+whole cache every step, which at a few hundred columns was about half of a SmolLM2 decode step. A full
+buffer is replaced by one with room for an eighth more, so the copies that remain cost a few columns a step.
 """
 
 from __future__ import annotations
 
 import torch
+
+try:  # transformers >= 4.56: caches are lists of layer objects that a model updates in turn
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+except ImportError:  # pragma: no cover - older transformers: the model concatenates, the last column is copied back
+    DynamicCache = DynamicLayer = None
 
 
 def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -31,12 +41,47 @@ def make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
         return DynamicCache.from_legacy_cache(tuple(kv))
 
 
+def room(columns: int) -> int:
+    """Columns a buffer holding ``columns`` gets: an eighth more, at least 32 (a new buffer every so often)."""
+    return columns + columns // 8 + 32
+
+
+if DynamicLayer is not None:
+    class BufferLayer(DynamicLayer):
+        """A cache layer whose keys/values are the first ``used`` columns of larger buffers; ``update`` writes
+        the new columns in place, growing the buffers only when they are full."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, used: int):
+            super().__init__()
+            self.key_buffer, self.value_buffer, self.used = keys, values, used
+            self.keys, self.values = keys[:, :, :used], values[:, :, :used]
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.used + key_states.shape[-2]
+            if end > self.key_buffer.shape[2]:
+                self.key_buffer = _regrow(self.key_buffer, self.used, room(end))
+                self.value_buffer = _regrow(self.value_buffer, self.used, room(end))
+            self.key_buffer[:, :, self.used:end] = key_states
+            self.value_buffer[:, :, self.used:end] = value_states
+            self.used = end
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+    class BufferCache(DynamicCache):
+        """A ``DynamicCache`` over :class:`BufferLayer` objects."""
+
+        def __init__(self, layers: list):
+            super(DynamicCache, self).__init__(layers=layers)
+
+
 class BatchCache:
     """Keys/values and the attention mask of the running rows (row order = the engine's row order)."""
 
     def __init__(self):
-        self.kv: list | None = None
+        self.buffers: list | None = None  # per layer (keys, values), each (rows, kv_heads, capacity, head_dim)
         self.mask: torch.Tensor | None = None  # (rows, columns), 1 = a real token
+        self._layers: list | None = None  # the BufferLayers lent to the model for the current decode step
 
     @property
     def rows(self) -> int:
@@ -46,35 +91,88 @@ class BatchCache:
     def columns(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
+    @property
+    def capacity(self) -> int:
+        return 0 if self.buffers is None else self.buffers[0][0].shape[2]
+
+    @property
+    def kv(self) -> list | None:
+        """(keys, values) per layer: views of the used columns."""
+        if self.buffers is None:
+            return None
+        n = self.columns
+        return [(k[:, :, :n], v[:, :, :n]) for k, v in self.buffers]
+
     def set(self, kv, mask: torch.Tensor) -> None:
-        self.kv, self.mask = kv, mask
+        self.buffers, self.mask = None, None
+        self.join(kv, mask)
 
     def join(self, kv, mask: torch.Tensor) -> None:
         """Append rows (their own cache and mask, right-aligned as well) below the running ones."""
-        if self.mask is None:
-            self.set(kv, mask)
-            return
         width = max(self.columns, mask.shape[1])
-        old = [(_left_pad(k, width), _left_pad(v, width)) for k, v in self.kv]
-        new = [(_left_pad(k, width), _left_pad(v, width)) for k, v in kv]
-        self.kv = [(torch.cat([a, c]), torch.cat([b, d])) for (a, b), (c, d) in zip(old, new)]
-        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
+        parts = [] if self.buffers is None else [self.kv]
+        parts.append(kv)
+        rows = self.rows + mask.shape[0]
+        buffers = []
+        for layer in zip(*parts):  # layer: ((keys, values) of the running rows, of the new rows)
+            keys, values = (torch.zeros(rows, *t.shape[1:2], room(width), t.shape[3], dtype=t.dtype, device=t.device)
+                            for t in layer[0])
+            top = 0
+            for k, v in layer:  # right-aligned: the zeros left of a short row are its padding
+                keys[top:top + k.shape[0], :, width - k.shape[2]:width] = k
+                values[top:top + k.shape[0], :, width - k.shape[2]:width] = v
+                top += k.shape[0]
+            buffers.append((keys, values))
+        masks = [] if self.mask is None else [self.mask]
+        masks.append(mask)
+        self.buffers = buffers
+        self.mask = torch.cat([_left_pad(m, width, dim=1) for m in masks])
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (indices, in their new order); cut padding columns no kept row uses."""
         if len(rows) == 0:
-            self.kv, self.mask = None, None
+            self.buffers, self.mask = None, None
             return
         mask = self.mask.index_select(0, rows)
-        used = int(mask.sum(1).max())
-        cut = mask.shape[1] - used  # columns left of every kept row's first real token
+        cut = mask.shape[1] - int(mask.sum(1).max())  # columns left of every kept row's first real token
         self.mask = mask[:, cut:]
-        self.kv = [(k.index_select(0, rows)[:, :, cut:], v.index_select(0, rows)[:, :, cut:]) for k, v in self.kv]
+        # the buffers keep their room on the right: the cut columns are a view's offset, not a copy
+        self.buffers = [(k.index_select(0, rows)[:, :, cut:], v.index_select(0, rows)[:, :, cut:])
+                        for k, v in self.buffers]
+
+    def model_cache(self):
+        """The cache to hand the model for one decode step (then :meth:`append_step` with what it returns)."""
+        if DynamicLayer is None:
+            self._layers = None
+            return make_cache(self.kv)
+        self._layers = [BufferLayer(k, v, self.columns) for k, v in self.buffers]
+        return BufferCache(self._layers)
 
     def append_step(self, kv) -> None:
         """After a decode step: the model's cache (one more column) and a real token in that column per row."""
-        self.kv = kv
+        if self._layers is not None:  # the layers wrote their column in place, into new buffers if full
+            self.buffers = [(layer.key_buffer, layer.value_buffer) for layer in self._layers]
+            self._layers = None
+        else:
+            n = self.columns
+            if n + 1 > self.capacity:
+                self.buffers = [(_regrow(k, n, room(n + 1)), _regrow(v, n, room(n + 1))) for k, v in self.buffers]
+            for (kb, vb), (k, v) in zip(self.buffers, kv):
+                kb[:, :, n] = k[:, :, -1]
+                vb[:, :, n] = v[:, :, -1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
+
+    def nbytes(self) -> int:
+        """Bytes the buffers hold (room included)."""
+        if self.buffers is None:
+            return 0
+        return sum(t.numel() * t.element_size() for kv in self.buffers for t in kv)
+
+
+def _regrow(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
+    grown = buffer.new_empty(buffer.shape[0], buffer.shape[1], capacity, buffer.shape[3])
+    grown[:, :, :used] = buffer[:, :, :used]
+    return grown
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -2,16 +2,17 @@
 
 S-LoRA (arXiv:2311.03285, section 4) keeps every adapter in host memory and pages the ones the running batch
 needs onto the device. Here adapters are *registered* by name and directory (PEFT format; any number, only
-the config is read), *resident* ones are installed in the :class:`~grafting.AdaptedModel` (so the mixed-batch
-path serves them), at most ``max_loras`` of them and at most ``max_bytes`` of tensors, and the least recently
-used one that no running request holds is evicted when room is needed. Files are read and validated on a
-loader thread, so a load never stalls the decode loop: the engine installs what has been read between steps
-(:meth:`AdapterPool.poll`). Like S-LoRA's host memory (and vLLM's ``max_cpu_loras``), read adapters stay in a
-second, larger LRU tier (``max_cpu_loras``, :mod:`grafting.serve.host_tier`): one evicted from the model comes
-back from memory, without a read, a hash or the loader thread's share of two cores, which on a CPU the decode
-loop feels. An installed adapter's parameters are its host copy's tensors (nothing is copied or allocated at
-install, so a pool turning over does not fragment the heap the decode loop allocates from); nothing in
-serving writes to them.
+the config is read; an explicit :meth:`~AdapterPool.load` reads and checks the weights first), *resident*
+ones are installed in the :class:`~grafting.AdaptedModel` (so the mixed-batch path serves them), at most
+``max_loras`` of them and at most ``max_bytes`` of tensors, and the least recently used one that no running
+request holds is evicted when room is needed. Files are read and validated on a loader thread, so a load
+never stalls the decode loop: the engine installs what has been read between steps (:meth:`AdapterPool.poll`).
+Like S-LoRA's host memory (and vLLM's ``max_cpu_loras``), read adapters stay in a second, larger LRU tier
+(``max_cpu_loras``, :mod:`grafting.serve.host_tier`): one evicted from the model comes back from memory,
+without a read, a hash or the loader thread's share of two cores, which on a CPU the decode loop feels. An
+installed adapter's parameters are its host copy's tensors (nothing is copied or allocated at install, so a
+pool turning over does not fragment the heap the decode loop allocates from); nothing in serving writes to
+them.
 
 Resident adapters are keyed by **content hash** (config + tensors, :func:`grafting.hashing.adapter_hash`),
 not by name: re-registering a name (a new directory, or new files in the old one) makes its next request read
@@ -31,27 +32,11 @@ from pathlib import Path
 from ..errors import GraftingError
 from ..hashing import adopt_hash, config_json
 from ..io.peft_format import install_adapter, refill_adapter
-from ..io.reader import read_config
-from .host_tier import HostTier, adapter_rank, read_adapter, tensor_bytes
+from .host_tier import AdapterError, AdapterNotFound, HostTier, read_adapter, tensor_bytes
+from .registration import Registrations, _Registered
+from .validate import ModelCheck
 
-
-class AdapterError(GraftingError):
-    """An adapter request that cannot be served (unknown name, over the rank limit, unreadable files)."""
-
-
-class AdapterNotFound(AdapterError):
-    pass
-
-
-@dataclass
-class _Registered:
-    name: str
-    path: Path
-    rank: int
-    generation: int
-    digest: str | None = None  # content hash once read; None until then (and after re-registration)
-    loading: Future | None = None
-    error: str | None = None
+__all__ = ["AdapterError", "AdapterNotFound", "AdapterPool"]
 
 
 @dataclass
@@ -63,19 +48,21 @@ class _Resident:
     last_used: float = field(default_factory=time.monotonic)
 
 
-class AdapterPool:
+class AdapterPool(Registrations):
     """Registered adapters by name; the resident ones inside ``model`` (an AdaptedModel).
 
     ``max_loras``: resident adapters at most (so also distinct adapters in one batch); ``max_bytes``: their
     tensors' bytes at most (None: no limit); ``max_cpu_loras`` / ``max_cpu_bytes``: adapters kept in memory as
     read, so a re-install needs no disk read (default: as many as ``max_loras``; 0 keeps none); ``max_rank``:
-    registering an adapter with a larger rank is refused (None: any rank); ``prepare``: ``(config, tensors) ->
-    (config, tensors)`` applied after reading (and after hashing, so keys stay the files' content), e.g.
-    :func:`grafting.serve.embed.encoder_view`."""
+    registering an adapter with a larger rank is refused (None: any rank); ``root``: the adapter root
+    (``--adapter-root``): registrations not given another root (or None) must stay inside it, checked at every
+    read of their files; ``prepare``: ``(config, tensors) -> (config, tensors)`` applied after reading (and
+    after hashing, so keys stay the files' content), e.g. :func:`grafting.serve.embed.encoder_view`.
+    Registration (:meth:`register`, :meth:`load`) is in :mod:`grafting.serve.registration`."""
 
     def __init__(self, model, max_loras: int = 8, max_bytes: int | None = None, max_rank: int | None = None,
                  loader_threads: int = 1, prepare=None, max_cpu_loras: int | None = None,
-                 max_cpu_bytes: int | None = None):
+                 max_cpu_bytes: int | None = None, root=None):
         if max_loras < 1:
             raise GraftingError(f"max_loras: expected >= 1, got {max_loras}")
         if max_cpu_loras is not None and max_cpu_loras < 0:
@@ -86,6 +73,9 @@ class AdapterPool:
         self.max_cpu_bytes = max_cpu_bytes
         self._host = HostTier(self.max_cpu_loras, max_cpu_bytes)  # name -> as read
         self.prepare = prepare
+        self.root = None if root is None else Path(root)
+        self._model_lock = threading.Lock()  # held while the pool changes the model: a meta copy never sees half
+        self._check = ModelCheck(model, self._model_lock)
         self._registered: dict[str, _Registered] = {}
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # digest -> resident, LRU first
         self._ready: list = []  # (entry, generation, digest, config, tensors) read, waiting for room
@@ -97,39 +87,6 @@ class AdapterPool:
         self._deferred: set = set()  # names queued further back: not read until room is theirs
         self.stats = {"loads": 0, "evictions": 0, "load_errors": 0, "reads": 0}
         self.on_change = None  # called (no arguments) from the loader thread when a read finished
-
-    # ---- registration (any thread) ----------------------------------------------------------------------------
-    def register(self, name: str, path) -> None:
-        """Register (or re-register) adapter ``name`` from directory ``path``; only its config is read now."""
-        if not isinstance(name, str) or not name or len(name) > 256:
-            raise AdapterError(f"adapter name {name!r}: expected a non-empty string of at most 256 characters")
-        path = Path(path)
-        config = read_config(path)
-        rank = adapter_rank(config)
-        if self.max_rank is not None and rank > self.max_rank:
-            raise AdapterError(f"{path}: adapter '{name}' has rank {rank}, above this server's maximum "
-                               f"{self.max_rank} (raise --max-lora-rank)")
-        with self._lock:
-            self._generation += 1
-            self._registered[name] = _Registered(name, path, rank, self._generation)
-            self._host.drop(name)  # the new registration reads its files anew
-
-    def unregister(self, name: str) -> None:
-        """Forget ``name``; its resident copy is evicted once no running request holds it."""
-        with self._lock:
-            if self._registered.pop(name, None) is None:
-                raise AdapterNotFound(f"no adapter named '{name}'")
-            self._host.drop(name)
-
-    def names(self) -> list[str]:
-        with self._lock:
-            return list(self._registered)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._registered
-
-    def path(self, name: str) -> Path:
-        return self._registered[name].path
 
     @property
     def in_memory(self) -> list[str]:
@@ -215,7 +172,7 @@ class AdapterPool:
     def _read_files(self, entry: _Registered, generation: int) -> tuple:
         """(entry, generation, digest, config, tensors, error, metadata): read, checked, hashed, prepared."""
         try:
-            digest, config, tensors, metadata = read_adapter(entry.path, self.prepare)
+            digest, config, tensors, metadata = read_adapter(entry.path, self.prepare, entry.root)
             with self._lock:
                 self.stats["reads"] += 1
             return entry, generation, digest, config, tensors, None, metadata
@@ -256,18 +213,19 @@ class AdapterPool:
                     entry.loading = _DONE
                 continue
             try:
-                if internal is not None:  # the evicted adapter's modules, given this one's weights
-                    config = self.model.peft_config[internal]  # the same JSON (_make_room matched it): no re-check
-                    try:
-                        refill_adapter(self.model, internal, config, tensors, entry.path, metadata,
-                                       finite_checked=True, share=True)
-                    except Exception:
-                        self.model.delete_adapter(internal)
-                        raise
-                else:
-                    internal = self._new_internal_name()
-                    install_adapter(self.model, internal, config, tensors, entry.path, metadata,
-                                    finite_checked=True, share=True, training=False)  # served: no dropout
+                with self._model_lock:  # a meta copy for load checks (validate.py) never sees half an install
+                    if internal is not None:  # the evicted adapter's modules, given this one's weights
+                        config = self.model.peft_config[internal]  # the same JSON (_make_room matched it)
+                        try:
+                            refill_adapter(self.model, internal, config, tensors, entry.path, metadata,
+                                           finite_checked=True, share=True)
+                        except Exception:
+                            self.model.delete_adapter(internal)
+                            raise
+                    else:
+                        internal = self._new_internal_name()
+                        install_adapter(self.model, internal, config, tensors, entry.path, metadata,
+                                        finite_checked=True, share=True, training=False)  # served: no dropout
             except Exception as e:
                 with self._lock:
                     entry.error = str(e) if isinstance(e, GraftingError) else f"{entry.path}: {e}"
@@ -276,7 +234,8 @@ class AdapterPool:
                 changed = True
                 continue
             if self.prepare is None:  # the model holds what was hashed: spare the engine thread a second hash
-                adopt_hash(self.model, internal, config, tensors, digest)
+                with self._model_lock:
+                    adopt_hash(self.model, internal, config, tensors, digest)
             with self._lock:
                 self._resident[digest] = _Resident(internal, nbytes, key)
                 entry.digest = digest
@@ -332,7 +291,8 @@ class AdapterPool:
     def _evict(self, digest: str) -> None:
         with self._lock:
             res = self._forget(digest)
-        self.model.delete_adapter(res.internal)
+        with self._model_lock:
+            self.model.delete_adapter(res.internal)
 
     def _evict_unregistered(self) -> None:
         """Resident copies that no registered name points at any more, once unpinned, go."""
@@ -382,7 +342,8 @@ class AdapterPool:
                     self._host.keep(name, generation, digest, config, tensors, metadata)
         with self._lock:
             internal = [r.internal for r in self._resident.values()]
-        self.model.stack_adapters(internal)  # the mixed-batch stacks too, not on the first requests
+        with self._model_lock:
+            self.model.stack_adapters(internal)  # the mixed-batch stacks too, not on the first requests
         return loaded
 
     def pending(self, name: str) -> bool:

@@ -1,9 +1,13 @@
 """OpenAI API request bodies (completions, chat completions, embeddings) and vLLM's adapter-loading bodies,
 validated at the edge; responses in the shapes the official ``openai`` client parses.
 
-Fields the engine does not implement (``logprobs``, ``best_of`` > n, ``suffix``, tools) are refused with a 400
-naming the field instead of being silently ignored; fields that only matter to OpenAI's own service
-(``user``, ``logit_bias`` when empty, ``service_tier``) are accepted and ignored.
+A field this server does not implement is refused with a 400 naming it, never silently ignored: unknown fields
+(including vLLM's ``guided_*`` and ``prompt_logprobs``, and ``reasoning_effort``) fail validation, and known
+ones that would change the output (``logprobs``, ``best_of`` other than n, ``suffix``, ``response_format``
+other than text, tools and functions, non-text content parts) are refused by :meth:`_Sampling.refused`.
+Metadata that only matters to OpenAI's own service (``user``, ``metadata``, ``store``, ``service_tier``,
+``parallel_tool_calls``, ``prompt_cache_key``, ``safety_identifier``) is accepted and ignored. The adapter
+load/unload bodies ignore unknown fields, as vLLM does.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import GraftingError
 from .sampling import SamplingParams
 
 
@@ -21,11 +26,20 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(_Body):
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: Optional[bool] = None  # OpenAI pads its chunks against side channels; nothing to pad
 
 
-class _Sampling(_Body):
+def _refuse(field: str, why: str) -> tuple[str, str]:
+    return field, f"'{field}' is not supported by this server: {why}"
+
+
+class _Sampling(_Strict):
     model: str
     max_tokens: Optional[int] = None
     temperature: Optional[float] = None
@@ -35,26 +49,54 @@ class _Sampling(_Body):
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
-    logprobs: Any = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
-    ignore_eos: bool = False  # vLLM's extension; benchmarks use it for fixed output lengths
+    logit_bias: Optional[dict[str, float]] = None
+    # vLLM's extensions (ignore_eos: benchmarks use it for fixed output lengths)
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    min_tokens: int = 0
+    stop_token_ids: Optional[list[int]] = None
+    repetition_penalty: Optional[float] = None
+    ignore_eos: bool = False
+    # refused when they ask for something (see refused)
+    logprobs: Any = None
+    # OpenAI service metadata: no effect on the output
+    user: Optional[str] = None
+    metadata: Optional[dict] = None
+    store: Optional[bool] = None
+    service_tier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+    safety_identifier: Optional[str] = None
 
-    def unsupported(self) -> str | None:
-        if self.logprobs not in (None, False, 0):
-            return "logprobs"
-        if self.presence_penalty not in (None, 0) or self.frequency_penalty not in (None, 0):
-            return "presence_penalty" if self.presence_penalty not in (None, 0) else "frequency_penalty"
+    def refused(self) -> tuple[str, str] | None:
+        """(field, message) of the first field asking for something this server does not do."""
+        if self.logprobs not in (None, False):
+            return _refuse("logprobs", "log probabilities are not computed")
         if not 1 <= self.n <= 16:
-            return "n"
+            return "n", f"n: expected an integer in [1, 16], got {self.n}"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options: only allowed when stream is true"
         return None
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
+        """The engine's parameters; raises GraftingError naming a field whose value is out of range."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
-                              temperature=1.0 if self.temperature is None else self.temperature,
-                              top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, stop=stop,
-                              ignore_eos=self.ignore_eos)
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                raise GraftingError(f"logit_bias: keys must be token ids, got {key!r}") from None
+        return SamplingParams(
+            max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
+            top_k=-1 if self.top_k is None else self.top_k, min_p=self.min_p or 0.0, min_tokens=self.min_tokens,
+            stop_token_ids=list(self.stop_token_ids or []),
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=bias).validate()
 
 
 class CompletionRequest(_Sampling):
@@ -63,12 +105,16 @@ class CompletionRequest(_Sampling):
     suffix: Optional[str] = None
     best_of: Optional[int] = None
 
-    def unsupported(self) -> str | None:
+    def refused(self) -> tuple[str, str] | None:
+        if self.logprobs is not None:  # for completions even 0 asks for the sampled token's log probability
+            return _refuse("logprobs", "log probabilities are not computed")
         if self.suffix:
-            return "suffix"
+            return _refuse("suffix", "no insertion (fill-in-the-middle) mode")
         if self.best_of is not None and self.best_of != self.n:
-            return "best_of"
-        return super().unsupported()
+            return _refuse("best_of", f"choices are not ranked; send best_of = n ({self.n}) or leave it out")
+        if not self.prompts():
+            return "prompt", "prompt: expected a string, token ids, or a non-empty list of either"
+        return super().refused()
 
     def prompts(self) -> list:
         p = self.prompt
@@ -79,32 +125,79 @@ class CompletionRequest(_Sampling):
         return list(p)
 
 
-class ChatMessage(_Body):
+class ChatMessage(_Strict):
     role: str
     content: Optional[Union[str, list[dict]]] = None
+    name: Optional[str] = None
+    # what the openai client may send back of an earlier assistant message; refused when set
+    tool_calls: Optional[list] = None
+    tool_call_id: Optional[str] = None
+    function_call: Optional[dict] = None
+    refusal: Optional[str] = None
+    annotations: Optional[list] = None  # citations of an earlier answer: metadata
 
-    def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: only text parts can be served by a text model
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
-        return self.content or ""
+    def refused(self, where: str) -> tuple[str, str] | None:
+        for field in ("tool_calls", "tool_call_id", "function_call"):
+            if getattr(self, field):
+                return _refuse(f"{where}.{field}", "no tool or function calling")
+        if self.refusal is not None:
+            return _refuse(f"{where}.refusal", "send the refusal text as content")
+        if isinstance(self.content, list):
+            for j, part in enumerate(self.content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    return (f"{where}.content.{j}", f"{where}.content.{j}: only text parts can be served by a text "
+                            f"model (expected {{'type': 'text', 'text': ...}}, got type {part.get('type')!r})")
+        return None
+
+    def as_template_input(self) -> dict:
+        if isinstance(self.content, list):
+            text = "".join(part["text"] for part in self.content)
+        else:
+            text = self.content or ""
+        out = {"role": self.role, "content": text}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
+    top_logprobs: Optional[int] = None
+    response_format: Optional[dict] = None
     tools: Optional[list] = None
+    tool_choice: Optional[Union[str, dict]] = None
+    functions: Optional[list] = None
+    function_call: Optional[Union[str, dict]] = None
+    parallel_tool_calls: Optional[bool] = None  # meaningless without tools, which are refused
+    modalities: Optional[list[str]] = None
 
-    def unsupported(self) -> str | None:
-        if self.tools:
-            return "tools"
-        return super().unsupported()
+    def refused(self) -> tuple[str, str] | None:
+        if self.top_logprobs:
+            return _refuse("top_logprobs", "log probabilities are not computed")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            return _refuse("response_format", "no constrained (JSON) decoding; only {'type': 'text'}")
+        for field in ("tools", "functions"):
+            if getattr(self, field):
+                return _refuse(field, "no tool or function calling")
+        for field in ("tool_choice", "function_call"):
+            if getattr(self, field) not in (None, "none"):
+                return _refuse(field, "no tool or function calling; only 'none'")
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            return _refuse("modalities", "text output only")
+        for i, message in enumerate(self.messages):
+            refused = message.refused(f"messages.{i}")
+            if refused is not None:
+                return refused
+        return super().refused()
 
 
-class EmbeddingRequest(_Body):
+class EmbeddingRequest(_Strict):
     model: str
     input: Union[str, list[str], list[int], list[list[int]]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = Field(default=None, gt=0)
+    user: Optional[str] = None
 
 
 def embedding_response(model: str, vectors, encoding_format: str, prompt_tokens: int) -> dict:

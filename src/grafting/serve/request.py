@@ -7,7 +7,7 @@ import queue
 import time
 from dataclasses import dataclass, field
 
-from .sampling import SamplingParams
+from .sampling import RowState, SamplingParams
 
 _IDS = itertools.count(1)
 
@@ -35,10 +35,11 @@ class Completion:
     prompt_tokens: int
     error: str | None = None
     status: int | None = None
+    completion_tokens: int | None = None  # the tokens sampled: ``token_ids`` and the EOS / stop token ending them
 
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
+    def __post_init__(self):
+        if self.completion_tokens is None:
+            self.completion_tokens = len(self.token_ids)
 
 
 @dataclass
@@ -58,14 +59,29 @@ class Request:
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished_at: float | None = None
-    generator: object = None
+    rng: object = None  # torch.Generator, None for greedy
     detok: object = None
     last_token: int | None = None
+    eos_token_ids: frozenset = frozenset()  # the engine's, held back by min_tokens
+    completion_tokens: int = 0  # tokens sampled, the EOS or stop token that ended the output included (usage)
+
+    # The engine samples with ``sample_token(logits, r.params, r.generator)``: what it gets is the row's
+    # RowState, so the penalties and min_tokens see the prompt and the output so far; assigning a
+    # torch.Generator sets the row's random generator.
+    @property
+    def generator(self) -> RowState:
+        return RowState(self.rng, self.prompt_ids, self.output_ids, self.eos_token_ids)
+
+    @generator.setter
+    def generator(self, value) -> None:
+        self.rng = value
 
 
 class RequestHandle:
     def __init__(self, engine, request: Request):
         self.engine, self.request = engine, request
+        # bound here since the handle exists before the first token is sampled
+        request.eos_token_ids = frozenset(getattr(engine, "eos_token_ids", ()))
         self.events: queue.Queue = queue.Queue()
 
     @property
@@ -96,4 +112,4 @@ class RequestHandle:
             ids.extend(event.token_ids)
             if event.finish_reason is not None:
                 return Completion(self.id, "".join(text), ids, event.finish_reason, len(self.request.prompt_ids),
-                                  event.error, event.status)
+                                  event.error, event.status, self.request.completion_tokens)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from ..errors import GraftingError
 from ..io.reader import CONFIG_NAME
 
+log = logging.getLogger("grafting.serve")
 
 def served_name(model: str) -> str:
     if model.startswith("packaged:"):
@@ -51,6 +53,10 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
                  preload: bool = False, stack_dtype: str | None = None, max_cpu_loras: int | None = None):
     """(engine, tokenizer): the base model loaded for inference, an AdapterPool with ``adapters`` (name ->
     directory) and every adapter directory directly under ``adapter_root`` registered by its folder name.
+    ``adapters`` are read and checked against the model now (:meth:`AdapterPool.load`): one that cannot serve
+    stops the start with the reason, since it was asked for by name. Under ``adapter_root`` only configs are
+    read (a thousand adapters register in moments), a directory that cannot register is skipped with a
+    warning naming it, and the pool keeps every read inside the root.
     ``task`` "generate" gives an :class:`~grafting.serve.Engine` (a causal LM), "embed" an
     :class:`~grafting.serve.embed.Embedder` (an encoder); "auto" picks by the model (:func:`model_task`).
     ``max_cpu_loras``: adapters kept in memory as read (default ``max_loras``), so one evicted from the model
@@ -79,7 +85,8 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
     if max_cpu_loras is not None and max_cpu_loras < max_loras:
         raise GraftingError(f"max_cpu_loras ({max_cpu_loras}): expected at least max_loras ({max_loras})")
     pool = AdapterPool(adapted, max_loras=max_loras, max_rank=max_lora_rank, max_bytes=max_adapter_bytes,
-                       prepare=encoder_view(adapted) if task == "embed" else None, max_cpu_loras=max_cpu_loras)
+                       prepare=encoder_view(adapted) if task == "embed" else None, max_cpu_loras=max_cpu_loras,
+                       root=adapter_root)
     if max_lora_rank is not None:
         adapted.reserve(max_loras, max_lora_rank)  # the stacks never reallocate while serving
     if adapter_root is not None:
@@ -88,9 +95,15 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
             raise GraftingError(f"--adapter-root {root}: not a directory")
         for d in sorted(root.iterdir()):
             if (d / CONFIG_NAME).is_file():
-                pool.register(d.name, d)
+                try:
+                    pool.register(d.name, d)
+                except (GraftingError, OSError, ValueError) as e:  # a directory scan serves what it can
+                    log.warning("--adapter-root: skipping %s, requests for '%s' will get 404: %s", d, d.name, e)
     for name, path in (adapters or {}).items():
-        pool.register(name, path)
+        try:
+            pool.load(name, path, root=None)  # named by the operator: it may live outside the root
+        except GraftingError as e:
+            raise GraftingError(f"--adapter {name}={path}: cannot serve it: {e}") from None
     if preload:
         pool.preload()
     if task == "embed":

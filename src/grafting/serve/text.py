@@ -17,15 +17,18 @@ class Detokenizer:
         self.ids: list = []
         self.text = ""
         self.sent = 0  # characters of self.text already released
+        self.floor = 0  # stop strings count from here on: text released while they could not stop is final
 
-    def add(self, token: int) -> tuple[str, bool]:
-        """Add one token; returns (newly final text, whether a stop string ended the output)."""
+    def add(self, token: int, may_stop: bool = True) -> tuple[str, bool]:
+        """Add one token; returns (newly final text, whether a stop string ended the output). ``may_stop``
+        False (before ``min_tokens``): a stop string does not end the output, and once released its text is
+        kept even if a later stop string would overlap it."""
         if self.tokenizer is None:
             return "", False
         self.ids.append(token)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if self.stop:
-            start = max(self.sent - max(len(s) for s in self.stop), 0)
+        if self.stop and may_stop:
+            start = max(self.sent - max(len(s) for s in self.stop), self.floor, 0)
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 self.text = self.text[: min(hits)]
@@ -39,7 +42,10 @@ class Detokenizer:
                 if self.text[end - k:end] == s[:k]:
                     hold = k
                     break
-        return self._release(end - hold), False
+        released = self._release(end - hold)
+        if not may_stop:
+            self.floor = self.sent
+        return released, False
 
     def flush(self) -> str:
         """Everything not yet released (the output ended)."""
