@@ -25,7 +25,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
 def client():
     from grafting.serve.http import create_app
     tokenizer = byte_tokenizer()
-    tokenizer.chat_template = TEMPLATE
+    tokenizer.chat_template = "{{ greeting or '' }}" + TEMPLATE  # greeting: a chat_template_kwargs variable
     model = gf.AdaptedModel(tiny_lm("llama"))
     engine = Engine(model, tokenizer=tokenizer, pool=AdapterPool(model), max_batch=8)
     with TestClient(create_app(engine, "tiny")) as c:
@@ -104,6 +104,12 @@ def test_penalties_and_top_k_reach_the_sampler(client):
      "messages.0.content.1", "only text parts"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
      "messages.0.tool_calls", "tool"),
+    ("/v1/chat/completions", {"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs", "tokenize"),
+    ("/v1/chat/completions", {"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs",
+     "use the request field"),
+    ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message", "add_generation_prompt"),
+    ("/v1/chat/completions", {"continue_final_message": True, "add_generation_prompt": False},
+     "continue_final_message", "role 'user'"),
 ])
 def test_what_is_not_implemented_is_refused_naming_the_field(client, path, extra, param, words):
     refused(client, path, {**(BASE if path == "/v1/completions" else CHAT), **extra}, param, words)
@@ -139,3 +145,34 @@ def test_usage_counts_each_prompt_once_whatever_n(client):
 def test_method_not_allowed_is_an_invalid_request(client):
     r = client.get("/v1/completions")
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_vllm_chat_template_controls_shape_the_prompt(client):
+    def prompt_tokens(**extra):
+        status, out = post(client, "/v1/chat/completions", {**CHAT, **extra})
+        assert status == 200, out
+        return out["usage"]["prompt_tokens"]
+
+    plain = prompt_tokens()  # "<user>hi\n<assistant>": the byte tokenizer has a token per character
+    assert plain == len("<user>hi\n<assistant>")
+    assert prompt_tokens(add_generation_prompt=False) == plain - len("<assistant>")
+    assert prompt_tokens(chat_template_kwargs={"greeting": "Hey! "}) == plain + len("Hey! ")
+    partial = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Once"}]
+    # the reply continues "Once" (no newline after it, no new turn)
+    assert prompt_tokens(messages=partial, add_generation_prompt=False, continue_final_message=True) == \
+        len("<user>hi\n<assistant>Once")
+
+
+def test_stop_strings_and_special_tokens_in_the_text_on_request(client):
+    varied = {**BASE, "max_tokens": 12, "repetition_penalty": 50.0}  # greedy, but no character twice
+    text = post(client, "/v1/completions", varied)[1]["choices"][0]["text"]
+    stop = text[3:5]
+    assert text.find(stop) == 3, text  # so this is where the output stops
+    cut = post(client, "/v1/completions", {**varied, "stop": stop})[1]["choices"][0]["text"]
+    kept = post(client, "/v1/completions", {**varied, "stop": stop,
+                                            "include_stop_str_in_output": True})[1]["choices"][0]["text"]
+    assert cut == text[:3] and kept == text[:5]
+    forced = {**BASE, "logit_bias": {"256": 100}, "max_tokens": 2}  # <eos> (special) twice; ignore_eos is on
+    assert post(client, "/v1/completions", forced)[1]["choices"][0]["text"] == ""
+    assert post(client, "/v1/completions", {**forced, "skip_special_tokens": False})[1]["choices"][0]["text"] == \
+        "<eos><eos>"

@@ -15,8 +15,8 @@ def tokenizer():
     return byte_tokenizer()
 
 
-def stream(tokenizer, text, stop):
-    d = Detokenizer(tokenizer, stop)
+def stream(tokenizer, text, stop, include_stop=False):
+    d = Detokenizer(tokenizer, stop, include_stop)
     pieces, stopped = [], False
     for t in tokenizer(text, add_special_tokens=False)["input_ids"]:
         piece, stopped = d.add(t)
@@ -41,6 +41,13 @@ def test_stop_string_is_never_streamed_partly(tokenizer):
     pieces, stopped = stream(tokenizer, "hello EN world", ["END"])  # a false start is released later
     assert not stopped and "".join(pieces) == "hello EN world"
     assert "E" not in "".join(pieces[:8])  # held while it could still become "END"
+
+
+def test_stop_string_kept_on_request_ends_the_text(tokenizer):
+    pieces, stopped = stream(tokenizer, "hello END world", ["END", "D w"], include_stop=True)
+    assert stopped and "".join(pieces) == "hello END"
+    pieces, stopped = stream(tokenizer, "hello END world", ["ND", "END"], include_stop=True)
+    assert stopped and "".join(pieces) == "hello END"  # both end at the same token: the earlier start wins
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():

@@ -109,7 +109,8 @@ class Engine(BackgroundLoop):
         handle = RequestHandle(self, request)
         request.on_event = on_event or handle.events.put
         request.generator = make_generator(params)
-        request.detok = Detokenizer(self.tokenizer, params.stop)
+        request.detok = Detokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
+                                    params.skip_special_tokens)
         self._enqueue(request)
         return handle
 

@@ -325,12 +325,8 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         template = chat_template or getattr(tokenizer, "chat_template", None)
         if not template:
             raise APIError(400, "this model has no chat template; use /v1/completions")
-        messages = [m.as_template_input() for m in body.messages]
-        try:
-            prompt = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                                   tokenize=False)
-        except Exception as e:  # a template that rejects these roles raises its own error text
-            raise APIError(400, f"messages: the chat template rejected them ({e})", param="messages") from None
+        with submitting():
+            prompt = body.render(tokenizer, template)
         limit_param = "max_tokens"
         if body.max_completion_tokens is not None:  # OpenAI's newer name wins over the deprecated one (vLLM)
             body.max_tokens, limit_param = body.max_completion_tokens, "max_completion_tokens"

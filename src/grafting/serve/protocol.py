@@ -6,7 +6,10 @@ A field this server does not implement is refused with a 400 naming it, never si
 ones that would change the output (``logprobs``, ``best_of`` other than n, ``suffix``, ``response_format``
 other than text, tools and functions, non-text content parts) are refused by :meth:`_Sampling.refused`.
 Metadata that only matters to OpenAI's own service (``user``, ``metadata``, ``store``, ``service_tier``,
-``parallel_tool_calls``, ``prompt_cache_key``, ``safety_identifier``) is accepted and ignored. The adapter
+``parallel_tool_calls``, ``prompt_cache_key``, ``safety_identifier``) is accepted and ignored. vLLM's
+sampling and output extensions (``top_k``, ``min_p``, ``min_tokens``, ``stop_token_ids``, ``repetition_penalty``,
+``ignore_eos``, ``include_stop_str_in_output``, ``skip_special_tokens``) and chat template controls
+(``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``) are implemented. The adapter
 load/unload bodies ignore unknown fields, as vLLM does.
 """
 
@@ -59,6 +62,8 @@ class _Sampling(_Strict):
     stop_token_ids: Optional[list[int]] = None
     repetition_penalty: Optional[float] = None
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     # refused when they ask for something (see refused)
     logprobs: Any = None
     # OpenAI service metadata: no effect on the output
@@ -96,7 +101,8 @@ class _Sampling(_Strict):
             stop_token_ids=list(self.stop_token_ids or []),
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            logit_bias=bias).validate()
+            logit_bias=bias, include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens).validate()
 
 
 class CompletionRequest(_Sampling):
@@ -160,6 +166,13 @@ class ChatMessage(_Strict):
         return out
 
 
+# apply_chat_template's own arguments (and the template's messages): not for chat_template_kwargs to set
+_TEMPLATE_OWN_ARGUMENTS = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                           "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                           "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+                           "sanitize_control_tokens"}
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
@@ -171,6 +184,10 @@ class ChatRequest(_Sampling):
     function_call: Optional[Union[str, dict]] = None
     parallel_tool_calls: Optional[bool] = None  # meaningless without tools, which are refused
     modalities: Optional[list[str]] = None
+    # vLLM's chat template controls
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
     def refused(self) -> tuple[str, str] | None:
         if self.top_logprobs:
@@ -185,11 +202,34 @@ class ChatRequest(_Sampling):
                 return _refuse(field, "no tool or function calling; only 'none'")
         if self.modalities is not None and set(self.modalities) - {"text"}:
             return _refuse("modalities", "text output only")
+        if self.continue_final_message and self.add_generation_prompt:
+            return ("continue_final_message", "continue_final_message: set add_generation_prompt to false with it "
+                    "(the reply continues the last message instead of starting a new one)")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            return ("continue_final_message", "continue_final_message: the last message must be the "
+                    f"assistant's to continue, got role {self.messages[-1].role!r}")
         for i, message in enumerate(self.messages):
             refused = message.refused(f"messages.{i}")
             if refused is not None:
                 return refused
         return super().refused()
+
+
+    def render(self, tokenizer, template: str) -> str:
+        """The prompt text: the messages through the chat template (vLLM's ``add_generation_prompt``,
+        ``continue_final_message`` and ``chat_template_kwargs``, the latter as template variables)."""
+        extra = dict(self.chat_template_kwargs or {})
+        taken = sorted(set(extra) & _TEMPLATE_OWN_ARGUMENTS)
+        if taken:
+            hint = f"; use the request field '{taken[0]}'" if taken[0] in type(self).model_fields else ""
+            raise GraftingError(f"chat_template_kwargs: '{taken[0]}' cannot be set here{hint}")
+        try:
+            return tokenizer.apply_chat_template(
+                [m.as_template_input() for m in self.messages], chat_template=template,
+                add_generation_prompt=self.add_generation_prompt, continue_final_message=self.continue_final_message,
+                tokenize=False, **extra)
+        except Exception as e:  # a template that rejects these roles raises its own error text
+            raise GraftingError(f"messages: the chat template rejected them ({e})") from None
 
 
 class EmbeddingRequest(_Strict):

@@ -32,12 +32,14 @@ GREEDY_BELOW = 1e-5  # temperatures under this decode greedily, as in vLLM
 class SamplingParams:
     """OpenAI's ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``presence_penalty``,
     ``frequency_penalty`` and ``logit_bias``, and vLLM's ``top_k``, ``min_p``, ``min_tokens``,
-    ``stop_token_ids``, ``repetition_penalty`` and ``ignore_eos``.
+    ``stop_token_ids``, ``repetition_penalty``, ``ignore_eos``, ``include_stop_str_in_output`` and
+    ``skip_special_tokens``.
 
     ``temperature`` 0 (or below 1e-5) is greedy decoding (the penalties and logit bias still apply).
     ``stop`` strings end the output before the first occurrence (the string itself is not returned); the
     end-of-sequence token and ``stop_token_ids`` end it too (not returned as text or token ids, counted as a
-    completion token), EOS not if ``ignore_eos``. None of these ends the output before ``min_tokens`` tokens.
+    completion token), EOS not if ``ignore_eos``; ``include_stop_str_in_output`` keeps the stop string that
+    ended the output in its text, ``skip_special_tokens`` False keeps special tokens' text. None of these ends the output before ``min_tokens`` tokens.
     ``top_k`` -1 or 0 and ``min_p`` 0 are off; ``seed`` is any integer, used modulo 2**64. ``logit_bias``
     maps token ids to a number in [-100, 100] added to their logits."""
 
@@ -55,6 +57,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict = field(default_factory=dict)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 
 class Detokenizer:
-    def __init__(self, tokenizer, stop: list):
+    def __init__(self, tokenizer, stop: list, include_stop: bool = False, skip_special_tokens: bool = True):
         if stop and tokenizer is None:
             from ..errors import GraftingError
             raise GraftingError("stop strings need the engine's tokenizer")
         self.tokenizer, self.stop = tokenizer, list(stop)
+        self.include_stop, self.skip_special_tokens = include_stop, skip_special_tokens
         self.ids: list = []
         self.text = ""
         self.sent = 0  # characters of self.text already released
@@ -26,12 +27,13 @@ class Detokenizer:
         if self.tokenizer is None:
             return "", False
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
         if self.stop and may_stop:
             start = max(self.sent - max(len(s) for s in self.stop), self.floor, 0)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            hits = [(i, -len(s)) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                at, minus_length = min(hits)  # the earliest; of those starting there, the longest
+                self.text = self.text[: at - minus_length if self.include_stop else at]
                 return self._release(len(self.text)), True
         end = len(self.text)
         while end > self.sent and self.text[end - 1] == "\ufffd":
