@@ -32,7 +32,7 @@ def test_graft_serve_answers_and_shuts_down_gracefully(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "grafting.cli.main", "serve", str(tmp_path / "tiny-gpt2"),
                              "--adapter", f"style={tmp_path / 'style'}", "--port", str(port), "--max-lora-rank", "16",
                              "--max-cpu-loras", "16", "--stack-dtype", "bfloat16",
-                             "--preload"],
+                             "--preload", "--kv-cache-memory", "2M"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -42,6 +42,7 @@ def test_graft_serve_answers_and_shuts_down_gracefully(tmp_path):
         metrics = httpx.get(url + "/metrics").text
         assert "grafting_adapter_loads_total 1.0" in metrics  # --preload: read at startup
         assert "grafting_adapter_reads_total 1.0" in metrics and "grafting_adapters_in_memory 1.0" in metrics
+        assert "grafting_kv_cache_bytes 0.0" in metrics and "grafting_preemptions_total 0.0" in metrics
         body = {"model": "style", "prompt": "hi", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
         first = httpx.post(url + "/v1/completions", json=body, timeout=30).json()
         assert first["usage"]["completion_tokens"] == 5

@@ -21,7 +21,7 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a size like 5B, 500M, 64K or a byte count, got {text!r}")
     size = int(float(m.group(1)) * _SCALE[m.group(2).lower()])
     if size <= 0:
-        raise argparse.ArgumentTypeError(f"the shard size must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
     return size
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import GraftingError
+from .merge import parse_size
 
 
 def _adapter_pairs(items) -> dict:
@@ -24,7 +25,7 @@ def cmd_serve(args) -> int:
           max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
           max_queue=args.max_queue, max_model_len=args.max_model_len,
           timeout_keep_alive=args.timeout_keep_alive, task=args.task, preload=args.preload,
-          stack_dtype=args.stack_dtype)
+          stack_dtype=args.stack_dtype, max_kv_bytes=args.kv_cache_memory)
     return 0
 
 
@@ -57,6 +58,9 @@ def register(sub) -> None:
                         "what a decode step with many distinct adapters reads")
     p.add_argument("--max-batch", type=int, default=32, help="rows in the running batch at most (default 32)")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests at most; more get 429")
+    p.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="bytes the running batch's key/value cache may hold, e.g. 4G or 500M (default: no limit); "
+                        "fewer rows are admitted, and rows that would outgrow it are preempted and recomputed")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (default: none)")
     p.add_argument("--timeout-keep-alive", type=float, default=5.0,

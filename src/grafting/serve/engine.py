@@ -29,8 +29,9 @@ from collections import deque
 import torch
 
 from ..errors import GraftingError
-from .kv import BatchCache, cache_tensors
+from .kv import BatchCache, cache_tensors, kv_bytes_per_token, room
 from .loop import BackgroundLoop, EngineStopped, QueueFull
+from .model_facts import context_size, eos_ids, pad_id, vocab_size
 from .pool import AdapterError
 from .request import Completion, Output, Request, RequestHandle
 from .sampling import SamplingParams, make_generator, sample_token
@@ -48,21 +49,24 @@ class Engine(BackgroundLoop):
     model's own adapters). ``max_batch``: running rows at most; ``max_queue``: waiting requests at most
     (more raise :class:`QueueFull`); ``max_prefill_tokens``: prompt tokens prefilled in one step at most (one
     long prompt still goes alone); ``max_model_len``: prompt + output tokens at most (default: the model's
-    context size). The model is put in eval mode: serving never drops activations (``lora_dropout``)."""
+    context size); ``max_kv_bytes``: bytes the running batch's key/value cache may hold (default: no limit),
+    enforced by admitting fewer rows and, when decoding would outgrow it, by preempting the most recently
+    admitted rows (their cache is dropped and recomputed from prompt + output when they rejoin). The model is put in eval mode: serving never drops activations (``lora_dropout``)."""
 
     task = "generate"
     thread_name = "grafting-engine"
 
     def __init__(self, model, tokenizer=None, pool=None, max_batch: int = 32, max_queue: int = 1024,
-                 max_prefill_tokens: int = 4096, max_model_len: int | None = None, eos_token_ids=None):
+                 max_prefill_tokens: int = 4096, max_model_len: int | None = None, eos_token_ids=None,
+                 max_kv_bytes: int | None = None):
         self.model, self.tokenizer, self.pool = model, tokenizer, pool
         if isinstance(model, torch.nn.Module):
             model.eval()
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
         config = getattr(model, "config", None)
-        self.max_model_len = max_model_len or _context_size(config)
-        self.eos_token_ids = set(_eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
-        self.pad_token_id = _pad_id(tokenizer, config)
+        self.max_model_len = max_model_len or context_size(config)
+        self.eos_token_ids = set(eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
+        self.pad_token_id = pad_id(tokenizer, config)
         self.waiting: deque = deque()
         self.running: list = []
         self.cache = BatchCache()
@@ -73,9 +77,14 @@ class Engine(BackgroundLoop):
         accepted = inspect.signature(forward).parameters if forward is not None else {}
         self._keep_last = "logits_to_keep" in accepted
         self._cache_kw = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.2x
-        self.vocab_size = _vocab_size(inner, config)
+        self.vocab_size = vocab_size(inner, config)
+        self.max_kv_bytes = max_kv_bytes
+        self.kv_bytes_per_token = kv_bytes_per_token(config, next(model.parameters()).dtype)
+        if max_kv_bytes is not None and self.kv_bytes_per_token is None:
+            raise GraftingError("max_kv_bytes: this model's config does not say its layers, heads and head size, "
+                                "so its key/value cache cannot be budgeted")
         self.stats = {"requests": 0, "finished": 0, "errors": 0, "generated_tokens": 0, "prompt_tokens": 0,
-                      "steps": 0, "batch_rows": 0}
+                      "steps": 0, "batch_rows": 0, "preemptions": 0}
         self.on_finish = None  # callable(Request), e.g. metrics
         if pool is not None:
             pool.on_change = self._wake
@@ -102,6 +111,12 @@ class Engine(BackgroundLoop):
             raise GraftingError(f"prompt: {len(prompt_ids)} tokens, but this model's context is "
                                 f"{self.max_model_len} tokens (prompt plus output)")
         self._check_adapter(adapter)
+        if self.max_kv_bytes is not None:
+            longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+            if self._kv_bytes(1, longest) > self.max_kv_bytes:
+                raise GraftingError(f"max_tokens: the prompt ({len(prompt_ids)} tokens) and max_tokens "
+                                    f"({params.max_tokens}) need {self._kv_bytes(1, longest)} bytes of key/value "
+                                    f"cache, more than the engine's budget of {self.max_kv_bytes}")
         request = Request(prompt_ids, params, adapter,
                           deadline=None if timeout is None else time.monotonic() + timeout)
         if request_id is not None:
@@ -166,6 +181,7 @@ class Engine(BackgroundLoop):
                         if r.finish_reason is None and r not in self.running:
                             self._finish(r, "error", f"internal error in prefill: {type(e).__name__}: {e}")
                 self._retire()
+            self._make_room()
             if self.running:
                 self._decode()
         self.stats["steps"] += 1
@@ -200,12 +216,16 @@ class Engine(BackgroundLoop):
                              None if request.cancelled else "the request timed out while waiting")
             else:
                 live.append(request)
+        width = self.cache.columns
         for request in live:
             if len(self.running) + len(new) >= self.max_batch:
                 break
-            if new and len(request.prompt_ids) > budget:
+            if new and len(request.context) > budget:
                 break
-            if request.adapter is not None:
+            wider = max(width, len(request.context))
+            if (self.running or new) and not self._kv_fits(len(self.running) + len(new) + 1, wider + 1):
+                break  # in arrival order: a long prompt is not overtaken for ever by short ones
+            if request.adapter is not None and request.internal is None:  # a preempted one keeps its adapter
                 if self.pool is None:
                     request.internal = request.adapter
                 else:
@@ -219,8 +239,29 @@ class Engine(BackgroundLoop):
                         continue  # being read: later requests may go ahead meanwhile
             self._remove_waiting(request)
             new.append(request)
-            budget -= len(request.prompt_ids)
+            budget -= len(request.context)
+            width = wider
         return new
+
+    # ---- the key/value cache budget ----------------------------------------------------------------------------
+    def _kv_bytes(self, rows: int, columns: int) -> int:
+        return rows * room(columns) * self.kv_bytes_per_token
+
+    def _kv_fits(self, rows: int, columns: int) -> bool:
+        return self.max_kv_bytes is None or self._kv_bytes(rows, columns) <= self.max_kv_bytes
+
+    def _make_room(self) -> None:
+        """Before a decode step that must grow the cache past the budget: preempt the most recently admitted
+        rows (vLLM's recompute preemption) until it fits; the oldest row always stays."""
+        if self.max_kv_bytes is None or self.cache.columns + 1 <= self.cache.capacity:
+            return  # the step writes into room the buffers already have
+        while len(self.running) > 1 and not self._kv_fits(len(self.running), self.cache.columns + 1):
+            r = self.running.pop()
+            self.cache.keep(torch.arange(len(self.running), device=self.device))
+            r.preemptions += 1
+            self.stats["preemptions"] += 1
+            with self._lock:
+                self.waiting.appendleft(r)  # first to rejoin, keeping its adapter pinned
 
     def _retire(self) -> None:
         """Drop finished, cancelled and timed-out rows from the batch and the cache."""
@@ -259,12 +300,13 @@ class Engine(BackgroundLoop):
         return out.logits[:, -1, :].float().cpu(), cache_tensors(cache)
 
     def _prefill(self, new: list) -> None:
-        width = max(len(r.prompt_ids) for r in new)
+        contexts = [r.context for r in new]  # a preempted row recomputes its output so far too
+        width = max(len(c) for c in contexts)
         ids = torch.full((len(new), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(new), width, dtype=torch.long)
-        for i, r in enumerate(new):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
+        for i, c in enumerate(contexts):
+            ids[i, width - len(c):] = torch.tensor(c)
+            mask[i, width - len(c):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logits, kv = self._forward(ids, mask, positions, None, [r.internal for r in new])
@@ -274,7 +316,7 @@ class Engine(BackgroundLoop):
         self.cache.join(kv, mask)
         self.running.extend(new)
         for r in new:
-            self.stats["prompt_tokens"] += len(r.prompt_ids)
+            self.stats["prompt_tokens"] += len(r.prompt_ids) if not r.preemptions else 0
         for i, r in enumerate(new):
             self._emit(r, sample_token(logits[i], r.params, r.generator))
 
@@ -325,37 +367,3 @@ class Engine(BackgroundLoop):
         r.on_event(Output(r.id, text, list(token_ids), reason, error, status))
         if self.on_finish is not None:
             self.on_finish(r)
-
-
-def _context_size(config) -> int:
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
-
-
-def _vocab_size(model, config) -> int:
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if isinstance(getattr(embed, "num_embeddings", None), int):
-        return embed.num_embeddings
-    return getattr(config, "vocab_size", None) or 2 ** 62
-
-
-def _eos_ids(model, tokenizer) -> list:
-    ids = []
-    gen = getattr(getattr(model, "base_model", model), "generation_config", None)
-    for source in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.append(source)
-        elif isinstance(source, (list, tuple)):
-            ids.extend(int(s) for s in source)
-    return ids
-
-
-def _pad_id(tokenizer, config) -> int:
-    for value in (getattr(tokenizer, "pad_token_id", None), getattr(config, "pad_token_id", None),
-                  getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            return value
-    return 0

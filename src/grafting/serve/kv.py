@@ -41,6 +41,21 @@ def make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
         return DynamicCache.from_legacy_cache(tuple(kv))
 
 
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int | None:
+    """Bytes one token (one cache column of one row) takes in every layer's keys and values, from a
+    transformers config (GPT-2's names map to these); None when the config does not say."""
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not all(isinstance(x, int) and x > 0 for x in (layers, heads)):
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if isinstance(hidden, int) else None)
+    if not head_dim:
+        return None
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 def room(columns: int) -> int:
     """Columns a buffer holding ``columns`` gets: an eighth more, at least 32 (a new buffer every so often)."""
     return columns + columns // 8 + 32
@@ -163,10 +178,10 @@ class BatchCache:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
 
     def nbytes(self) -> int:
-        """Bytes the buffers hold (room included)."""
+        """Bytes the buffers' storage holds (room, and columns cut off the left, included)."""
         if self.buffers is None:
             return 0
-        return sum(t.numel() * t.element_size() for kv in self.buffers for t in kv)
+        return sum(t.untyped_storage().nbytes() for kv in self.buffers for t in kv)
 
 
 def _regrow(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:

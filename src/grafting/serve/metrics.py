@@ -24,6 +24,11 @@ class _EngineCollector:
         yield CounterMetricFamily("grafting_requests", "requests accepted", value=stats["requests"])
         yield CounterMetricFamily("grafting_request_errors", "requests that ended in an error",
                                   value=stats["errors"])
+        if "preemptions" in stats:  # a generating engine (an embedder keeps no cache)
+            yield GaugeMetricFamily("grafting_kv_cache_bytes", "bytes held by the running batch's key/value cache",
+                                    value=e.cache.nbytes())
+            yield CounterMetricFamily("grafting_preemptions", "rows preempted to keep the key/value cache within "
+                                      "its budget (recomputed when they rejoin)", value=stats["preemptions"])
         elapsed = max(time.monotonic() - self.started, 1e-9)
         yield GaugeMetricFamily("grafting_tokens_per_second", "generated tokens per second since start",
                                 value=stats["generated_tokens"] / elapsed)

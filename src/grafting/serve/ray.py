@@ -190,7 +190,8 @@ def build_app(model: str, adapter_root: str | None = None, num_replicas: int = 1
     return GraftRouter.options(ray_actor_options={"num_cpus": 0}).bind(replica, name, api_key)
 
 
-_INTS = ("num_replicas", "max_loras", "max_cpu_loras", "max_lora_rank", "max_batch", "max_queue", "max_model_len")
+_INTS = ("num_replicas", "max_loras", "max_cpu_loras", "max_lora_rank", "max_batch", "max_queue", "max_model_len",
+         "max_kv_bytes")
 _FLOATS = ("request_timeout",)
 _STRINGS = ("model", "adapter_root", "served_model_name", "api_key", "task")
 

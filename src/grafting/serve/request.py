@@ -64,6 +64,12 @@ class Request:
     last_token: int | None = None
     eos_token_ids: frozenset = frozenset()  # the engine's, held back by min_tokens
     completion_tokens: int = 0  # tokens sampled, the EOS or stop token that ended the output included (usage)
+    preemptions: int = 0  # times its cache was dropped to keep within the engine's memory budget
+
+    @property
+    def context(self) -> list:
+        """What a prefill of this request runs: the prompt, and the output so far when it was preempted."""
+        return self.prompt_ids + self.output_ids if self.preemptions else self.prompt_ids
 
     # The engine samples with ``sample_token(logits, r.params, r.generator)``: what it gets is the row's
     # RowState, so the penalties and min_tokens see the prompt and the output so far; assigning a

@@ -50,7 +50,8 @@ STACK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def build_engine(model: str, adapters: dict | None = None, adapter_root=None, max_loras: int = 8,
                  max_lora_rank: int | None = None, max_batch: int = 32, max_queue: int = 1024,
                  max_model_len: int | None = None, max_adapter_bytes: int | None = None, task: str = "auto",
-                 preload: bool = False, stack_dtype: str | None = None, max_cpu_loras: int | None = None):
+                 preload: bool = False, stack_dtype: str | None = None, max_cpu_loras: int | None = None,
+                 max_kv_bytes: int | None = None):
     """(engine, tokenizer): the base model loaded for inference, an AdapterPool with ``adapters`` (name ->
     directory) and every adapter directory directly under ``adapter_root`` registered by its folder name.
     ``adapters`` are read and checked against the model now (:meth:`AdapterPool.load`): one that cannot serve
@@ -63,7 +64,8 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
     comes back without a disk read. ``preload``: read and install the first ``max_loras`` registered adapters,
     and read the next ones up to ``max_cpu_loras`` into memory, before returning.
     ``stack_dtype``: "bfloat16" keeps the mixed-batch factors in bf16 (half the bytes a decode step with many
-    adapters reads; :meth:`~grafting.AdaptedModel.set_stack_dtype`); default: the adapters' own."""
+    adapters reads; :meth:`~grafting.AdaptedModel.set_stack_dtype`); default: the adapters' own.
+    ``max_kv_bytes``: the running batch's key/value cache budget (:class:`~grafting.serve.Engine`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ..model import AdaptedModel
     from ..train.models import load_model, resolve
@@ -112,7 +114,7 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
             pooling.max_length = max_model_len
         return Embedder(adapted, tokenizer, pool, pooling=pooling, max_batch=max_batch, max_queue=max_queue), tokenizer
     engine = Engine(adapted, tokenizer=tokenizer, pool=pool, max_batch=max_batch, max_queue=max_queue,
-                    max_model_len=max_model_len)
+                    max_model_len=max_model_len, max_kv_bytes=max_kv_bytes)
     return engine, tokenizer
 
 
