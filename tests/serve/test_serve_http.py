@@ -90,6 +90,27 @@ def test_chat_completions_stream_and_not(server):
     assert raw.choices[0].text == whole.choices[0].message.content  # the chat template was applied
 
 
+def test_logprobs_through_the_official_client(server):
+    client = server["client"]
+    out = client.completions.create(model="poet", prompt="Once upon", max_tokens=12, temperature=0, logprobs=2,
+                                    extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == server["expected"]["poet"] == "".join(lp.tokens)  # a token per byte
+    assert len(lp.tokens) == 12 and lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(12)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert max(top.values()) == top[token] == logprob <= 0  # greedy: the sampled token is the most likely
+        assert 2 <= len(top) <= 3
+    chat = dict(model="pirate", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0,
+                logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**chat).choices[0]
+    streamed = [item for c in client.chat.completions.create(**chat, stream=True)
+                if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in whole.logprobs.content]
+    assert "".join(i.token for i in whole.logprobs.content) == whole.message.content
+    assert all(len(i.top_logprobs) == 3 and i.top_logprobs[0].logprob == i.logprob and
+               i.bytes == list(i.token.encode()) for i in whole.logprobs.content)
+
+
 def test_api_key_guards_v1_only(server):
     bad = openai.OpenAI(base_url=server["url"] + "/v1", api_key="wrong", timeout=10, max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -110,7 +131,7 @@ def test_errors_are_openai_error_objects(server):
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="poet", prompt="x" * 200, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.completions.create(model="poet", prompt="x", max_tokens=2, logprobs=2)
+        client.completions.create(model="poet", prompt="x", max_tokens=2, logprobs=2, echo=True)
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     r = httpx.post(server["url"] + "/v1/completions", content=b"{not json", headers=headers)
     assert r.status_code == 400 and "error" in r.json()

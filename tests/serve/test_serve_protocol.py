@@ -78,7 +78,8 @@ def test_penalties_and_top_k_reach_the_sampler(client):
 
 
 @pytest.mark.parametrize("path,extra,param,words", [
-    ("/v1/completions", {"logprobs": 0}, "logprobs", "not supported"),
+    ("/v1/completions", {"logprobs": 0, "echo": True}, "logprobs", "echoed prompt"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs", "[0, 20]"),
     ("/v1/completions", {"suffix": "end"}, "suffix", "not supported"),
     ("/v1/completions", {"best_of": 3}, "best_of", "best_of = n"),
     ("/v1/completions", {"guided_json": {"type": "object"}}, "guided_json", "not supported"),
@@ -92,8 +93,9 @@ def test_penalties_and_top_k_reach_the_sampler(client):
     ("/v1/completions", {"min_tokens": 7}, "min_tokens", "max_tokens=6"),
     ("/v1/completions", {"presence_penalty": 3}, "presence_penalty", "[-2, 2]"),
     ("/v1/completions", {"n": 17}, "n", "[1, 16]"),
-    ("/v1/chat/completions", {"logprobs": True}, "logprobs", "not supported"),
-    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "not supported"),
+    ("/v1/chat/completions", {"logprobs": 2}, "logprobs", "true or false"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "logprobs is true"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "JSON"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool"),
     ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice", "tool"),

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import GraftingError
 from .kv import BatchCache, cache_tensors, kv_bytes_per_token, room
+from .logprobs import token_entry
 from .loop import BackgroundLoop, EngineStopped, QueueFull
 from .model_facts import context_size, eos_ids, pad_id, vocab_size
 from .pool import AdapterError
@@ -318,7 +319,7 @@ class Engine(BackgroundLoop):
         for r in new:
             self.stats["prompt_tokens"] += len(r.prompt_ids) if not r.preemptions else 0
         for i, r in enumerate(new):
-            self._emit(r, sample_token(logits[i], r.params, r.generator))
+            self._emit(r, sample_token(logits[i], r.params, r.generator), logits[i])
 
     def _decode(self) -> None:
         rows = self.running
@@ -329,10 +330,10 @@ class Engine(BackgroundLoop):
         self.cache.append_step(kv)
         for i, r in enumerate(rows):
             if r.finish_reason is None:
-                self._emit(r, sample_token(logits[i], r.params, r.generator))
+                self._emit(r, sample_token(logits[i], r.params, r.generator), logits[i])
 
     # ---- outputs ----------------------------------------------------------------------------------------------
-    def _emit(self, r: Request, token: int) -> None:
+    def _emit(self, r: Request, token: int, logits: torch.Tensor) -> None:
         if r.first_token_at is None:
             r.first_token_at = time.monotonic()
         self.stats["generated_tokens"] += 1
@@ -346,15 +347,16 @@ class Engine(BackgroundLoop):
         r.last_token = token
         text, stopped = r.detok.add(token, may_stop=len(r.output_ids) >= r.params.min_tokens)
         total = len(r.prompt_ids) + len(r.output_ids)
+        lp = None if r.params.logprobs is None else [token_entry(logits, token, r.params.logprobs)]
         if stopped:
-            self._finish(r, "stop", text=text, token_ids=[token])
+            self._finish(r, "stop", text=text, token_ids=[token], logprobs=lp)
         elif len(r.output_ids) >= r.params.max_tokens or total >= self.max_model_len:
-            self._finish(r, "length", text=text + r.detok.flush(), token_ids=[token])
+            self._finish(r, "length", text=text + r.detok.flush(), token_ids=[token], logprobs=lp)
         else:
-            r.on_event(Output(r.id, text, [token]))
+            r.on_event(Output(r.id, text, [token], logprobs=lp))
 
     def _finish(self, r: Request, reason: str, error: str | None = None, text: str = "", token_ids=(),
-                status: int | None = None) -> None:
+                status: int | None = None, logprobs: list | None = None) -> None:
         if r.finish_reason is not None:
             return
         if status is None and reason in ("timeout", "error"):
@@ -364,6 +366,6 @@ class Engine(BackgroundLoop):
             self.pool.release(r.internal)
         self.stats["finished"] += 1
         self.stats["errors"] += reason == "error"
-        r.on_event(Output(r.id, text, list(token_ids), reason, error, status))
+        r.on_event(Output(r.id, text, list(token_ids), reason, error, status, logprobs))
         if self.on_finish is not None:
             self.on_finish(r)

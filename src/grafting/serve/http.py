@@ -14,70 +14,25 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import secrets
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GraftingError
-from ..io.reader import CONFIG_NAME, WEIGHTS_NAME
 from .choices import Choices
-from .engine import EngineStopped, QueueFull
+from .edge import BAD_KEY, APIError, error_response, field_of, inside_root, key_matches
+from .engine import EngineStopped, Output, QueueFull
+from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
 from .pool import AdapterError, AdapterNotFound
 from .protocol import (ChatRequest, CompletionRequest, EmbeddingRequest, LoadAdapterRequest, UnloadAdapterRequest,
                        chat_chunk, chat_response, completion_chunk, completion_response, embedding_response,
                        error_body, new_id, usage)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
-
-
-BAD_KEY = "invalid or missing API key (send 'Authorization: Bearer <key>')"
-
-
-def key_matches(headers, api_key: str) -> bool:
-    """Whether the request's ``Authorization: Bearer`` token is ``api_key`` (compared in constant time)."""
-    header = headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else ""
-    return secrets.compare_digest(token.encode(), api_key.encode())
-
-
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = _KINDS.get(status) or ("invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse(error_body(message, kind, status, param), status_code=status)
-
-
-def inside_root(root: Path, path: str) -> Path:
-    """``path`` (relative to ``root`` unless absolute) resolved, if it and the files read from it stay inside
-    ``root`` after following symlinks; APIError 400 otherwise. The pool checks again at every read (files can
-    change after this answer; :func:`grafting.serve.host_tier.contained`)."""
-    p = Path(path)
-    if ".." in p.parts:
-        raise APIError(400, "lora_path may not contain '..'", param="lora_path")
-    try:
-        real_root = root.resolve()
-        real = (p if p.is_absolute() else root / p).resolve()
-        targets = (real, (real / CONFIG_NAME).resolve(), (real / WEIGHTS_NAME).resolve())
-    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long, a symlink loop
-        raise APIError(400, f"lora_path {path[:200]!r}: not a usable path ({type(e).__name__})",
-                       param="lora_path") from None
-    for target in targets:
-        if target != real_root and real_root not in target.parents:
-            raise APIError(400, f"lora_path '{path}' is outside the adapter root", param="lora_path")
-    return real
 
 
 def create_app(engine, served_model_name: str, api_key: str | None = None, adapter_root=None,
@@ -206,7 +161,7 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         except AdapterNotFound as e:
             raise APIError(404, str(e), param="model") from None
         except (AdapterError, GraftingError) as e:
-            raise APIError(400, str(e), param=param or _field_of(str(e))) from None
+            raise APIError(400, str(e), param=param or field_of(str(e))) from None
 
     def encode(prompt) -> list:
         """Token ids, tokenized as the engine would, so the context check below sees what the engine runs."""
@@ -259,21 +214,23 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         return None
 
     async def collect(run: Choices):
-        """Texts and finish reasons of every choice, once all finished; APIError if one failed or the client
-        left."""
-        texts, finish = [""] * len(run.handles), [None] * len(run.handles)
+        """Texts, finish reasons and log probability entries of every choice, once all finished; APIError if
+        one failed or the client left."""
+        n = len(run.handles)
+        texts, finish, entries = [""] * n, [None] * n, [[] for _ in range(n)]
         async for i, ev in run.events():
             err = failed(ev)
             if err is not None:
                 raise err
             texts[i] += ev.text
+            entries[i].extend(ev.logprobs or [])
             finish[i] = _finish(ev) or finish[i]
         if any(f is None for f in finish):
             raise APIError(499, "the client closed the request")
-        return texts, finish
+        return texts, finish, entries
 
     async def streamed(run: Choices, rid, model, chunk, lead, include_usage, prompt_tokens):
-        """Server-sent events: ``lead`` first, then each choice's deltas as ``chunk(index, text, finish)``.
+        """Server-sent events: ``lead`` first, then each choice's deltas as ``chunk(index, event)``.
         A failure after the 200 has gone out is an error event (an OpenAI error object), then [DONE]."""
         try:
             for event in lead:
@@ -283,10 +240,10 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
                 if err is not None:
                     yield _sse(error_body(err.message, err.kind, err.status))
                     continue
-                if ev.text or ev.finish_reason:
-                    yield _sse(chunk(i, ev.text, _finish(ev)))
+                if ev.text or ev.finish_reason or ev.logprobs:
+                    yield _sse(chunk(i, ev))
             if include_usage:
-                yield _sse({**chunk(0, "", None), "choices": [],
+                yield _sse({**chunk(0, Output("", "", [])), "choices": [],
                             "usage": usage(prompt_tokens, run.completion_tokens())})
             yield "data: [DONE]\n\n"
         finally:
@@ -306,15 +263,23 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         if body.stream:
             lead = [completion_chunk(rid, model, i, echo[i // body.n], None)
                     for i in range(len(choices)) if echo[i // body.n]]
+            offsets = [0] * len(choices)  # text_offset continues across a choice's chunks
+
+            def chunk(i, ev):
+                lp = None
+                if body.logprobs is not None:
+                    lp = completion_logprobs(tokenizer, ev.logprobs or [], offsets[i])
+                    offsets[i] += sum(len(t) for t in lp["tokens"])
+                return completion_chunk(rid, model, i, ev.text, _finish(ev), lp)
             return StreamingResponse(streamed(
-                run, rid, model, lambda i, text, finish: completion_chunk(rid, model, i, text, finish), lead,
-                bool(body.stream_options and body.stream_options.include_usage), prompt_tokens),
-                media_type="text/event-stream")
+                run, rid, model, chunk, lead, bool(body.stream_options and body.stream_options.include_usage),
+                prompt_tokens), media_type="text/event-stream")
         try:
-            texts, finish = await collect(run)
+            texts, finish, entries = await collect(run)
         finally:
             run.close()
-        out = [{"index": i, "text": echo[i // body.n] + t, "logprobs": None, "finish_reason": finish[i]}
+        out = [{"index": i, "text": echo[i // body.n] + t, "finish_reason": finish[i],
+                "logprobs": None if body.logprobs is None else completion_logprobs(tokenizer, entries[i])}
                for i, t in enumerate(texts)]
         return completion_response(rid, model, out, prompt_tokens, run.completion_tokens())
 
@@ -336,17 +301,19 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         if body.stream:
             lead = [chat_chunk(rid, model, i, {"role": "assistant", "content": ""}, None)
                     for i in range(len(run.handles))]
+            def chunk(i, ev):
+                lp = None if body.logprobs is not True else chat_logprobs(tokenizer, ev.logprobs or [])
+                return chat_chunk(rid, model, i, {"content": ev.text} if ev.text else {}, _finish(ev), lp)
             return StreamingResponse(streamed(
-                run, rid, model,
-                lambda i, text, finish: chat_chunk(rid, model, i, {"content": text} if text else {}, finish), lead,
-                bool(body.stream_options and body.stream_options.include_usage), len(ids)),
-                media_type="text/event-stream")
+                run, rid, model, chunk, lead, bool(body.stream_options and body.stream_options.include_usage),
+                len(ids)), media_type="text/event-stream")
         try:
-            texts, finish = await collect(run)
+            texts, finish, entries = await collect(run)
         finally:
             run.close()
-        out = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                "finish_reason": finish[i]} for i, t in enumerate(texts)]
+        out = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": finish[i],
+                "logprobs": chat_logprobs(tokenizer, entries[i]) if body.logprobs is True else None}
+               for i, t in enumerate(texts)]
         return chat_response(rid, model, out, len(ids), run.completion_tokens())
 
     @app.post("/v1/embeddings", dependencies=v1)
@@ -382,12 +349,6 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         return embedding_response(body.model, vectors, body.encoding_format, sum(len(r) for r in rows))
 
     return app
-
-
-def _field_of(message: str) -> str | None:
-    """The field an engine error message names first ("max_tokens: expected ..."), for the error's param."""
-    head = message.split(":", 1)[0]
-    return head if message != head and head.isidentifier() else None
 
 
 def _finish(ev) -> str | None:

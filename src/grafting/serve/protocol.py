@@ -3,7 +3,7 @@ validated at the edge; responses in the shapes the official ``openai`` client pa
 
 A field this server does not implement is refused with a 400 naming it, never silently ignored: unknown fields
 (including vLLM's ``guided_*`` and ``prompt_logprobs``, and ``reasoning_effort``) fail validation, and known
-ones that would change the output (``logprobs``, ``best_of`` other than n, ``suffix``, ``response_format``
+ones that would change the output (``logprobs`` with ``echo``, ``best_of`` other than n, ``suffix``, ``response_format``
 other than text, tools and functions, non-text content parts) are refused by :meth:`_Sampling.refused`.
 Metadata that only matters to OpenAI's own service (``user``, ``metadata``, ``store``, ``service_tier``,
 ``parallel_tool_calls``, ``prompt_cache_key``, ``safety_identifier``) is accepted and ignored. vLLM's
@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import GraftingError
-from .sampling import SamplingParams
+from .sampling import MAX_LOGPROBS, SamplingParams
 
 
 class _Body(BaseModel):
@@ -64,8 +64,7 @@ class _Sampling(_Strict):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    # refused when they ask for something (see refused)
-    logprobs: Any = None
+    logprobs: Any = None  # completions: an integer (alternatives per token); chat: a boolean
     # OpenAI service metadata: no effect on the output
     user: Optional[str] = None
     metadata: Optional[dict] = None
@@ -76,8 +75,6 @@ class _Sampling(_Strict):
 
     def refused(self) -> tuple[str, str] | None:
         """(field, message) of the first field asking for something this server does not do."""
-        if self.logprobs not in (None, False):
-            return _refuse("logprobs", "log probabilities are not computed")
         if not 1 <= self.n <= 16:
             return "n", f"n: expected an integer in [1, 16], got {self.n}"
         if self.stream_options is not None and not self.stream:
@@ -102,7 +99,11 @@ class _Sampling(_Strict):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=bias, include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens).validate()
+            skip_special_tokens=self.skip_special_tokens, logprobs=self.alternatives()).validate()
+
+    def alternatives(self) -> int | None:
+        """SamplingParams.logprobs: None (no log probabilities) or alternatives per token."""
+        return self.logprobs
 
 
 class CompletionRequest(_Sampling):
@@ -112,8 +113,9 @@ class CompletionRequest(_Sampling):
     best_of: Optional[int] = None
 
     def refused(self) -> tuple[str, str] | None:
-        if self.logprobs is not None:  # for completions even 0 asks for the sampled token's log probability
-            return _refuse("logprobs", "log probabilities are not computed")
+        if self.logprobs is not None and self.echo:
+            return _refuse("logprobs", "log probabilities of the echoed prompt are not computed; send echo "
+                           "false for the generated tokens' log probabilities")
         if self.suffix:
             return _refuse("suffix", "no insertion (fill-in-the-middle) mode")
         if self.best_of is not None and self.best_of != self.n:
@@ -190,8 +192,12 @@ class ChatRequest(_Sampling):
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
     def refused(self) -> tuple[str, str] | None:
-        if self.top_logprobs:
-            return _refuse("top_logprobs", "log probabilities are not computed")
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
+            return "logprobs", f"logprobs: expected true or false, got {self.logprobs!r}"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs: only allowed when logprobs is true"
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            return "top_logprobs", f"top_logprobs: expected an integer in [0, {MAX_LOGPROBS}], got {self.top_logprobs}"
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             return _refuse("response_format", "no constrained (JSON) decoding; only {'type': 'text'}")
         for field in ("tools", "functions"):
@@ -214,6 +220,9 @@ class ChatRequest(_Sampling):
                 return refused
         return super().refused()
 
+
+    def alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def render(self, tokenizer, template: str) -> str:
         """The prompt text: the messages through the chat template (vLLM's ``add_generation_prompt``,
@@ -278,9 +287,9 @@ def completion_response(rid: str, model: str, choices: list, prompt_tokens: int,
             "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def completion_chunk(rid: str, model: str, index: int, text: str, finish_reason) -> dict:
+def completion_chunk(rid: str, model: str, index: int, text: str, finish_reason, logprobs=None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def chat_response(rid: str, model: str, choices: list, prompt_tokens: int, completion_tokens: int) -> dict:
@@ -288,9 +297,9 @@ def chat_response(rid: str, model: str, choices: list, prompt_tokens: int, compl
             "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chat_chunk(rid: str, model: str, index: int, delta: dict, finish_reason) -> dict:
+def chat_chunk(rid: str, model: str, index: int, delta: dict, finish_reason, logprobs=None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def error_body(message: str, kind: str, code: int, param: str | None = None) -> dict:

@@ -33,7 +33,7 @@ from starlette.responses import StreamingResponse
 
 from ..errors import GraftingError
 from ..io.reader import CONFIG_NAME
-from .http import BAD_KEY, error_response, key_matches
+from .edge import BAD_KEY, error_response, key_matches
 
 ROUTED = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 REFUSED = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")

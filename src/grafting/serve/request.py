@@ -24,6 +24,7 @@ class Output:
     finish_reason: str | None = None
     error: str | None = None
     status: int | None = None
+    logprobs: list | None = None  # one logprobs.Entry per token id, when the request asked for them
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Completion:
     error: str | None = None
     status: int | None = None
     completion_tokens: int | None = None  # the tokens sampled: ``token_ids`` and the EOS / stop token ending them
+    logprobs: list | None = None  # one logprobs.Entry per token id, when the request asked for them
 
     def __post_init__(self):
         if self.completion_tokens is None:
@@ -107,7 +109,7 @@ class RequestHandle:
                 return
 
     def result(self, timeout: float | None = None) -> Completion:
-        text, ids, deadline = [], [], None if timeout is None else time.monotonic() + timeout
+        text, ids, logprobs, deadline = [], [], [], None if timeout is None else time.monotonic() + timeout
         while True:
             try:
                 event = self.events.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
@@ -116,6 +118,8 @@ class RequestHandle:
                 raise TimeoutError(f"request {self.id} did not finish within {timeout} s") from None
             text.append(event.text)
             ids.extend(event.token_ids)
+            logprobs.extend(event.logprobs or [])
             if event.finish_reason is not None:
                 return Completion(self.id, "".join(text), ids, event.finish_reason, len(self.request.prompt_ids),
-                                  event.error, event.status, self.request.completion_tokens)
+                                  event.error, event.status, self.request.completion_tokens,
+                                  logprobs if self.request.params.logprobs is not None else None)

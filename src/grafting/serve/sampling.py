@@ -26,6 +26,7 @@ from ..errors import GraftingError
 
 SEED_MODULUS = 2 ** 64  # torch.Generator takes 64-bit seeds; larger ones wrap, as in vLLM
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily, as in vLLM
+MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's top_logprobs limit; vLLM's default max_logprobs)
 
 
 @dataclass
@@ -33,7 +34,8 @@ class SamplingParams:
     """OpenAI's ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``presence_penalty``,
     ``frequency_penalty`` and ``logit_bias``, and vLLM's ``top_k``, ``min_p``, ``min_tokens``,
     ``stop_token_ids``, ``repetition_penalty``, ``ignore_eos``, ``include_stop_str_in_output`` and
-    ``skip_special_tokens``.
+    ``skip_special_tokens``; ``logprobs`` (None: off; k: each generated token's log probability and its k most
+    likely alternatives, :mod:`grafting.serve.logprobs`).
 
     ``temperature`` 0 (or below 1e-5) is greedy decoding (the penalties and logit bias still apply).
     ``stop`` strings end the output before the first occurrence (the string itself is not returned); the
@@ -59,6 +61,7 @@ class SamplingParams:
     logit_bias: dict = field(default_factory=dict)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -103,6 +106,8 @@ class SamplingParams:
                 bad(name, "a number in [-2, 2]", value)
         if not all(integer(t) and t >= 0 and number(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()):
             bad("logit_bias", "token ids (integers >= 0) mapped to numbers in [-100, 100]", self.logit_bias)
+        if self.logprobs is not None and (not integer(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
         return self
 
     def check_vocab(self, vocab_size: int) -> None:
