@@ -131,7 +131,7 @@ def test_errors_are_openai_error_objects(server):
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="poet", prompt="x" * 200, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.completions.create(model="poet", prompt="x", max_tokens=2, logprobs=2, echo=True)
+        client.completions.create(model="poet", prompt="x", max_tokens=2, logprobs=50)
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     r = httpx.post(server["url"] + "/v1/completions", content=b"{not json", headers=headers)
     assert r.status_code == 400 and "error" in r.json()

@@ -57,6 +57,28 @@ def test_entries_are_the_models_own_log_probabilities(served, params):
                 assert top[0][0] == token
 
 
+def test_prompt_entries_score_each_prompt_token_from_the_one_before(served):
+    engine = Engine(served, eos_token_ids=[])
+    scored = SamplingParams(max_tokens=0, prompt_logprobs=2)
+    other = SamplingParams(max_tokens=5, temperature=0)
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    handles = [engine.submit(prompts[0], scored, "a"), engine.submit(prompts[1], other, None),
+               engine.submit(prompts[2], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0), "a")]
+    while any(h.request.finish_reason is None for h in handles):
+        engine.step()
+    first, plain, both = [h.result() for h in handles]
+    assert first.token_ids == [] and first.finish_reason == "length" and first.completion_tokens == 0
+    assert first.prompt_logprobs[0] == (1, None, None)
+    expected = reference(served, "a", prompts[0][:1], prompts[0][1:])  # position j - 1 scores token j
+    for (token, logprob, top), row in zip(first.prompt_logprobs[1:], expected):
+        assert logprob == pytest.approx(float(row[token]), abs=1e-4)
+        assert [t for t, _ in top] == torch.topk(row, 2).indices.tolist()
+    assert len(both.prompt_logprobs) == 3 and all(e[2] == [] for e in both.prompt_logprobs[1:])
+    assert len(both.token_ids) == 2 and plain.prompt_logprobs is None
+    # scoring in the batch left the other row's output as it is alone
+    assert plain.token_ids == Engine(served, eos_token_ids=[]).generate([prompts[1]], other)[0].token_ids
+
+
 def test_no_logprobs_unless_asked(served):
     c = Engine(served).generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))[0]
     assert c.logprobs is None

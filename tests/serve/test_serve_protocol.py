@@ -78,7 +78,8 @@ def test_penalties_and_top_k_reach_the_sampler(client):
 
 
 @pytest.mark.parametrize("path,extra,param,words", [
-    ("/v1/completions", {"logprobs": 0, "echo": True}, "logprobs", "echoed prompt"),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens", "only with echo"),
+    ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens", ">= 1"),
     ("/v1/completions", {"logprobs": 21}, "logprobs", "[0, 20]"),
     ("/v1/completions", {"suffix": "end"}, "suffix", "not supported"),
     ("/v1/completions", {"best_of": 3}, "best_of", "best_of = n"),
@@ -178,3 +179,28 @@ def test_stop_strings_and_special_tokens_in_the_text_on_request(client):
     assert post(client, "/v1/completions", forced)[1]["choices"][0]["text"] == ""
     assert post(client, "/v1/completions", {**forced, "skip_special_tokens": False})[1]["choices"][0]["text"] == \
         "<eos><eos>"
+
+
+def test_scoring_a_prompt_as_evaluation_harnesses_do(client):
+    # lm-evaluation-harness's loglikelihood request: echo, no new tokens, the prompt's log probabilities
+    body = {"model": "tiny", "prompt": PROMPT, "echo": True, "max_tokens": 0, "logprobs": 1, "temperature": 0}
+    status, out = post(client, "/v1/completions", body)
+    assert status == 200, out
+    choice = out["choices"][0]
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == list(PROMPT) and lp["text_offset"] == list(range(len(PROMPT)))
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert all(t in top and len(top) <= 2 for t, top in zip(lp["tokens"][1:], lp["top_logprobs"][1:]))
+    assert out["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 0, "total_tokens": len(PROMPT)}
+    # with new tokens: the prompt's entries, then the generated ones; streamed in pieces that add up
+    more = {**body, "max_tokens": 4, "logprobs": 2, "ignore_eos": True}
+    whole = post(client, "/v1/completions", more)[1]["choices"][0]
+    assert whole["logprobs"]["token_logprobs"][:len(PROMPT)] == lp["token_logprobs"]
+    assert len(whole["logprobs"]["tokens"]) == len(PROMPT) + 4 and whole["text"].startswith(PROMPT)
+    r = client.post("/v1/completions", json={**more, "stream": True})
+    chunks = [json.loads(line[6:])["choices"][0] for line in r.text.splitlines() if line.startswith("data: {")]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    for key in ("tokens", "token_logprobs", "text_offset"):
+        assert [v for c in chunks if c["logprobs"] for v in c["logprobs"][key]] == whole["logprobs"][key]

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import GraftingError
 from .kv import BatchCache, cache_tensors, kv_bytes_per_token, room
-from .logprobs import token_entry
+from .logprobs import prompt_entries, token_entry
 from .loop import BackgroundLoop, EngineStopped, QueueFull
 from .model_facts import context_size, eos_ids, pad_id, vocab_size
 from .pool import AdapterError
@@ -286,19 +286,20 @@ class Engine(BackgroundLoop):
         self.running, self.cache = [], BatchCache()
 
     # ---- model calls ------------------------------------------------------------------------------------------
-    def _forward(self, input_ids, mask, positions, cache, names):
-        """Logits of each row's last position and the (keys, values) per layer; ``cache``: a transformers
-        cache of the running rows (decode) or None (prefill)."""
+    def _forward(self, input_ids, mask, positions, cache, names, every_position: bool = False):
+        """Logits of each row's last position (of every position if ``every_position``) and the (keys,
+        values) per layer; ``cache``: a transformers cache of the running rows (decode) or None (prefill)."""
         kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
         if cache is not None:
             kwargs[self._cache_kw] = cache
-        if self._keep_last:
+        if self._keep_last and not every_position:
             kwargs["logits_to_keep"] = 1
         if hasattr(self.model, "peft_config"):
             kwargs["adapter_names"] = names
         out = self.model(**kwargs)
         cache = out.get("cache") if "cache" in out else out.past_key_values
-        return out.logits[:, -1, :].float().cpu(), cache_tensors(cache)
+        logits = out.logits if every_position else out.logits[:, -1, :]
+        return logits.float().cpu(), cache_tensors(cache)
 
     def _prefill(self, new: list) -> None:
         contexts = [r.context for r in new]  # a preempted row recomputes its output so far too
@@ -310,7 +311,14 @@ class Engine(BackgroundLoop):
             mask[i, width - len(c):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits, kv = self._forward(ids, mask, positions, None, [r.internal for r in new])
+        scoring = [r.params.prompt_logprobs is not None and not r.preemptions for r in new]
+        logits, kv = self._forward(ids, mask, positions, None, [r.internal for r in new], any(scoring))
+        if any(scoring):
+            for i, r in enumerate(new):
+                if scoring[i]:
+                    r.on_event(Output(r.id, "", [], prompt_logprobs=prompt_entries(
+                        logits[i, width - len(r.prompt_ids):], r.prompt_ids, r.params.prompt_logprobs)))
+            logits = logits[:, -1]
         # padding columns hold whatever the pad token produced: zero them so no later step can read NaN there
         keep = mask[:, None, :, None].to(kv[0][0].dtype)
         kv = [(k * keep, v * keep) for k, v in kv]
@@ -319,7 +327,10 @@ class Engine(BackgroundLoop):
         for r in new:
             self.stats["prompt_tokens"] += len(r.prompt_ids) if not r.preemptions else 0
         for i, r in enumerate(new):
-            self._emit(r, sample_token(logits[i], r.params, r.generator), logits[i])
+            if r.params.max_tokens == 0:  # scoring the prompt only
+                self._finish(r, "length")
+            else:
+                self._emit(r, sample_token(logits[i], r.params, r.generator), logits[i])
 
     def _decode(self) -> None:
         rows = self.running

@@ -223,6 +223,7 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
             if err is not None:
                 raise err
             texts[i] += ev.text
+            entries[i].extend(ev.prompt_logprobs or [])  # its own event, before any token's
             entries[i].extend(ev.logprobs or [])
             finish[i] = _finish(ev) or finish[i]
         if any(f is None for f in finish):
@@ -240,7 +241,7 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
                 if err is not None:
                     yield _sse(error_body(err.message, err.kind, err.status))
                     continue
-                if ev.text or ev.finish_reason or ev.logprobs:
+                if ev.text or ev.finish_reason or ev.logprobs or ev.prompt_logprobs:
                     yield _sse(chunk(i, ev))
             if include_usage:
                 yield _sse({**chunk(0, Output("", "", [])), "choices": [],
@@ -261,16 +262,19 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, whatever n (OpenAI, vLLM)
         echo = [(p if isinstance(p, str) else tokenizer.decode(p)) if body.echo else "" for p in raw]
         if body.stream:
+            scored = body.echo and body.logprobs is not None  # the echo goes out with its log probabilities
             lead = [completion_chunk(rid, model, i, echo[i // body.n], None)
-                    for i in range(len(choices)) if echo[i // body.n]]
+                    for i in range(len(choices)) if echo[i // body.n] and not scored]
             offsets = [0] * len(choices)  # text_offset continues across a choice's chunks
 
             def chunk(i, ev):
-                lp = None
+                lp, text = None, ev.text
+                if ev.prompt_logprobs:
+                    text = echo[i // body.n] + text
                 if body.logprobs is not None:
-                    lp = completion_logprobs(tokenizer, ev.logprobs or [], offsets[i])
+                    lp = completion_logprobs(tokenizer, (ev.prompt_logprobs or []) + (ev.logprobs or []), offsets[i])
                     offsets[i] += sum(len(t) for t in lp["tokens"])
-                return completion_chunk(rid, model, i, ev.text, _finish(ev), lp)
+                return completion_chunk(rid, model, i, text, _finish(ev), lp)
             return StreamingResponse(streamed(
                 run, rid, model, chunk, lead, bool(body.stream_options and body.stream_options.include_usage),
                 prompt_tokens), media_type="text/event-stream")

@@ -5,7 +5,8 @@ logits, before logit bias, penalties, temperature and top-k/top-p: what a client
 sampling settings produced it. A probability of exactly 0 is reported as -9999.0 (JSON has no -inf), as vLLM
 does.
 
-The engine records one :data:`Entry` per generated token; :func:`completion_logprobs` and
+The engine records one :data:`Entry` per generated token, and per prompt token when a request asks for the
+prompt's (``prompt_logprobs``: completions with ``echo``, for scoring text as evaluation harnesses do); :func:`completion_logprobs` and
 :func:`chat_logprobs` turn a choice's entries into the ``logprobs`` object of ``/v1/completions`` (tokens,
 token_logprobs, top_logprobs, text_offset) and of ``/v1/chat/completions`` (``content``: token, logprob,
 bytes, top_logprobs). Token strings are each token decoded on its own, so a byte of a multi-byte character
@@ -20,7 +21,8 @@ import torch
 
 FLOOR = -9999.0
 
-# (token id, its log probability, [(id, log probability) of the k most likely tokens, most likely first])
+# (token id, its log probability, [(id, log probability) of the k most likely tokens, most likely first]);
+# (token id, None, None) for a prompt's first token
 Entry = tuple
 
 
@@ -33,6 +35,13 @@ def token_entry(logits: torch.Tensor, token: int, k: int) -> Entry:
         values, ids = torch.topk(logp, min(k, logp.shape[-1]))
         top = [(int(i), _finite(v)) for i, v in zip(ids.tolist(), values.tolist())]
     return int(token), _finite(float(logp[token])), top
+
+
+def prompt_entries(logits: torch.Tensor, prompt: list, k: int) -> list:
+    """Entries of every prompt token from the prefill's ``logits`` at the prompt's positions (shape
+    (len(prompt), vocab)): token j is scored by the logits at position j - 1; the first token has no
+    log probability (None), as in OpenAI's and vLLM's echoed prompts."""
+    return [(int(prompt[0]), None, None)] + [token_entry(logits[j - 1], prompt[j], k) for j in range(1, len(prompt))]
 
 
 def _finite(value: float) -> float:
@@ -54,6 +63,9 @@ def completion_logprobs(tokenizer, entries: list, offset: int = 0) -> dict:
         offset += len(text)
         tokens.append(text)
         token_logprobs.append(logprob)
+        if top is None:  # the prompt's first token: nothing scored it
+            top_logprobs.append(None)
+            continue
         alternatives = {_text(tokenizer, t): lp for t, lp in top}
         alternatives.setdefault(text, logprob)
         top_logprobs.append(alternatives)

@@ -3,7 +3,7 @@ validated at the edge; responses in the shapes the official ``openai`` client pa
 
 A field this server does not implement is refused with a 400 naming it, never silently ignored: unknown fields
 (including vLLM's ``guided_*`` and ``prompt_logprobs``, and ``reasoning_effort``) fail validation, and known
-ones that would change the output (``logprobs`` with ``echo``, ``best_of`` other than n, ``suffix``, ``response_format``
+ones that would change the output (``best_of`` other than n, ``suffix``, ``response_format``
 other than text, tools and functions, non-text content parts) are refused by :meth:`_Sampling.refused`.
 Metadata that only matters to OpenAI's own service (``user``, ``metadata``, ``store``, ``service_tier``,
 ``parallel_tool_calls``, ``prompt_cache_key``, ``safety_identifier``) is accepted and ignored. vLLM's
@@ -99,11 +99,15 @@ class _Sampling(_Strict):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=bias, include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens, logprobs=self.alternatives()).validate()
+            skip_special_tokens=self.skip_special_tokens, logprobs=self.alternatives(),
+            prompt_logprobs=self.prompt_alternatives()).validate()
 
     def alternatives(self) -> int | None:
         """SamplingParams.logprobs: None (no log probabilities) or alternatives per token."""
         return self.logprobs
+
+    def prompt_alternatives(self) -> int | None:
+        return None
 
 
 class CompletionRequest(_Sampling):
@@ -113,9 +117,8 @@ class CompletionRequest(_Sampling):
     best_of: Optional[int] = None
 
     def refused(self) -> tuple[str, str] | None:
-        if self.logprobs is not None and self.echo:
-            return _refuse("logprobs", "log probabilities of the echoed prompt are not computed; send echo "
-                           "false for the generated tokens' log probabilities")
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens: 0 only with echo (to score the prompt); expected an integer >= 1"
         if self.suffix:
             return _refuse("suffix", "no insertion (fill-in-the-middle) mode")
         if self.best_of is not None and self.best_of != self.n:
@@ -123,6 +126,9 @@ class CompletionRequest(_Sampling):
         if not self.prompts():
             return "prompt", "prompt: expected a string, token ids, or a non-empty list of either"
         return super().refused()
+
+    def prompt_alternatives(self) -> int | None:
+        return self.logprobs if self.echo else None  # the echoed prompt comes with its log probabilities
 
     def prompts(self) -> list:
         p = self.prompt
@@ -192,6 +198,9 @@ class ChatRequest(_Sampling):
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
     def refused(self) -> tuple[str, str] | None:
+        for field in ("max_tokens", "max_completion_tokens"):
+            if getattr(self, field) == 0:
+                return field, f"{field}: expected an integer >= 1, got 0"
         if self.logprobs is not None and not isinstance(self.logprobs, bool):
             return "logprobs", f"logprobs: expected true or false, got {self.logprobs!r}"
         if self.top_logprobs is not None and not self.logprobs:

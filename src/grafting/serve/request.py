@@ -25,6 +25,7 @@ class Output:
     error: str | None = None
     status: int | None = None
     logprobs: list | None = None  # one logprobs.Entry per token id, when the request asked for them
+    prompt_logprobs: list | None = None  # one Entry per prompt token (an event of its own, before any token)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Completion:
     status: int | None = None
     completion_tokens: int | None = None  # the tokens sampled: ``token_ids`` and the EOS / stop token ending them
     logprobs: list | None = None  # one logprobs.Entry per token id, when the request asked for them
+    prompt_logprobs: list | None = None
 
     def __post_init__(self):
         if self.completion_tokens is None:
@@ -110,6 +112,7 @@ class RequestHandle:
 
     def result(self, timeout: float | None = None) -> Completion:
         text, ids, logprobs, deadline = [], [], [], None if timeout is None else time.monotonic() + timeout
+        prompt_logprobs = None
         while True:
             try:
                 event = self.events.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
@@ -119,7 +122,9 @@ class RequestHandle:
             text.append(event.text)
             ids.extend(event.token_ids)
             logprobs.extend(event.logprobs or [])
+            prompt_logprobs = event.prompt_logprobs or prompt_logprobs
             if event.finish_reason is not None:
                 return Completion(self.id, "".join(text), ids, event.finish_reason, len(self.request.prompt_ids),
                                   event.error, event.status, self.request.completion_tokens,
-                                  logprobs if self.request.params.logprobs is not None else None)
+                                  logprobs if self.request.params.logprobs is not None else None,
+                                  prompt_logprobs)

@@ -35,7 +35,8 @@ class SamplingParams:
     ``frequency_penalty`` and ``logit_bias``, and vLLM's ``top_k``, ``min_p``, ``min_tokens``,
     ``stop_token_ids``, ``repetition_penalty``, ``ignore_eos``, ``include_stop_str_in_output`` and
     ``skip_special_tokens``; ``logprobs`` (None: off; k: each generated token's log probability and its k most
-    likely alternatives, :mod:`grafting.serve.logprobs`).
+    likely alternatives, :mod:`grafting.serve.logprobs`); ``prompt_logprobs`` the same for each prompt token.
+    ``max_tokens`` 0 generates nothing (with ``prompt_logprobs``: scoring the prompt).
 
     ``temperature`` 0 (or below 1e-5) is greedy decoding (the penalties and logit bias still apply).
     ``stop`` strings end the output before the first occurrence (the string itself is not returned); the
@@ -62,6 +63,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -80,8 +82,8 @@ class SamplingParams:
         def integer(value):
             return not isinstance(value, bool) and isinstance(value, int)
 
-        if not integer(self.max_tokens) or self.max_tokens < 1:
-            bad("max_tokens", "an integer >= 1", self.max_tokens)
+        if not integer(self.max_tokens) or self.max_tokens < 0:
+            bad("max_tokens", "an integer >= 0", self.max_tokens)
         if not number(self.temperature) or not 0 <= self.temperature <= 100:
             bad("temperature", "a number in [0, 100]", self.temperature)
         if not number(self.top_p) or not 0 < self.top_p <= 1:
@@ -106,8 +108,10 @@ class SamplingParams:
                 bad(name, "a number in [-2, 2]", value)
         if not all(integer(t) and t >= 0 and number(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()):
             bad("logit_bias", "token ids (integers >= 0) mapped to numbers in [-100, 100]", self.logit_bias)
-        if self.logprobs is not None and (not integer(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not integer(value) or not 0 <= value <= MAX_LOGPROBS):
+                bad(name, f"an integer in [0, {MAX_LOGPROBS}]", value)
         return self
 
     def check_vocab(self, vocab_size: int) -> None:
