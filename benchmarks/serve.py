@@ -193,8 +193,11 @@ def replay(engine, trace, names, vocab: int) -> dict:
 SLO = 6.0
 
 
-def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label=None, traces=None) -> dict:
-    """The trace grid through every system; ``base`` defaults to the random GPT-2 6 x 768, vocabulary 8,000."""
+def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label=None, traces=None,
+                     max_cpu_loras: int | None = None) -> dict:
+    """The trace grid through every system; ``base`` defaults to the random GPT-2 6 x 768, vocabulary 8,000.
+    ``max_cpu_loras``: adapters each pool keeps in host memory (default: all N, S-LoRA's setup); fewer, and
+    adapters beyond it are read from disk again when they come back."""
     results = {}
     if base is None:
         base, fan_in_fan_out = gpt2(8000, seed=1), True
@@ -214,13 +217,14 @@ def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label
         key, names = f"N={n} alpha={alpha} cv={cv}", [f"a{i}" for i in range(n)]
         model = gf.AdaptedModel(copy.deepcopy(base))
         # every adapter in host memory, at most max_loras in the model: S-LoRA's setup (section 7.1)
-        pool = AdapterPool(model, max_loras=min(n, cfg["max_loras"]), max_cpu_loras=n)
+        host = min(n, max(max_cpu_loras or n, cfg["max_loras"]))
+        pool = AdapterPool(model, max_loras=min(n, cfg["max_loras"]), max_cpu_loras=host)
         for name in names:
             pool.register(name, root / name)
         pool.preload()  # warm, as peft's model below holds all its adapters before the first request
         model16 = gf.AdaptedModel(copy.deepcopy(base))
         model16.set_stack_dtype(torch.bfloat16)
-        pool16 = AdapterPool(model16, max_loras=min(n, cfg["max_loras"]), max_cpu_loras=n)
+        pool16 = AdapterPool(model16, max_loras=min(n, cfg["max_loras"]), max_cpu_loras=host)
         for name in names:
             pool16.register(name, root / name)
         pool16.preload()
@@ -305,17 +309,19 @@ def smollm2_section(cfg, root: Path) -> dict | None:
         p.requires_grad_(False)
     return workload_section(cfg, root, base.eval(), targets=["q_proj", "k_proj", "v_proj", "o_proj"],
                             label="SmolLM2-135M-Instruct (30 layers x 576, GQA, vocabulary 49,152)",
-                            traces=cfg["smollm2_traces"])
+                            traces=cfg["smollm2_traces"], max_cpu_loras=cfg["smollm2_max_cpu_loras"])
 
 
 # traces: (adapters, alpha, cv); every (alpha, cv) pair at the peers' N, the uniform Poisson one at the others
 FULL = dict(kernel_rounds=30, n_kernel=64, requests=128, rate=40.0, prompt_len=(8, 32), output_len=(8, 32),
             traces=[(1, 1.0, 1.0), (8, 1.0, 1.0), (64, 1.0, 1.0), (64, 0.1, 1.0), (64, 1.0, 4.0), (64, 0.1, 4.0),
                     (512, 1.0, 1.0)], peer_n=64, max_loras=64, max_batch=32, goal_rounds=3,
-            smollm2_traces=[(8, 1.0, 1.0), (64, 1.0, 1.0)])
+            # SmolLM2's adapters on q/k/v/o are 14 MB on average: 512 of them in host memory, twice (fp32 and
+            # bf16 pools), would not fit this machine, so its host tier holds 128 and the rest come from disk
+            smollm2_traces=[(1, 1.0, 1.0), (8, 1.0, 1.0), (64, 1.0, 1.0), (512, 1.0, 1.0)], smollm2_max_cpu_loras=128)
 QUICK = dict(kernel_rounds=2, n_kernel=8, requests=12, rate=8.0, prompt_len=(4, 8), output_len=(4, 8),
              traces=[(1, 1.0, 1.0), (8, 1.0, 1.0)], peer_n=8, max_loras=4, max_batch=8, goal_rounds=2,
-             smollm2_traces=[(8, 1.0, 1.0)])
+             smollm2_traces=[(8, 1.0, 1.0)], smollm2_max_cpu_loras=None)
 
 
 def main() -> None:

@@ -38,9 +38,11 @@ def register(sub) -> None:
     p.add_argument("--task", choices=["auto", "generate", "embed"], default="auto",
                    help="generate (a causal LM: completions, chat) or embed (an encoder: /v1/embeddings); "
                         "auto picks by the model's architecture")
-    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="register an adapter (repeatable)")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="register an adapter, read and checked against the model at startup: one that cannot "
+                        "serve stops the start with the reason (repeatable)")
     p.add_argument("--adapter-root", metavar="DIR",
-                   help="register every adapter directory in DIR by its name; runtime loads stay inside DIR")
+                   help="register every adapter directory in DIR by its name (configs only; a bad one is skipped with "
+                        "a warning); runtime loads, and every read of these adapters, stay inside DIR")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
