@@ -1,0 +1,316 @@
+"""The adapter pool's installs: queued requests read each adapter once, the host tier (evicted adapters come
+back without a read, preload beyond the pool), installs laid out for the mixed-batch store, adapters taking
+over an evicted one's modules, and eval mode for what the pool installs."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from pool_fixtures import GREEDY, fresh_pool, make_adapter_dirs, settle, wait_read
+from serving_models import add_random_adapter, tiny_lm
+
+import grafting as gf
+from grafting.serve import AdapterError, AdapterPool, Engine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    return make_adapter_dirs(tmp_path_factory.mktemp("adapters"))
+
+
+def run_all(engine, handles, steps: int = 3000):
+    for _ in range(steps):
+        if all(h.request.finish_reason is not None for h in handles):
+            return
+        engine.step()
+        time.sleep(0.001)
+    raise AssertionError("requests did not finish")
+
+
+def test_queued_requests_for_more_adapters_than_the_pool_holds_read_each_once(adapter_dirs):
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=2, max_cpu_loras=0)  # no host tier: a second install would read again
+    for name, d in dirs.items():
+        pool.register(name, d)
+    engine = Engine(pool.model, pool=pool, max_batch=2)
+    names = list(dirs)
+    handles = [engine.submit([1, 2, 3], GREEDY, n) for n in names]
+    engine.step()
+    # only what fits is read now; the rest wait their turn (pending, so the loop does not spin on them)
+    assert pool._deferred == set(names[2:]) and all(pool.pending(n) for n in names[2:])
+    run_all(engine, handles)
+    assert [h.result().token_ids for h in handles] == [expected[n] for n in names]
+    # read and installed once each: before, every queued request's adapter was read at once and most were
+    # evicted again before their request ran
+    assert pool.stats["reads"] == len(names) and pool.stats["loads"] == len(names)
+    pool.close()
+
+
+def test_evicted_adapters_come_back_from_the_host_tier_without_a_read(adapter_dirs, tmp_path):
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=1, max_cpu_loras=3)
+    for name in ("ad0", "ad1", "ad4"):
+        pool.register(name, dirs[name])
+    for name in ("ad0", "ad1", "ad4", "ad0", "ad1"):  # each install evicts the previous adapter
+        pool.release(settle(pool, name))
+    assert pool.stats["reads"] == 3 and pool.stats["loads"] == 5 and pool.stats["evictions"] == 4
+    assert pool.in_memory == ["ad4", "ad0", "ad1"]
+    engine = Engine(pool.model, pool=pool)
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad4"])[0].token_ids == expected["ad4"]  # from memory
+    assert pool.stats["reads"] == 3
+    # an installed adapter holds its host copy's tensors, not copies of them
+    internal = settle(pool, "ad4")
+    host = next(h for _, h in pool.model.hosts() if internal in h.adapters)
+    copy = pool._host["ad4"].tensors
+    ptrs = {t.data_ptr() for t in copy.values()}
+    assert host.adapters[internal].lora_A.data_ptr() in ptrs
+    pool.release(internal)
+    # re-registering a name drops its host copy: the new registration reads its files
+    pool.register("ad0", dirs["ad5"])
+    assert "ad0" not in pool.in_memory
+    pool.release(settle(pool, "ad0"))
+    assert pool.stats["reads"] == 4
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad0"])[0].token_ids == expected["ad5"]
+    # a tier of 0 keeps nothing
+    none = fresh_pool(max_loras=1, max_cpu_loras=0)
+    none.register("ad0", dirs["ad0"])
+    none.register("ad1", dirs["ad1"])
+    for name in ("ad0", "ad1", "ad0"):
+        none.release(settle(none, name))
+    assert none.stats["reads"] == 3 and none.in_memory == []
+    with pytest.raises(gf.GraftingError, match="max_cpu_loras: expected >= 0"):
+        fresh_pool(max_cpu_loras=-1)
+    pool.close()
+    none.close()
+
+
+def test_preload_reads_adapters_beyond_the_pool_into_the_host_tier(adapter_dirs):
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=2, max_cpu_loras=5)
+    for name, d in dirs.items():
+        pool.register(name, d)
+    assert pool.preload() == ["ad0", "ad1"]
+    assert pool.in_memory == ["ad0", "ad1", "ad2", "ad3", "ad4"] and pool.stats["reads"] == 5
+    engine = Engine(pool.model, pool=pool, max_batch=2)
+    out = engine.generate([[1, 2, 3]] * 3, GREEDY, ["ad2", "ad3", "ad4"])
+    assert [o.token_ids for o in out] == [expected[n] for n in ("ad2", "ad3", "ad4")]
+    assert pool.stats["reads"] == 5  # all three came from memory
+    # the host tier's byte budget: the least recently used copies go first
+    small = fresh_pool(max_loras=1, max_cpu_loras=6, max_cpu_bytes=sum(
+        t.numel() * t.element_size() for t in pool._host["ad0"].tensors.values()) + 1)
+    for name, d in dirs.items():
+        small.register(name, d)
+    small.preload(["ad0", "ad1", "ad5"])
+    assert small.in_memory == ["ad5"]  # ad1 alone is over the budget; ad5 (ad0's size) pushed ad0 out
+    pool.close()
+    small.close()
+
+
+def test_a_nan_adapter_is_refused_by_the_loader_with_the_file_named(adapter_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+    dirs, _ = adapter_dirs
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((dirs["ad0"] / "adapter_config.json").read_text())
+    tensors = load_file(dirs["ad0"] / "adapter_model.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    pool = fresh_pool()
+    pool.register("nan", bad)
+    assert pool.acquire("nan") is None
+    for _ in range(200):
+        time.sleep(0.01)
+        pool.poll()
+        if not pool.pending("nan"):
+            break
+    with pytest.raises(AdapterError, match=f"adapter_model.safetensors: tensor '{key}' holds NaN"):
+        pool.acquire("nan")
+    assert pool.model.adapter_names() == []
+    pool.close()
+
+
+@pytest.mark.parametrize("first", ["one_token", "expired"])
+def test_a_request_deferred_behind_one_that_finished_at_once_still_runs(adapter_dirs, first):
+    """The pool holds one adapter; the first request takes its room and is gone within the same step (one
+    token, or its deadline already passed). The second one's adapter was deferred behind it: the loop must read
+    it after all instead of sleeping on a stale 'waits its turn'."""
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=1)
+    pool.register("ad0", dirs["ad0"])
+    pool.register("ad1", dirs["ad1"])
+    pool.release(settle(pool, "ad0"))  # resident, unpinned: ad0's request is admitted on the first step
+    engine = Engine(pool.model, pool=pool)
+    if first == "one_token":
+        head = engine.submit([1, 2, 3], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), "ad0")
+    else:
+        head = engine.submit([1, 2, 3], GREEDY, "ad0", timeout=1e-9)
+    tail = engine.submit([1, 2, 3], GREEDY, "ad1")
+    engine.start()
+    try:
+        assert tail.result(timeout=20).token_ids == expected["ad1"]
+        assert head.result(timeout=5).finish_reason == ("length" if first == "one_token" else "timeout")
+    finally:
+        engine.stop(drain=False, timeout=10)
+
+
+def test_installed_factors_are_the_host_copys_laid_out_for_the_store(adapter_dirs):
+    """The loader lays LoRA factors out as the store keeps them (transposed views of contiguous tensors); the
+    install shares them, so the store's write is a contiguous copy and the host tier holds the only copy."""
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=2)
+    pool.register("ad1", dirs["ad1"])
+    internal = settle(pool, "ad1")
+    held = pool._host["ad1"].tensors
+    hosts = [(n, h) for n, h in pool.model.hosts() if internal in h.adapters]
+    assert hosts
+    for module_name, host in hosts:
+        A, B = host.adapters[internal].lora_A, host.adapters[internal].lora_B
+        assert A.t().is_contiguous() and not A.is_contiguous() and B.t().is_contiguous()
+        key = next(k for k in held if k.endswith(f"{module_name}.lora_A.weight"))
+        assert A.data_ptr() == held[key].data_ptr()
+    pool.release(internal)
+    engine = Engine(pool.model, pool=pool)
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad1"])[0].token_ids == expected["ad1"]
+    pool.close()
+
+
+def _modules_of(model, internal):
+    return [h.adapters[internal] for _, h in model.hosts() if internal in h.adapters]
+
+
+def test_an_adapter_with_the_evicted_ones_config_takes_over_its_modules(adapter_dirs, tmp_path):
+    """ad1 and ad4 share a config (r=8): installing one in the other's place hands the modules over and only
+    the weights change. The host tier's copies, which the parameters shared, are never written; a half-precision
+    file with the same config is copied into storage of its own."""
+    from safetensors.torch import load_file, save_file
+    dirs, expected = adapter_dirs
+    half = tmp_path / "ad4_half"
+    half.mkdir()
+    (half / "adapter_config.json").write_text((dirs["ad4"] / "adapter_config.json").read_text())
+    save_file({k: t.half() for k, t in load_file(dirs["ad4"] / "adapter_model.safetensors").items()},
+              half / "adapter_model.safetensors")
+    reference = fresh_pool(max_loras=1)
+    reference.register("ad4_half", half)
+    reference.release(settle(reference, "ad4_half"))
+    want_half = Engine(reference.model, pool=reference).generate([[1, 2, 3]], GREEDY, ["ad4_half"])[0].token_ids
+    reference.close()
+
+    pool = fresh_pool(max_loras=1, max_cpu_loras=4)
+    for name in ("ad1", "ad4", "ad0"):
+        pool.register(name, dirs[name])
+    pool.register("ad4_half", half)
+    engine = Engine(pool.model, pool=pool)
+    first = settle(pool, "ad1")
+    modules = _modules_of(pool.model, first)
+    pool.release(first)
+    kept = {k: t.clone() for k, t in pool._host["ad1"].tensors.items()}
+    for name, want in (("ad4", expected["ad4"]), ("ad4_half", want_half), ("ad1", expected["ad1"]),
+                       ("ad4", expected["ad4"])):
+        internal = settle(pool, name)
+        assert internal == first and pool.model.adapter_names() == [first]
+        assert all(a is b for a, b in zip(_modules_of(pool.model, internal), modules, strict=True))
+        pool.release(internal)
+        assert engine.generate([[1, 2, 3]], GREEDY, [name])[0].token_ids == want
+    assert all(torch.equal(pool._host["ad1"].tensors[k], t) for k, t in kept.items())
+    assert pool.stats["loads"] == 5 and pool.stats["evictions"] == 4
+    other = settle(pool, "ad0")  # r=4: another config, new modules
+    assert other != first and pool.model.adapter_names() == [other]
+    pool.release(other)
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad0"])[0].token_ids == expected["ad0"]
+    pool.close()
+
+
+def test_dora_adapters_taking_over_modules_never_serve_the_previous_norms(tmp_path):
+    """DoRA caches ||W0 + sBA|| per layer; an adapter installed into another's modules must not see its norm."""
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    expected = {}
+    for i in range(2):
+        add_random_adapter(model, f"d{i}", "gpt2", r=8, seed=40 + i, use_dora=True)
+        model.save_adapter(tmp_path / f"d{i}", name=f"d{i}")
+    for i in range(2):
+        expected[f"d{i}"] = Engine(model).generate([[1, 2, 3]], GREEDY, [f"d{i}"])[0].token_ids
+    assert expected["d0"] != expected["d1"]
+    pool = fresh_pool(max_loras=1)
+    for i in range(2):
+        pool.register(f"d{i}", tmp_path / f"d{i}")
+    engine = Engine(pool.model, pool=pool)
+    internals = set()
+    for name in ("d0", "d1", "d0"):
+        internal = settle(pool, name)
+        internals.add(internal)
+        pool.release(internal)
+        assert engine.generate([[1, 2, 3]], GREEDY, [name])[0].token_ids == expected[name]
+    assert len(internals) == 1 and pool.stats["evictions"] == 2
+    pool.close()
+
+
+def test_an_adapter_that_fails_to_take_over_modules_leaves_the_pool_serving(adapter_dirs, tmp_path):
+    """ad4's config with a base fingerprint of another base: the install into ad1's modules fails, the modules
+    are dropped (they hold part of each), the request for it fails with the reason, and the pool serves on."""
+    from safetensors.torch import load_file, save_file
+    dirs, expected = adapter_dirs
+    bad = tmp_path / "other_base"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((dirs["ad4"] / "adapter_config.json").read_text())
+    tensors = load_file(dirs["ad4"] / "adapter_model.safetensors")
+    module = next(iter(tensors)).removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+    save_file(tensors, bad / "adapter_model.safetensors",
+              metadata={"grafting.base_fingerprint": json.dumps({module: "0" * 32})})
+    pool = fresh_pool(max_loras=1)
+    pool.register("ad1", dirs["ad1"])
+    pool.register("bad", bad)
+    pool.release(settle(pool, "ad1"))
+    assert pool.acquire("bad") is None
+    wait_read(pool, "bad")
+    with pytest.raises(AdapterError, match=f"initialised against one exact base .* '{module}'"):
+        pool.acquire("bad")
+    assert pool.model.adapter_names() == [] and pool.resident == []
+    engine = Engine(pool.model, pool=pool)
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad1"])[0].token_ids == expected["ad1"]
+    pool.close()
+
+
+def test_a_pool_never_names_an_install_after_an_adapter_the_model_already_holds(adapter_dirs):
+    dirs, expected = adapter_dirs
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    add_random_adapter(model, "pool-1", "gpt2", r=4, seed=99)  # e.g. left by another pool on the same model
+    pool = AdapterPool(model, max_loras=4)
+    pool.register("ad0", dirs["ad0"])
+    internal = settle(pool, "ad0")
+    assert internal != "pool-1" and set(model.adapter_names()) == {"pool-1", internal}
+    pool.release(internal)
+    assert Engine(model, pool=pool).generate([[1, 2, 3]], GREEDY, ["ad0"])[0].token_ids == expected["ad0"]
+    pool.close()
+
+
+def test_an_adapter_saved_with_dropout_serves_the_same_greedy_output_every_time(tmp_path):
+    """Modules start in training mode; a served adapter with lora_dropout must not drop activations."""
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    add_random_adapter(model, "drop", "gpt2", r=8, seed=3, lora_dropout=0.5)
+    model.save_adapter(tmp_path / "drop", name="drop")
+    model.eval()
+    want = Engine(model).generate([[1, 2, 3]], GREEDY, ["drop"])[0].token_ids
+    pool = fresh_pool(max_loras=2)
+    pool.register("drop", tmp_path / "drop")
+    engine = Engine(pool.model, pool=pool)
+    assert [engine.generate([[1, 2, 3]], GREEDY, ["drop"])[0].token_ids for _ in range(3)] == [want] * 3
+    pool.close()
+
+
+def test_the_engine_serves_a_model_in_eval_mode():
+    model = gf.AdaptedModel(tiny_lm("gpt2")).train()
+    add_random_adapter(model, "drop", "gpt2", r=8, seed=3, lora_dropout=0.5)
+    engine = Engine(model)
+    assert not any(m.training for m in model.modules())
+    add_random_adapter(model, "late", "gpt2", r=8, seed=4, lora_dropout=0.5)  # added after: eval too
+    assert not any(m.training for m in model.modules())
+    for name in ("drop", "late"):
+        outs = [engine.generate([[1, 2, 3]], GREEDY, [name])[0].token_ids for _ in range(3)]
+        assert outs[0] == outs[1] == outs[2]
+    model.train()
+    add_random_adapter(model, "trained", "gpt2", r=8, seed=5, lora_dropout=0.5)
+    assert all(m.training for _, h in model.hosts() for m in h.adapters["trained"].modules())
