@@ -161,10 +161,10 @@ class GroupedEngine(Engine):
                 self.waiting.extend(saved)
                 self.waiting = type(self.waiting)(sorted(self.waiting, key=lambda r: r.created))
 
-    def _forward(self, input_ids, mask, positions, kv, names):
+    def _forward(self, input_ids, mask, positions, cache, names, every_position=False):
         if self.current is not None and self.model.active_adapter != self.current:
             self.model.set_adapter(self.current)
-        return super()._forward(input_ids, mask, positions, kv, None)
+        return super()._forward(input_ids, mask, positions, cache, None, every_position)
 
 
 def replay(engine, trace, names, vocab: int) -> dict:

@@ -1,0 +1,27 @@
+"""benchmarks/serve.py stays runnable: its quick workload drives every system it compares (grafting, the bf16
+store, base only, peft's mixed batches, peft with set_adapter, all on the engine's scheduler) to the end with
+no failed request. No timing is asserted; the figures live in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "serve.py"
+
+
+def test_quick_workload_runs_every_system_without_failures():
+    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--skip-kernel", "--skip-smollm2"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    systems = {(trace, name): s for trace, by_name in figures["workload"].items() for name, s in by_name.items()}
+    assert {"grafting", "grafting bf16 store", "base only (c)", "peft mixed (a)", "peft set_adapter (b)"} <= \
+        {name for _, name in systems}
+    for key, s in systems.items():
+        assert s["failed"] == 0 and s["requests"] > 0 and s["tokens"] > 0, key
