@@ -15,6 +15,7 @@ traces behind the goals (N=8, the largest N, the peer N) are replayed again, int
 are reported per round and as their median. The last line printed is one JSON object with the headline figures.
 
     python benchmarks/serve.py [--quick] [--threads N] [--skip-kernel] [--skip-workload] [--skip-smollm2]
+                               [--smollm2-n 1,8,64,512] [--smollm2-host-tier 128]
 """
 
 from __future__ import annotations
@@ -228,10 +229,13 @@ def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label
         for name in names:
             pool16.register(name, root / name)
         pool16.preload()
-        systems = {"grafting": lambda: replay(Engine(model, pool=pool, max_batch=cfg["max_batch"]), trace, names,
-                                              vocab),
-                   "grafting bf16 store": lambda: replay(Engine(model16, pool=pool16, max_batch=cfg["max_batch"]),
-                                                         trace, names, vocab)}
+        # every lambda binds this trace's objects now (defaults): the goal rounds call them after the loop, when
+        # the loop's variables hold the last trace's (a late-binding bug made rounds 2 and 3 replay N=512)
+        batch = cfg["max_batch"]
+        systems = {"grafting": lambda model=model, pool=pool, trace=trace, names=names: replay(
+                       Engine(model, pool=pool, max_batch=batch), trace, names, vocab),
+                   "grafting bf16 store": lambda model16=model16, pool16=pool16, trace=trace, names=names: replay(
+                       Engine(model16, pool=pool16, max_batch=batch), trace, names, vocab)}
         if n == cfg["peer_n"]:
             if n not in peft_models:
                 peft = PeftModel.from_pretrained(copy.deepcopy(base), root / "a0", adapter_name="a0")
@@ -239,12 +243,12 @@ def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label
                     peft.load_adapter(root / name, adapter_name=name)
                 peft_models[n] = peft.eval()
             peft = peft_models[n]
-            systems["base only (c)"] = lambda: replay(Engine(gf.AdaptedModel(copy.deepcopy(base)),
-                                                             max_batch=cfg["max_batch"]), trace, [None] * n, vocab)
-            systems["peft mixed (a)"] = lambda: replay(Engine(PeftMixed(peft), max_batch=cfg["max_batch"]), trace,
-                                                       names, vocab)
-            systems["peft set_adapter (b)"] = lambda: replay(GroupedEngine(peft, max_batch=cfg["max_batch"]), trace,
-                                                             names, vocab)
+            systems["base only (c)"] = lambda trace=trace, n=n: replay(
+                Engine(gf.AdaptedModel(copy.deepcopy(base)), max_batch=batch), trace, [None] * n, vocab)
+            systems["peft mixed (a)"] = lambda peft=peft, trace=trace, names=names: replay(
+                Engine(PeftMixed(peft), max_batch=batch), trace, names, vocab)
+            systems["peft set_adapter (b)"] = lambda peft=peft, trace=trace, names=names: replay(
+                GroupedEngine(peft, max_batch=batch), trace, names, vocab)
         results[key] = {}
         for name, run in systems.items():
             s = run()
@@ -279,7 +283,11 @@ def goal_rounds(results: dict, again: dict, rounds: int, n_max: int, label: str)
     for i in range(rounds - 1):
         k = i % len(items)
         for (key, name), run in items[k:] + items[:k]:
-            results[key][name]["throughput_rounds"].append(run()["throughput"])
+            s = run()
+            if s["tokens"] != results[key][name]["tokens"] or s["failed"]:
+                raise RuntimeError(f"round {i + 2} of {key} {name} is not the same replay: {s['tokens']} tokens "
+                                   f"({s['failed']} failed), first round {results[key][name]['tokens']}")
+            results[key][name]["throughput_rounds"].append(s["throughput"])
             print(f"# round {i + 2} {key} {name}: {results[key][name]['throughput_rounds'][-1]:.1f} tokens/s",
                   flush=True)
     small, big = "N=8 alpha=1.0 cv=1.0", f"N={n_max} alpha=1.0 cv=1.0"
@@ -320,7 +328,7 @@ FULL = dict(kernel_rounds=30, n_kernel=64, requests=128, rate=40.0, prompt_len=(
             # bf16 pools), would not fit this machine, so its host tier holds 128 and the rest come from disk
             smollm2_traces=[(1, 1.0, 1.0), (8, 1.0, 1.0), (64, 1.0, 1.0), (512, 1.0, 1.0)], smollm2_max_cpu_loras=128)
 QUICK = dict(kernel_rounds=2, n_kernel=8, requests=12, rate=8.0, prompt_len=(4, 8), output_len=(4, 8),
-             traces=[(1, 1.0, 1.0), (8, 1.0, 1.0)], peer_n=8, max_loras=4, max_batch=8, goal_rounds=2,
+             traces=[(8, 1.0, 1.0), (1, 1.0, 1.0)], peer_n=8, max_loras=4, max_batch=8, goal_rounds=2,
              smollm2_traces=[(8, 1.0, 1.0)], smollm2_max_cpu_loras=None)
 
 
@@ -331,12 +339,21 @@ def main() -> None:
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--skip-workload", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--smollm2-n", default=None, metavar="N,N,...",
+                    help="adapter counts of the SmolLM2 traces (default 1,8,64,512)")
+    ap.add_argument("--smollm2-host-tier", type=int, default=None, metavar="N",
+                    help="adapters the SmolLM2 pools keep in host memory (default 128; 0: all, S-LoRA's setup, "
+                         "which needs about 16 GB at N=512)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.smollm2_n:
+        cfg["smollm2_traces"] = [(int(n), 1.0, 1.0) for n in args.smollm2_n.split(",")]
+    if args.smollm2_host_tier is not None:
+        cfg["smollm2_max_cpu_loras"] = args.smollm2_host_tier or None
     header("grafting serving benchmark")
     out, t0 = {}, time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:

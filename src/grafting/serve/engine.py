@@ -279,6 +279,12 @@ class Engine(BackgroundLoop):
             self.running = [self.running[i] for i in keep]
             self.cache.keep(torch.tensor(keep, dtype=torch.long, device=self.device))
 
+    def _fail_waiting(self, why: str) -> None:
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for r in waiting:
+            self._finish(r, "error", why)
+
     def _fail_all(self, why: str) -> None:
         for r in self.running:
             if r.finish_reason is None:

@@ -4,9 +4,17 @@ on a condition otherwise, stop by draining or cancelling what is in flight."""
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 
 from ..errors import GraftingError
+
+
+log = logging.getLogger("grafting.serve")
+
+# a step that fails this many times in a row fails what waits too: the same error again and again (an adapter
+# that cannot be fetched, say) would otherwise keep those clients waiting for ever
+FAILURES_BEFORE_FAILING_THE_QUEUE = 3
 
 
 class QueueFull(GraftingError):
@@ -116,7 +124,11 @@ class BackgroundLoop:
         with self._lock:
             self._lock.notify_all()
 
+    def _fail_waiting(self, why: str) -> None:
+        """Finish every waiting request with an error (a subclass whose queue can hold them overrides this)."""
+
     def _loop(self) -> None:
+        failures = 0
         while True:
             with self._lock:
                 while not self._has_work() and not self._stopping:
@@ -125,8 +137,14 @@ class BackgroundLoop:
                     return
             try:
                 ran = self.step()
+                failures = 0
             except Exception as e:  # never leave clients hanging: fail what is in flight, keep serving
-                self._fail_all(f"internal error: {type(e).__name__}: {e}")
+                failures += 1
+                log.exception("%s step failed (%d in a row)", type(self).__name__, failures)
+                why = f"internal error: {type(e).__name__}: {e}"
+                self._fail_all(why)
+                if failures >= FAILURES_BEFORE_FAILING_THE_QUEUE:
+                    self._fail_waiting(why)
                 continue
             if ran is False:
                 with self._lock:  # everything waits for an adapter being read: sleep until the pool says

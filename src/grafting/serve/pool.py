@@ -80,7 +80,9 @@ class AdapterPool(Registrations):
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # digest -> resident, LRU first
         self._ready: list = []  # (entry, generation, digest, config, tensors) read, waiting for room
         self._lock = threading.Lock()
+        self._loader_threads = loader_threads
         self._loader = ThreadPoolExecutor(loader_threads, thread_name_prefix="grafting-adapter-loader")
+        self._closed = False
         self._generation = 0
         self._installs = 0  # numbers the model-side names (a name outlives the content it was installed with)
         self._wanted: set = set()  # names queued requests wait for that may take room now (see want)
@@ -128,6 +130,9 @@ class AdapterPool(Registrations):
                                 copy.metadata))
             entry.loading = _DONE
         else:
+            if self._closed:  # an engine stopped and closed the pool; a new one serves from it again
+                self._loader = ThreadPoolExecutor(self._loader_threads, thread_name_prefix="grafting-adapter-loader")
+                self._closed = False
             entry.loading = self._loader.submit(self._read, entry, entry.generation)
 
     def want(self, names) -> None:
@@ -352,7 +357,14 @@ class AdapterPool(Registrations):
         return entry is not None and (entry.loading is not None or name in self._deferred)
 
     def close(self) -> None:
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        """Stop the loader thread (reads not started are dropped). The pool stays usable: a later read starts
+        a new loader, and names whose read was dropped are read again when asked for."""
+        with self._lock:
+            self._loader.shutdown(wait=False, cancel_futures=True)
+            self._closed = True
+            for entry in self._registered.values():
+                if entry.loading is not None and entry.loading is not _DONE and entry.loading.cancelled():
+                    entry.loading = None
 
 
 _DONE = Future()  # marks "read, waiting for room" so acquire does not read the files again
