@@ -58,3 +58,29 @@ def test_a_pool_closed_by_a_stopped_engine_serves_the_next_one(adapter_dirs):
         assert [h.result(timeout=30).token_ids for h in handles] == [expected[n] for n in ("ad1", "ad2", "ad3")]
     finally:
         second.stop()
+
+
+def test_requests_admitted_before_a_failure_in_admission_are_not_lost(adapter_dirs):
+    dirs, expected = adapter_dirs
+    pool = AdapterPool(gf.AdaptedModel(tiny_lm("gpt2")), max_loras=2)
+    for name in ("ad0", "ad1"):
+        pool.register(name, dirs[name])
+    pool.preload()
+    engine = Engine(pool.model, pool=pool)
+    real, calls = pool.acquire, []
+
+    def acquire(name):  # the second acquire of the first step fails once, after the first request was taken
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("transient")
+        return real(name)
+
+    pool.acquire = acquire
+    handles = [engine.submit([1, 2, 3], GREEDY, name) for name in ("ad0", "ad1")]
+    with pytest.raises(RuntimeError, match="transient"):
+        engine.step()
+    assert [r.adapter for r in engine.waiting] == ["ad0", "ad1"]  # back in the queue, in order
+    while any(h.request.finish_reason is None for h in handles):
+        engine.step()
+    assert [h.result().token_ids for h in handles] == [expected["ad0"], expected["ad1"]]
+    assert not any(res.pins for res in pool._resident.values())  # every pin released

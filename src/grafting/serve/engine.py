@@ -218,30 +218,37 @@ class Engine(BackgroundLoop):
             else:
                 live.append(request)
         width = self.cache.columns
-        for request in live:
-            if len(self.running) + len(new) >= self.max_batch:
-                break
-            if new and len(request.context) > budget:
-                break
-            wider = max(width, len(request.context))
-            if (self.running or new) and not self._kv_fits(len(self.running) + len(new) + 1, wider + 1):
-                break  # in arrival order: a long prompt is not overtaken for ever by short ones
-            if request.adapter is not None and request.internal is None:  # a preempted one keeps its adapter
-                if self.pool is None:
-                    request.internal = request.adapter
-                else:
-                    try:
-                        request.internal = self.pool.acquire(request.adapter)
-                    except AdapterError as e:
-                        self._remove_waiting(request)
-                        self._finish(request, "error", str(e), status=400)
-                        continue
-                    if request.internal is None:
-                        continue  # being read: later requests may go ahead meanwhile
-            self._remove_waiting(request)
-            new.append(request)
-            budget -= len(request.context)
-            width = wider
+        try:
+            for request in live:
+                if len(self.running) + len(new) >= self.max_batch:
+                    break
+                if new and len(request.context) > budget:
+                    break
+                wider = max(width, len(request.context))
+                if (self.running or new) and not self._kv_fits(len(self.running) + len(new) + 1, wider + 1):
+                    break  # in arrival order: a long prompt is not overtaken for ever by short ones
+                if request.adapter is not None and request.internal is None:  # a preempted one keeps its adapter
+                    if self.pool is None:
+                        request.internal = request.adapter
+                    else:
+                        try:
+                            request.internal = self.pool.acquire(request.adapter)
+                        except AdapterError as e:
+                            self._remove_waiting(request)
+                            self._finish(request, "error", str(e), status=400)
+                            continue
+                        if request.internal is None:
+                            continue  # being read: later requests may go ahead meanwhile
+                self._remove_waiting(request)
+                new.append(request)
+                budget -= len(request.context)
+                width = wider
+        except BaseException:
+            # admitted ones go back to the front of the queue (keeping their pinned adapters), not lost: the
+            # loop fails what waits if the step keeps failing
+            with self._lock:
+                self.waiting.extendleft(reversed(new))
+            raise
         return new
 
     # ---- the key/value cache budget ----------------------------------------------------------------------------
