@@ -52,7 +52,8 @@ class Engine(BackgroundLoop):
     long prompt still goes alone); ``max_model_len``: prompt + output tokens at most (default: the model's
     context size); ``max_kv_bytes``: bytes the running batch's key/value cache may hold (default: no limit),
     enforced by admitting fewer rows and, when decoding would outgrow it, by preempting the most recently
-    admitted rows (their cache is dropped and recomputed from prompt + output when they rejoin). The model is put in eval mode: serving never drops activations (``lora_dropout``)."""
+    admitted rows (their cache is dropped and recomputed from prompt + output when they rejoin). The model is
+    put in eval mode: serving never drops activations (``lora_dropout``)."""
 
     task = "generate"
     thread_name = "grafting-engine"
@@ -113,11 +114,11 @@ class Engine(BackgroundLoop):
                                 f"{self.max_model_len} tokens (prompt plus output)")
         self._check_adapter(adapter)
         if self.max_kv_bytes is not None:
-            longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
-            if self._kv_bytes(1, longest) > self.max_kv_bytes:
+            need = self._kv_bytes(1, min(len(prompt_ids) + params.max_tokens, self.max_model_len))
+            if need > self.max_kv_bytes:
                 raise GraftingError(f"max_tokens: the prompt ({len(prompt_ids)} tokens) and max_tokens "
-                                    f"({params.max_tokens}) need {self._kv_bytes(1, longest)} bytes of key/value "
-                                    f"cache, more than the engine's budget of {self.max_kv_bytes}")
+                                    f"({params.max_tokens}) need {need} bytes of key/value cache, more than the "
+                                    f"engine's budget of {self.max_kv_bytes}")
         request = Request(prompt_ids, params, adapter,
                           deadline=None if timeout is None else time.monotonic() + timeout)
         if request_id is not None:

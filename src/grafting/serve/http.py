@@ -230,7 +230,7 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
             raise APIError(499, "the client closed the request")
         return texts, finish, entries
 
-    async def streamed(run: Choices, rid, model, chunk, lead, include_usage, prompt_tokens):
+    async def streamed(run: Choices, chunk, lead, include_usage, prompt_tokens):
         """Server-sent events: ``lead`` first, then each choice's deltas as ``chunk(index, event)``.
         A failure after the 200 has gone out is an error event (an OpenAI error object), then [DONE]."""
         try:
@@ -276,7 +276,7 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
                     offsets[i] += sum(len(t) for t in lp["tokens"])
                 return completion_chunk(rid, model, i, text, _finish(ev), lp)
             return StreamingResponse(streamed(
-                run, rid, model, chunk, lead, bool(body.stream_options and body.stream_options.include_usage),
+                run, chunk, lead, bool(body.stream_options and body.stream_options.include_usage),
                 prompt_tokens), media_type="text/event-stream")
         try:
             texts, finish, entries = await collect(run)
@@ -309,7 +309,7 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
                 lp = None if body.logprobs is not True else chat_logprobs(tokenizer, ev.logprobs or [])
                 return chat_chunk(rid, model, i, {"content": ev.text} if ev.text else {}, _finish(ev), lp)
             return StreamingResponse(streamed(
-                run, rid, model, chunk, lead, bool(body.stream_options and body.stream_options.include_usage),
+                run, chunk, lead, bool(body.stream_options and body.stream_options.include_usage),
                 len(ids)), media_type="text/event-stream")
         try:
             texts, finish, entries = await collect(run)

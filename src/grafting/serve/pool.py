@@ -81,8 +81,7 @@ class AdapterPool(Registrations):
         self._ready: list = []  # (entry, generation, digest, config, tensors) read, waiting for room
         self._lock = threading.Lock()
         self._loader_threads = loader_threads
-        self._loader = ThreadPoolExecutor(loader_threads, thread_name_prefix="grafting-adapter-loader")
-        self._closed = False
+        self._loader = self._new_loader()
         self._generation = 0
         self._installs = 0  # numbers the model-side names (a name outlives the content it was installed with)
         self._wanted: set = set()  # names queued requests wait for that may take room now (see want)
@@ -130,9 +129,6 @@ class AdapterPool(Registrations):
                                 copy.metadata))
             entry.loading = _DONE
         else:
-            if self._closed:  # an engine stopped and closed the pool; a new one serves from it again
-                self._loader = ThreadPoolExecutor(self._loader_threads, thread_name_prefix="grafting-adapter-loader")
-                self._closed = False
             entry.loading = self._loader.submit(self._read, entry, entry.generation)
 
     def want(self, names) -> None:
@@ -351,6 +347,9 @@ class AdapterPool(Registrations):
             self.model.stack_adapters(internal)  # the mixed-batch stacks too, not on the first requests
         return loaded
 
+    def _new_loader(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(self._loader_threads, thread_name_prefix="grafting-adapter-loader")
+
     def pending(self, name: str) -> bool:
         """Whether adapter ``name`` is being read, waits for room, or waits its turn to be read (:meth:`want`)."""
         entry = self._registered.get(name)
@@ -361,7 +360,7 @@ class AdapterPool(Registrations):
         a new loader, and names whose read was dropped are read again when asked for."""
         with self._lock:
             self._loader.shutdown(wait=False, cancel_futures=True)
-            self._closed = True
+            self._loader = self._new_loader()  # starts no thread until something is read
             for entry in self._registered.values():
                 if entry.loading is not None and entry.loading is not _DONE and entry.loading.cancelled():
                     entry.loading = None

@@ -42,7 +42,8 @@ class SamplingParams:
     ``stop`` strings end the output before the first occurrence (the string itself is not returned); the
     end-of-sequence token and ``stop_token_ids`` end it too (not returned as text or token ids, counted as a
     completion token), EOS not if ``ignore_eos``; ``include_stop_str_in_output`` keeps the stop string that
-    ended the output in its text, ``skip_special_tokens`` False keeps special tokens' text. None of these ends the output before ``min_tokens`` tokens.
+    ended the output in its text, ``skip_special_tokens`` False keeps special tokens' text. None of these ends
+    the output before ``min_tokens`` tokens.
     ``top_k`` -1 or 0 and ``min_p`` 0 are off; ``seed`` is any integer, used modulo 2**64. ``logit_bias``
     maps token ids to a number in [-100, 100] added to their logits."""
 

@@ -18,6 +18,7 @@ from ..io.reader import CONFIG_NAME
 
 log = logging.getLogger("grafting.serve")
 
+
 def served_name(model: str) -> str:
     if model.startswith("packaged:"):
         return model.split(":", 1)[1]
