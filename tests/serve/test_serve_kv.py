@@ -64,13 +64,60 @@ def test_join_keep_and_decode_equal_concatenation():
         assert torch.equal(k, ek) and torch.equal(v, ev)
     # rows 1 and 2 (5 and 7 real columns, then 3 decoded) leave: the longest kept row is row 4, 4 + 3
     rows = torch.tensor([4, 0, 3])
+    start = cache.buffers[0][0].untyped_storage().data_ptr()
     cache.keep(rows)
+    assert cache.buffers[0][0].untyped_storage().data_ptr() == start  # rows moved inside the buffers
     used = int(cache.mask.sum(1).max())
     assert cache.columns == used == 7
     for (k, v), (ek, ev) in zip(cache.kv, expected):
         assert torch.equal(k, ek[rows][:, :, -used:]) and torch.equal(v, ev[rows][:, :, -used:])
     cache.keep(torch.tensor([], dtype=torch.long))
     assert cache.rows == 0 and cache.kv is None and cache.nbytes() == 0
+
+
+def test_leaving_rows_slide_the_rest_up_in_place_and_joining_rows_take_their_place():
+    """Rows that keep their order are moved inside the buffers (no new buffer, padding nobody needs cut), and
+    rows joining no wider than the running ones are written into the rows that left; contents and mask equal
+    concatenation's throughout."""
+    cache = BatchCache()
+    kv, mask = random_rows([5, 3, 2, 2], 6, seed=7)
+    cache.set(kv, mask)
+    expected, emask = [(k.clone(), v.clone()) for k, v in kv], mask.clone()
+
+    def step(seed):
+        nonlocal expected, emask
+        new = step_columns(cache.rows, seed=seed)
+        decode_step(cache, new)
+        expected = [(torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2)) for (ek, ev), (k, v) in zip(expected, new)]
+        emask = torch.cat([emask, torch.ones(cache.rows, 1, dtype=torch.long)], dim=1)
+
+    def check():
+        assert torch.equal(cache.mask, emask)
+        for (k, v), (ek, ev) in zip(cache.kv, expected):
+            assert torch.equal(k, ek) and torch.equal(v, ev)
+
+    step(20), step(21)
+    start = cache.buffers[0][0].untyped_storage().data_ptr()
+    cache.keep(torch.tensor([0, 2]))  # rows 1 and 3 leave: row 2 slides up; the longest kept row has 7 of 8 columns
+    assert cache.buffers[0][0].untyped_storage().data_ptr() == start and cache.columns == 7
+    expected, emask = [(ek[[0, 2]][:, :, 1:], ev[[0, 2]][:, :, 1:]) for ek, ev in expected], emask[[0, 2]][:, 1:]
+    check()
+    j_kv, j_mask = random_rows([4, 1], 5, seed=8)  # narrower than the running rows' 7 columns: written in place
+    cache.join(j_kv, j_mask)
+    assert cache.buffers[0][0].untyped_storage().data_ptr() == start and cache.rows == 4
+    expected = [(torch.cat([ek, left_pad(k, 7)]), torch.cat([ev, left_pad(v, 7)])) for (ek, ev), (k, v) in zip(expected, j_kv)]
+    emask = torch.cat([emask, torch.cat([torch.zeros(2, 2, dtype=torch.long), j_mask], dim=1)])
+    check()
+    step(30)
+    check()
+    w_kv, w_mask = random_rows([12], 12, seed=9)  # wider than the running rows: new buffers, rows shifted right
+    cache.keep(torch.tensor([1, 2, 3]))
+    cache.join(w_kv, w_mask)
+    assert cache.buffers[0][0].untyped_storage().data_ptr() != start and cache.columns == 12
+    expected = [(torch.cat([left_pad(ek[1:], 12), k]), torch.cat([left_pad(ev[1:], 12), v]))
+                for (ek, ev), (k, v) in zip(expected, w_kv)]
+    emask = torch.cat([torch.cat([torch.zeros(3, 4, dtype=torch.long), emask[1:]], dim=1), w_mask])
+    check()
 
 
 def test_a_decode_step_writes_in_place_until_the_buffer_is_full():

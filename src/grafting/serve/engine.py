@@ -260,13 +260,14 @@ class Engine(BackgroundLoop):
         return self.max_kv_bytes is None or self._kv_bytes(rows, columns) <= self.max_kv_bytes
 
     def _make_room(self) -> None:
-        """Before a decode step that must grow the cache past the budget: preempt the most recently admitted
-        rows (vLLM's recompute preemption) until it fits; the oldest row always stays."""
+        """Before a decode step that must grow the cache past the budget: preempt the rows that arrived last
+        (vLLM's recompute preemption) until it fits; the one that arrived first always stays."""
         if self.max_kv_bytes is None or self.cache.columns + 1 <= self.cache.capacity:
             return  # the step writes into room the buffers already have
         while len(self.running) > 1 and not self._kv_fits(len(self.running), self.cache.columns + 1):
-            r = self.running.pop()
-            self.cache.keep(torch.arange(len(self.running), device=self.device))
+            newest = max(range(len(self.running)), key=lambda i: self.running[i].created)
+            r = self.running[newest]
+            self._drop_rows({newest})
             r.preemptions += 1
             self.stats["preemptions"] += 1
             with self._lock:
@@ -284,8 +285,20 @@ class Engine(BackgroundLoop):
             if r.finish_reason is None:
                 keep.append(i)
         if len(keep) != len(self.running):
-            self.running = [self.running[i] for i in keep]
-            self.cache.keep(torch.tensor(keep, dtype=torch.long, device=self.device))
+            kept = set(keep)
+            self._drop_rows({i for i in range(len(self.running)) if i not in kept})
+
+    def _drop_rows(self, gone: set) -> None:
+        """Remove rows ``gone`` from the batch and the cache: the last rows take the leaving rows' places, so
+        the cache moves about as many rows as left instead of sliding every later row up."""
+        n = len(self.running)
+        order = list(range(n - len(gone)))
+        holes = [j for j in order if j in gone]
+        tail = [i for i in range(n - len(gone), n) if i not in gone]
+        for j, i in zip(holes, tail):
+            order[j] = i
+        self.running = [self.running[i] for i in order]
+        self.cache.keep(torch.tensor(order, dtype=torch.long, device=self.device))
 
     def _fail_waiting(self, why: str) -> None:
         with self._lock:
