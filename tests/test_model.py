@@ -176,6 +176,30 @@ def test_module_lists_built_during_a_forward_do_not_relist_the_model_or_its_adap
     assert hosted(model) == ["layers.0.q_proj", "layers.0.v_proj"]
 
 
+def test_adding_or_deleting_one_adapter_does_not_relist_the_others_or_the_tree():
+    """A serving pool installs and evicts adapters between decode steps: each change re-lists only the adapter it
+    touched, not every adapter of the next call (nor the model's tree, when it lands in existing hosts)."""
+    model = gf.adapt(Net(), gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("b", gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        model(x, adapter_names=["default", "b"])
+    hosts, owners = model._tree()[0], dict(model._owners)
+    model.add_adapter("c", gf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        model(torch.randn(3, 8), adapter_names=["default", "b", "c"])
+    model.delete_adapter("c")
+    with torch.no_grad():
+        model(x, adapter_names=["default", "b"])
+    assert model._tree()[0] is hosts and all(model._owners[n] is owners[n] for n in owners)
+    before = model.content_hash("b")
+    module = dict(model.hosts())["layers.0.q_proj"].adapters["b"]
+    module.lora_B = torch.nn.Parameter(torch.randn_like(module.lora_B))  # a registration on b's own module
+    assert model.content_hash("b") != before and model._owners["b"] is not owners["b"]
+    assert model._owners["default"] is owners["default"]
+
+
 def _mixed_row_error(model, x, name):
     with torch.no_grad():
         mixed = model(x, adapter_names=["default", name])

@@ -5,9 +5,10 @@ recomputed only when one of the adapter's tensors changed: the version key is ev
 storage) plus a uid given to each adapter module at creation (ids alone may be reused once an adapter is freed).
 
 The key is read on every mixed forward, so each adapter's modules and tensors are listed once and re-listed only
-when the model's adapters change or a listed module registers a parameter, buffer or submodule (torch's
-global registration hooks bump a counter): a per-call walk of 64 adapters x 24 layers of module dicts cost
-about a millisecond per decode step. Only registrations on modules some cache listed (:func:`watch`) count:
+when one of its modules registers a parameter, buffer or submodule, or a container registers one under its name
+(torch's global registration hooks count per adapter; deleting an adapter drops its listing): a per-call walk
+of 64 adapters x 24 layers of module dicts cost about a millisecond per decode step. For the model's tree
+(:class:`grafting.inject.AdaptedTree`) only registrations on modules it listed (:func:`watch`) count:
 transformers' Llama-family models build a new ``ModuleList`` (``self.layers[:n]``) in every forward, and
 counting its registrations re-listed every adapter and the whole model at every call.
 """
@@ -27,9 +28,17 @@ _watched: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 _PROCESS = os.urandom(8)  # stamps listings: a model pickled in another process lists its adapters anew
 
 
-def _registered(module, *_args) -> None:
+_tags: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # see _listing
+
+
+def _registered(module, name=None, *_args) -> None:
     if module in _watched:
         _registrations[0] += 1
+    tag = _tags.get(module)
+    if tag is not None:  # a module of one adapter, or a container keyed by adapter names (adapter None)
+        changes, adapter = tag
+        adapter = name if adapter is None else adapter
+        changes[adapter] = changes.get(adapter, 0) + 1
 
 
 def watch(modules) -> None:
@@ -69,8 +78,9 @@ def call_state(model, names) -> tuple[dict, bool]:
 def _version_key(model, name) -> tuple:
     """(version key, modules) of adapter ``name``: what its cached hash is valid for."""
     owners = model.__dict__.setdefault("_owners", {})
-    # id(model) and this process: a deepcopy or unpickled model carries the cache but not the watched modules
-    stamp = (model._structure, _registrations[0], id(model), _PROCESS)
+    changes = model.__dict__.setdefault("_adapter_changes", {})
+    # id(model) and this process: a deepcopy or unpickled model carries the cache but not the tagged modules
+    stamp = (changes.get(name, 0), id(model), _PROCESS)
     hit = owners.get(name)
     if hit is None or hit[0] != stamp:
         hit = owners[name] = (stamp, *_listing(model, name))
@@ -124,9 +134,15 @@ def same_config(a, b) -> bool:
 def _listing(model, name) -> tuple:
     """(uids and tensor ids, tensors, modules) of everything adapter ``name`` owns."""
     modules = [m for root in model.adapter_roots(name) for m in root.modules()]
-    # the roots and the containers holding them: replacing a root is a registration on its container
-    watch([*modules, model.shared_tensors, *(h.adapters for _, h in model.hosts()),
-           *(s.copies for _, s in model.saved_modules())])
+    # the roots and the containers holding them: replacing a root is a registration on its container. A
+    # registration counts for its own adapter only (a serving pool installing one adapter used to re-list
+    # every adapter of the next call, a third of a second per replay of 128 requests)
+    changes = model.__dict__.setdefault("_adapter_changes", {})
+    for m in modules:
+        _tags[m] = (changes, name)
+    for container in (model.shared_tensors, *(h.adapters for _, h in model.hosts()),
+                      *(s.copies for _, s in model.saved_modules())):
+        _tags[container] = (changes, None)
     tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
     fixed = (tuple([m.__dict__.get("_graft_uid") for m in modules]), tuple([id(t) for t in tensors]))
     return fixed, tensors, modules
