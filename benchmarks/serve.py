@@ -87,14 +87,19 @@ def kernel_section(vocab: int, n: int, rounds: int, root: Path) -> dict:
     g16 = copy.deepcopy(g)
     g16.set_stack_dtype(torch.bfloat16)  # the serving store in bf16 (graft serve --stack-dtype bfloat16)
     g16.stack_adapters()
+    g8 = copy.deepcopy(g)
+    g8.set_stack_dtype(torch.int8)  # int8 factors, per-rank scales (graft serve --stack-dtype int8)
+    g8.stack_adapters()
     cases = {"base": lambda: base(input_ids=ids), "g_single": lambda: g(input_ids=ids),
              "g_mixed": lambda: g(input_ids=ids, adapter_names=names),
-             "g_mixed_bf16": lambda: g16(input_ids=ids, adapter_names=names), "p_single": lambda: p(input_ids=ids),
+             "g_mixed_bf16": lambda: g16(input_ids=ids, adapter_names=names),
+             "g_mixed_int8": lambda: g8(input_ids=ids, adapter_names=names), "p_single": lambda: p(input_ids=ids),
              "p_mixed": lambda: p(input_ids=ids, adapter_names=names), "read_factors": lambda: traffic.sum()}
     with torch.inference_mode():
         lg = g(input_ids=ids, adapter_names=names).logits
         lp = p(input_ids=ids, adapter_names=names).logits
         l16 = g16(input_ids=ids, adapter_names=names).logits
+        l8 = g8(input_ids=ids, adapter_names=names).logits
         t = interleaved(cases, rounds, 2)
     single = median(t["g_single"])
     floor = (single + median(t["read_factors"])) / single
@@ -103,8 +108,10 @@ def kernel_section(vocab: int, n: int, rounds: int, root: Path) -> dict:
          "peft_mixed_over_single": ratio(t, "p_mixed", "p_single"), "floor_over_single": floor,
          "grafting_over_floor": ratio(t, "g_mixed", "g_single") / floor,
          "grafting_bf16_over_floor": ratio(t, "g_mixed_bf16", "g_single") / floor,
+         "grafting_int8_mixed_over_single": ratio(t, "g_mixed_int8", "g_single"),
          "factor_mb": factor_bytes(g, n) / 2 ** 20, "max_abs_diff_vs_peft": f"{(lg - lp).abs().max().item():.1e}",
          "bf16_max_abs_diff": f"{(l16 - lg).abs().max().item():.1e}",
+         "int8_max_abs_diff": f"{(l8 - lg).abs().max().item():.1e}",
          "logit_scale": f"{lg.abs().max().item():.1e}"}
     table(f"Decode kernel: {n} rows x 1 token, vocabulary {vocab:,} ({rounds} interleaved rounds)", [
         ("bare base", ms(median(t["base"])), ms(median(t["base"])), ""),
@@ -115,10 +122,41 @@ def kernel_section(vocab: int, n: int, rounds: int, root: Path) -> dict:
         ("mixed / floor", x(r["grafting_over_floor"]), "", "goal <= 1.10x"),
         (f"{n} adapters, bf16 store", ms(median(t["g_mixed_bf16"])), "", ""),
         ("bf16 store: mixed / single", x(r["grafting_bf16_mixed_over_single"]), "", "under the fp32 floor?"),
+        (f"{n} adapters, int8 store", ms(median(t["g_mixed_int8"])), "", ""),
+        ("int8 store: mixed / single", x(r["grafting_int8_mixed_over_single"]), "", ""),
         ("max |logit diff| vs peft", r["max_abs_diff_vs_peft"], "", f"logits up to {r['logit_scale']}"),
         ("max |logit diff| bf16 vs fp32", r["bf16_max_abs_diff"], "", ""),
+        ("max |logit diff| int8 vs fp32", r["int8_max_abs_diff"], "", ""),
     ])
     return r
+
+
+def store_accuracy(base, root: Path, names: list, label: str) -> dict:
+    """How far the bf16 and int8 stores move a mixed batch's logits from the fp32 store's: one row per adapter
+    (mixed ranks), 24 prompt tokens, every position; max |difference| and how often the top token agrees."""
+    models = {}
+    for dtype in (None, torch.bfloat16, torch.int8):
+        m = gf.AdaptedModel(copy.deepcopy(base))
+        for name in names:
+            m.load_adapter(root / name, name=name)
+        m.eval()
+        m.set_stack_dtype(dtype)
+        models[dtype] = m
+    ids = torch.randint(0, base.config.vocab_size, (len(names), 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits = {d: m(input_ids=ids, adapter_names=names).logits.float() for d, m in models.items()}
+    ref = logits[None]
+    out = {"rows": len(names), "logit_scale": ref.abs().max().item(),
+           "adapter_delta": (ref - models[None].base_model(input_ids=ids).logits).abs().max().item()}
+    rows = []
+    for dtype, key in ((torch.bfloat16, "bf16"), (torch.int8, "int8")):
+        out[f"{key}_max_abs_diff"] = (logits[dtype] - ref).abs().max().item()
+        out[f"{key}_top1_agreement"] = (logits[dtype].argmax(-1) == ref.argmax(-1)).float().mean().item()
+        rows.append((f"{key} store", f"{out[f'{key}_max_abs_diff']:.1e}", f"{100 * out[f'{key}_top1_agreement']:.1f}%"))
+    table(f"Store accuracy on {label}: {len(names)} rows, each its own adapter, 24 tokens; logits up to "
+          f"{out['logit_scale']:.1f}, the adapters move them by up to {out['adapter_delta']:.1f}", rows,
+          columns=("store", "max |logit diff| vs fp32", "top-1 agreement"))
+    return out
 
 
 # ---- (2) workload ----------------------------------------------------------------------------------------------
@@ -210,6 +248,7 @@ def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label
     n_max = max(n for n, _, _ in traces)
     ranks = adapter_ranks(n_max, seed=0)
     save_adapters(base, root, ranks, targets, fan_in_fan_out)
+    results["store_accuracy"] = store_accuracy(base, root, [f"a{i}" for i in range(min(16, n_max))], label)
     rows, peft_models = [], {}
     again = {}  # (trace, system) -> replay: the goals' figures, replayed again in interleaved rounds
     for n, alpha, cv in traces:
@@ -229,13 +268,21 @@ def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label
         for name in names:
             pool16.register(name, root / name)
         pool16.preload()
+        model8 = gf.AdaptedModel(copy.deepcopy(base))
+        model8.set_stack_dtype(torch.int8)
+        pool8 = AdapterPool(model8, max_loras=min(n, cfg["max_loras"]), max_cpu_loras=host)
+        for name in names:
+            pool8.register(name, root / name)
+        pool8.preload()
         # every lambda binds this trace's objects now (defaults): the goal rounds call them after the loop, when
         # the loop's variables hold the last trace's (a late-binding bug made rounds 2 and 3 replay N=512)
         batch = cfg["max_batch"]
         systems = {"grafting": lambda model=model, pool=pool, trace=trace, names=names: replay(
                        Engine(model, pool=pool, max_batch=batch), trace, names, vocab),
                    "grafting bf16 store": lambda model16=model16, pool16=pool16, trace=trace, names=names: replay(
-                       Engine(model16, pool=pool16, max_batch=batch), trace, names, vocab)}
+                       Engine(model16, pool=pool16, max_batch=batch), trace, names, vocab),
+                   "grafting int8 store": lambda model8=model8, pool8=pool8, trace=trace, names=names: replay(
+                       Engine(model8, pool=pool8, max_batch=batch), trace, names, vocab)}
         if n == cfg["peer_n"]:
             if n not in peft_models:
                 peft = PeftModel.from_pretrained(copy.deepcopy(base), root / "a0", adapter_name="a0")
@@ -269,7 +316,7 @@ def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label
     return results
 
 
-GOAL_SYSTEMS = ("grafting", "grafting bf16 store", "base only (c)")
+GOAL_SYSTEMS = ("grafting", "grafting bf16 store", "grafting int8 store", "base only (c)")
 
 
 def goal_rounds(results: dict, again: dict, rounds: int, n_max: int, label: str) -> None:
@@ -291,10 +338,10 @@ def goal_rounds(results: dict, again: dict, rounds: int, n_max: int, label: str)
             print(f"# round {i + 2} {key} {name}: {results[key][name]['throughput_rounds'][-1]:.1f} tokens/s",
                   flush=True)
     small, big = "N=8 alpha=1.0 cv=1.0", f"N={n_max} alpha=1.0 cv=1.0"
-    pairs = [(f"{big} / {small}: {name}", (big, name), (small, name)) for name in GOAL_SYSTEMS[:2]
+    pairs = [(f"{big} / {small}: {name}", (big, name), (small, name)) for name in GOAL_SYSTEMS[:3]
              if big != small and (big, name) in again and (small, name) in again]
     pairs += [(f"{key}: {name} / base only", (key, name), (key, "base only (c)")) for key in results
-              if (key, "base only (c)") in again for name in GOAL_SYSTEMS[:2]]
+              if (key, "base only (c)") in again for name in GOAL_SYSTEMS[:3]]
     rows = []
     for title, (k1, n1), (k2, n2) in pairs:
         per_round = [a / b for a, b in zip(results[k1][n1]["throughput_rounds"], results[k2][n2]["throughput_rounds"])]

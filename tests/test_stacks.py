@@ -64,3 +64,26 @@ def test_write_folds_the_scale_zeroes_only_the_padding_and_takes_either_layout()
         assert torch.equal(bucket.A_t[2], bucket.A_t[1]) and torch.equal(bucket.B_t[2], bucket.B_t[1])
         assert torch.equal(bucket.g[2], torch.full((6,), 3.0, dtype=dtype))
         assert torch.equal(bucket.A_t[0], torch.zeros(5, 8, dtype=dtype))  # slot 0 untouched: "no adapter"
+
+
+def test_an_int8_bucket_quantizes_each_rank_symmetrically_and_reads_back_dequantized():
+    """int8 slots: one fp32 scale per rank (absmax / 127 over A's column and over scale * B's row), values
+    within half a step of the factors, zeros and zero scales past the rank; clear and grow keep that."""
+    torch.manual_seed(3)
+    bucket = _Bucket(fan_in=40, out=30, rank=8, capacity=2, dtype=torch.int8, device="cpu")
+    A, B = torch.randn(3, 40), torch.randn(30, 3)
+    bucket.write(1, A, B, 2.0, None)
+    sa, sb = bucket.a_scale[1], bucket.b_scale[1]
+    torch.testing.assert_close(sa[:3], A.abs().amax(dim=1) / 127)
+    torch.testing.assert_close(sb[:3], (2.0 * B).abs().amax(dim=0) / 127)
+    assert torch.equal(sa[3:], torch.zeros(5)) and torch.equal(bucket.A_t[1, :, 3:], torch.zeros(40, 5, dtype=torch.int8))
+    assert bucket.A_t[1, :, :3].abs().amax(dim=0).tolist() == [127] * 3  # each rank's largest maps to 127
+    deq_A, deq_B, g = bucket.factors(torch.tensor([1]))
+    assert deq_A.dtype == torch.float32 and torch.equal(g[0], torch.ones(30))
+    assert ((deq_A[0, :, :3] - A.t()).abs() <= sa[:3] / 2 + 1e-7).all()
+    assert ((deq_B[0, :3] - 2.0 * B.t()).abs() <= sb[:3, None] / 2 + 1e-7).all()
+    assert torch.equal(bucket.factors(slice(1, 2))[0], deq_A)
+    bucket.grow(4)
+    assert bucket.a_scale.shape == (4, 8) and torch.equal(bucket.factors(slice(1, 2))[1], deq_B)
+    bucket.clear(1)
+    assert not bucket.a_scale[1].any() and not bucket.factors(slice(1, 2))[0].any()

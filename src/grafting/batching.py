@@ -315,7 +315,7 @@ def _gathered(host, x, base_out, rows: RowRouting, layer: LayerCall) -> torch.Te
 
 def _rows_kernel(rows: RowRouting, x, base_out, stack, rescales: bool):
     """The compiled kernel (:mod:`grafting.kernels`) when it can run this call: LoRA rows (no output factor),
-    no autograd (it writes into the base output in place), fp32 activations, an fp32 or bf16 store on the CPU."""
+    no autograd (it writes into the base output in place), fp32 activations, an fp32, bf16 or int8 store on the CPU."""
     if rescales or torch.is_grad_enabled() or not stack.buckets:
         return None
     kernel = rows.kernel()

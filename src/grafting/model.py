@@ -376,10 +376,15 @@ class AdaptedModel(nn.Module):
     def set_stack_dtype(self, dtype: torch.dtype | None) -> None:
         """Keep the mixed-batch store's factors in ``dtype`` (None: the adapters' own). ``torch.bfloat16``
         halves what a decode step with many distinct adapters reads; grafting's kernel widens them to fp32 in
-        registers (logits move by about bf16's rounding of the factors, 2^-8 relative). The store is refilled
-        from the adapters on the next mixed call (or :meth:`stack_adapters`); reserve room again if needed."""
-        if dtype is not None and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise GraftingError(f"set_stack_dtype: expected a floating-point dtype or None, got {dtype!r}")
+        registers (logits move by about bf16's rounding of the factors, 2^-8 relative). ``torch.int8`` quarters
+        it: each factor quantized symmetrically with one fp32 scale per rank (A's columns, B's rows), applied
+        once per row by the kernel (the torch path reads dequantized copies); its error is reported in
+        docs/benchmarks.md. The store is refilled from the adapters on the next mixed call (or
+        :meth:`stack_adapters`); reserve room again if needed."""
+        if dtype is not None and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16,
+                                               torch.int8):
+            raise GraftingError(f"set_stack_dtype: expected a floating-point dtype, torch.int8 or None, "
+                                f"got {dtype!r}")
         self._routing.stack_dtype = dtype
         for _, host in self.hosts():  # refilled from the adapters themselves, not converted (lossless back)
             host._stack = None

@@ -149,18 +149,16 @@ def _gather_plan(bucket: _Bucket, slots: torch.Tensor, bank: RowBank | None = No
     if run_of_slots(slots):
         first = int(slots[0])
         picked = slice(first, first + len(slots))
-        return bucket.A_t[picked], bucket.B_t[picked], bucket.g[picked], None
+        return (*bucket.factors(picked), None)
     unique, inverse = torch.unique(slots, return_inverse=True)
     if 2 * len(unique) > len(slots):
         if bank is not None:
             return BankPlan(bank, bucket, slots.tolist())
-        return (bucket.A_t.index_select(0, slots), bucket.B_t.index_select(0, slots),
-                bucket.g.index_select(0, slots), None)
+        return (*bucket.factors(slots), None)
     counts = torch.bincount(inverse, minlength=len(unique))
     order = torch.argsort(inverse, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.empty_like(inverse)
     pos[order] = torch.arange(len(slots), device=slots.device) - starts[inverse[order]]
     groups = (inverse, pos, int(counts.max()))
-    return (bucket.A_t.index_select(0, unique), bucket.B_t.index_select(0, unique),
-            bucket.g.index_select(0, unique), groups)
+    return (*bucket.factors(unique), groups)

@@ -38,16 +38,28 @@ def _writable():
 
 
 class _Bucket:
+    """One rank bucket of a layer's stack. An int8 store (``dtype`` torch.int8) keeps each slot's factors as int8
+    with one fp32 scale per rank (A's columns, B's rows: symmetric absmax), which the kernel applies once per
+    row to ``x @ A`` (so the scales cost no work per element); the torch path reads dequantized copies."""
+
     def __init__(self, fan_in: int, out: int, rank: int, capacity: int, dtype, device):
+        self.quantized = dtype == torch.int8
         with _writable():
             self.A_t = torch.zeros(capacity, fan_in, rank, dtype=dtype, device=device)
             self.B_t = torch.zeros(capacity, rank, out, dtype=dtype, device=device)
-            self.g = torch.ones(capacity, out, dtype=dtype, device=device)
+            compute = torch.float32 if self.quantized else dtype
+            self.g = torch.ones(capacity, out, dtype=compute, device=device)
+            # per slot and rank: A's column scales, B's row scales (the LoRA scale folded in); None unless int8
+            self.a_scale = torch.zeros(capacity, rank, dtype=compute, device=device) if self.quantized else None
+            self.b_scale = torch.zeros(capacity, rank, dtype=compute, device=device) if self.quantized else None
         self.stamps = [0] * capacity  # bumped whenever a slot is rewritten: row banks copy from slots by stamp
 
     @property
     def capacity(self) -> int:
         return self.A_t.shape[0]
+
+    def tensors(self) -> list:
+        return [t for t in (self.A_t, self.B_t, self.g, self.a_scale, self.b_scale) if t is not None]
 
     def clear(self, slot: int) -> None:
         """Slot ``slot`` back to "no adapter": zero factors, output factor 1."""
@@ -56,6 +68,9 @@ class _Bucket:
             self.A_t[slot].zero_()
             self.B_t[slot].zero_()
             self.g[slot].fill_(1.0)
+            if self.quantized:
+                self.a_scale[slot].zero_()
+                self.b_scale[slot].zero_()
 
     def write(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale, g) -> None:
         """Slot ``slot`` holds factors A (r, fan_in), B (out, r) with ``scale`` folded into B, output factor g
@@ -65,11 +80,21 @@ class _Bucket:
         with _writable():
             A_t = A.t()
             B_t = B.t() if isinstance(scale, (int, float)) and scale == 1 else B.t() * scale
-            # factors as trained are transposed here: converting in memory order first, then a narrower
-            # transposing copy, beats torch's one-pass converting copy; factors laid out for the store
-            # (serve.host_tier.stack_layout) are contiguous and copy straight in
-            self.A_t[slot, :, :r].copy_(A_t if A_t.is_contiguous() else A_t.to(self.A_t.dtype))
-            self.B_t[slot, :r].copy_(B_t if B_t.is_contiguous() else B_t.to(self.B_t.dtype))
+            if self.quantized:  # quantized on a serving pool's loader thread already, or here
+                qa, qb = prequantized(A), prequantized(B)
+                qa = qa or int8_rows(A_t, dim=0)
+                qb = (qb[0], qb[1] * scale) if qb is not None else int8_rows(B_t, dim=1)
+                self.A_t[slot, :, :r].copy_(qa[0])
+                self.B_t[slot, :r].copy_(qb[0])
+                self.a_scale[slot, :r], self.b_scale[slot, :r] = qa[1], qb[1]
+                self.a_scale[slot, r:] = 0
+                self.b_scale[slot, r:] = 0
+            else:
+                # factors as trained are transposed here: converting in memory order first, then a narrower
+                # transposing copy, beats torch's one-pass converting copy; factors laid out for the store
+                # (serve.host_tier.stack_layout) are contiguous and copy straight in
+                self.A_t[slot, :, :r].copy_(A_t if A_t.is_contiguous() else A_t.to(self.A_t.dtype))
+                self.B_t[slot, :r].copy_(B_t if B_t.is_contiguous() else B_t.to(self.B_t.dtype))
             if r < self.A_t.shape[2]:
                 self.A_t[slot, :, r:].zero_()
                 self.B_t[slot, r:].zero_()
@@ -78,15 +103,56 @@ class _Bucket:
             else:
                 self.g[slot].copy_(g)
 
+    def factors(self, index) -> tuple:
+        """(A, B, g) of slots ``index`` (a slice or a LongTensor) as the torch path reads them: the stack's own
+        tensors (views for a slice), or for an int8 store fp32 copies, dequantized."""
+        pick = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t.index_select(0, index))
+        A, B, g = pick(self.A_t), pick(self.B_t), pick(self.g)
+        if self.quantized:
+            A = A.to(self.g.dtype) * pick(self.a_scale)[:, None, :]
+            B = B.to(self.g.dtype) * pick(self.b_scale)[:, :, None]
+        return A, B, g
+
     def grow(self, capacity: int) -> None:
-        old = (self.A_t, self.B_t, self.g)
+        old = self.tensors()
         with _writable():
-            self.A_t = old[0].new_zeros(capacity, *old[0].shape[1:])
-            self.B_t = old[1].new_zeros(capacity, *old[1].shape[1:])
-            self.g = old[2].new_ones(capacity, old[2].shape[1])
-            for new, prev in zip((self.A_t, self.B_t, self.g), old):
+            grown = [t.new_ones(capacity, *t.shape[1:]) if t is self.g else t.new_zeros(capacity, *t.shape[1:])
+                     for t in old]
+            for new, prev in zip(grown, old):
                 new[: prev.shape[0]] = prev
+        self.A_t, self.B_t, self.g = grown[:3]
+        if self.quantized:
+            self.a_scale, self.b_scale = grown[3:]
         self.stamps += [0] * (capacity - len(self.stamps))
+
+
+def int8_rows(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, fp32 scales) of a factor laid out as the store keeps it (A as (fan_in, r), reduced over
+    ``dim`` 0; B as (r, out), over ``dim`` 1): one symmetric absmax scale per rank, values round(t / scale)."""
+    t = t.float()
+    scales = t.abs().amax(dim=dim).div_(127.0)
+    q = (t / scales.clamp_min(1e-30).unsqueeze(dim)).round_().to(torch.int8)
+    return q, scales
+
+
+def prequantized(factor: torch.Tensor) -> tuple | None:
+    """The (int8 values, scales) a serving pool attached to this factor's parameter (:func:`share_int8`), if they
+    are still its values: same storage, not written since (its version)."""
+    source = factor._base if factor._base is not None else factor
+    held = getattr(source, "grafting_int8", None)
+    if held is None or held[0] != factor.data_ptr() or held[1] != source._version:
+        return None
+    return held[2], held[3]
+
+
+def share_int8(param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """``param`` now holds ``tensor``'s storage: carry the int8 form a loader thread computed for it
+    (``tensor.grafting_int8``, see :func:`grafting.serve.host_tier.stack_layout`), or drop a stale one."""
+    held = getattr(tensor, "grafting_int8", None)
+    if held is None:
+        param.__dict__.pop("grafting_int8", None)
+    else:
+        param.grafting_int8 = (param.data_ptr(), param._version, *held)
 
 
 class RowBank:
@@ -122,9 +188,10 @@ class RowBank:
             if missing:
                 pos = torch.tensor(holes, dtype=torch.long, device=self.A.device)
                 src = torch.tensor([slots[i] for i in missing], dtype=torch.long, device=self.A.device)
-                self.A.index_copy_(0, pos, bucket.A_t.index_select(0, src))
-                self.B.index_copy_(0, pos, bucket.B_t.index_select(0, src))
-                self.g.index_copy_(0, pos, bucket.g.index_select(0, src))
+                A, B, g = bucket.factors(src)
+                self.A.index_copy_(0, pos, A)
+                self.B.index_copy_(0, pos, B)
+                self.g.index_copy_(0, pos, g)
                 for p, i in zip(holes, missing):
                     order[p] = i
                     self.owner[p] = want[i]
@@ -134,7 +201,8 @@ class RowBank:
         if self.A is not None and self.A.shape[0] >= k:
             return
         cap = max(k, 2 * (0 if self.A is None else self.A.shape[0]))
-        grown = (bucket.A_t.new_zeros(cap, *bucket.A_t.shape[1:]), bucket.B_t.new_zeros(cap, *bucket.B_t.shape[1:]),
+        # the factors as the torch path reads them: an int8 store's are dequantized (to g's dtype) on the way in
+        grown = (bucket.g.new_zeros(cap, *bucket.A_t.shape[1:]), bucket.g.new_zeros(cap, *bucket.B_t.shape[1:]),
                  bucket.g.new_ones(cap, bucket.g.shape[1]))
         if self.A is not None:
             for new, prev in zip(grown, (self.A, self.B, self.g)):
@@ -183,13 +251,13 @@ class LowRankStack:
         self.__init__(state["fan_in"], state["out"], state["dtype"], state["device"])
 
     def kernel_table(self, order: tuple) -> torch.Tensor:
-        """(len(order), 3) int64: each bucket's A and B addresses and rank, as the compiled kernel reads them
-        (zeros for a bucket this layer lacks: no row of this layer reads it). Kept until a slot changes."""
+        """(len(order), 5) int64: each bucket's A and B addresses, rank, and an int8 store's scale addresses (0
+        otherwise), as the compiled kernel reads them (zeros for a bucket this layer lacks: no row of this layer
+        reads it). Kept until a slot changes."""
         table = self.tables.get(order)
         if table is None:
-            rows = [(self.buckets[b].A_t.data_ptr(), self.buckets[b].B_t.data_ptr(), b) if b in self.buckets
-                    else (0, 0, 0) for b in order]
-            table = self.tables[order] = torch.tensor(rows, dtype=torch.int64).view(-1, 3)
+            from .kernels import LoraRows
+            table = self.tables[order] = LoraRows.table([self.buckets.get(b) for b in order])
         return table
 
     def reserve(self, bucket: int, capacity: int) -> None:
@@ -204,6 +272,8 @@ class LowRankStack:
     def apply(self, fn) -> None:
         for b in self.buckets.values():
             b.A_t, b.B_t, b.g = fn(b.A_t), fn(b.B_t), fn(b.g)
+            if b.quantized:
+                b.a_scale, b.b_scale = fn(b.a_scale), fn(b.b_scale)
         self.banks.clear()
         if self.buckets:
             any_b = next(iter(self.buckets.values()))

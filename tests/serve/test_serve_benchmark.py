@@ -1,6 +1,7 @@
 """benchmarks/serve.py stays runnable: its quick workload drives every system it compares (grafting, the bf16
-store, base only, peft's mixed batches, peft with set_adapter, all on the engine's scheduler) to the end with
-no failed request. No timing is asserted; the figures live in docs/benchmarks.md."""
+and int8 stores, base only, peft's mixed batches, peft with set_adapter, all on the engine's scheduler) to the
+end with no failed request, and reports the stores' accuracy. No timing is asserted; the figures live in
+docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ def test_quick_workload_runs_every_system_without_failures():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(run.stdout.strip().splitlines()[-1])
+    accuracy = figures["workload"].pop("store_accuracy")
+    assert {"bf16_max_abs_diff", "int8_max_abs_diff", "bf16_top1_agreement", "int8_top1_agreement"} <= set(accuracy)
     systems = {(trace, name): s for trace, by_name in figures["workload"].items() for name, s in by_name.items()}
-    assert {"grafting", "grafting bf16 store", "base only (c)", "peft mixed (a)", "peft set_adapter (b)"} <= \
+    assert {"grafting", "grafting bf16 store", "grafting int8 store", "base only (c)", "peft mixed (a)",
+            "peft set_adapter (b)"} <= \
         {name for _, name in systems}
     for key, s in systems.items():
         assert s["failed"] == 0 and s["requests"] > 0 and s["tokens"] > 0, key

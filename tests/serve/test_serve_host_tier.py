@@ -11,7 +11,9 @@ from serving_models import add_random_adapter, tiny_lm
 import grafting as gf
 from grafting.hashing import adapter_hash
 from grafting.io.reader import AdapterReader
-from grafting.serve.host_tier import AdapterError, HostTier, adapter_rank, contained, read_adapter
+from grafting.io.peft_format import install_adapter
+from grafting.serve.host_tier import AdapterError, HostTier, adapter_rank, contained, read_adapter, tensor_bytes
+from grafting.stacks import int8_rows, prequantized
 
 
 def tensors(nbytes: int) -> dict:
@@ -70,6 +72,52 @@ def test_read_adapter_hashes_the_files_and_lays_factors_out_for_the_store(tmp_pa
         assert torch.equal(t, as_read[key])
         if key in factors:  # a transposed view of a contiguous (fan_in, r) / (r, out) tensor
             assert not t.is_contiguous() and t.t().is_contiguous()
+
+
+def test_for_an_int8_store_reads_quantize_each_factor_once_and_installs_copy_that(tmp_path):
+    """read_adapter(int8=True) attaches each factor's int8 form (per-rank scales) on the loader thread, counted
+    in its bytes; an install shares it with the parameter, and the store written from it equals quantizing
+    there. A parameter written after the install is quantized anew, from its new values."""
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    add_random_adapter(model, "a", "gpt2", r=8, seed=4)
+    model.save_adapter(tmp_path, name="a")
+    _, config, plain, _ = read_adapter(tmp_path)
+    _, _, laid_out, _ = read_adapter(tmp_path, int8=True)
+    for key, t in laid_out.items():
+        q, scales = t.grafting_int8
+        want = int8_rows(t.t(), dim=0 if "lora_A" in key else 1)
+        assert q.dtype == torch.int8 and torch.equal(q, want[0]) and torch.equal(scales, want[1])
+    assert tensor_bytes(laid_out) == tensor_bytes(plain) + sum(
+        t.grafting_int8[0].numel() + 4 * t.grafting_int8[1].numel() for t in laid_out.values())
+
+    def served(tensors, change=None):
+        m = gf.AdaptedModel(tiny_lm("gpt2"))
+        m.eval()
+        m.set_stack_dtype(torch.int8)
+        install_adapter(m, "a", config, tensors, tmp_path, finite_checked=True, share=True, training=False)
+        if change is not None:
+            change(m)
+        carried = [prequantized(h.adapters["a"].lora_B.reshape(h.adapters["a"].lora_B.shape[0], -1)) is not None
+                   for _, h in m.hosts()]
+        assert carried == [any(hasattr(t, "grafting_int8") for t in tensors.values()) and change is None] * len(carried)
+        m.stack_adapters()
+        x = torch.tensor([[1, 2, 3, 4]])
+        with torch.inference_mode():
+            return [b.A_t.clone() for _, h in m.hosts() for b in h._stack.buckets.values()], \
+                m(input_ids=x, adapter_names=["a"]).logits
+
+    quantized_on_read, quantized_here = served(laid_out), served(plain)
+    assert all(torch.equal(a, b) for a, b in zip(quantized_on_read[0], quantized_here[0]))
+    assert torch.equal(quantized_on_read[1], quantized_here[1])
+
+    def double_b(m):
+        with torch.no_grad():
+            for _, h in m.hosts():
+                h.adapters["a"].lora_B.mul_(2)  # a write after the install: the attached int8 form is stale
+
+    _, _, fresh, _ = read_adapter(tmp_path, int8=True)
+    changed, expected = served(fresh, double_b), served(plain, double_b)
+    assert torch.equal(changed[1], expected[1]) and not torch.equal(changed[1], quantized_here[1])
 
 
 def test_read_adapter_refuses_non_finite_weights(tmp_path):

@@ -48,7 +48,9 @@ def test_stack_dtype_sets_the_mixed_batch_store_or_says_what_it_takes(tmp_path):
     tiny_lm("gpt2").save_pretrained(tmp_path / "gpt2")
     engine, _ = build_engine(str(tmp_path / "gpt2"), stack_dtype="bfloat16")
     assert engine.model._routing.stack_dtype == torch.bfloat16
-    with pytest.raises(GraftingError, match="stack_dtype 'int4': expected one of float32, bfloat16"):
+    engine, _ = build_engine(str(tmp_path / "gpt2"), stack_dtype="int8")
+    assert engine.model._routing.stack_dtype == torch.int8
+    with pytest.raises(GraftingError, match="stack_dtype 'int4': expected one of float32, bfloat16, int8"):
         build_engine(str(tmp_path / "gpt2"), stack_dtype="int4")
 
 

@@ -55,9 +55,9 @@ def register(sub) -> None:
     p.add_argument("--preload", action="store_true",
                    help="read the first --max-loras registered adapters at startup (and the next ones up to "
                         "--max-cpu-loras into memory), so no early request waits")
-    p.add_argument("--stack-dtype", choices=["float32", "bfloat16"], default=None,
+    p.add_argument("--stack-dtype", choices=["float32", "bfloat16", "int8"], default=None,
                    help="dtype of the mixed-batch adapter factors (default: the adapters' own); bfloat16 halves "
-                        "what a decode step with many distinct adapters reads")
+                        "what a decode step with many distinct adapters reads, int8 (per-rank scales) quarters it")
     p.add_argument("--max-batch", type=int, default=32, help="rows in the running batch at most (default 32)")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests at most; more get 429")
     p.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",

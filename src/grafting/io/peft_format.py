@@ -23,6 +23,7 @@ from ..init_stage import filling_from_disk
 from ..layers import stores_plain_weight
 from ..methods.base import Method
 from ..registry import get_method
+from ..stacks import share_int8
 from .atomic import atomic_dir
 from .reader import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterReader, read_config, weights_file
 
@@ -295,7 +296,10 @@ def _fill(model, name: str, config, tensors: dict, f: Path, finite_checked: bool
                 param._grafting_shared = True
                 if fresh:  # `.data =` keeps the version: caches keyed on (address, version) must see new content
                     increment_version(param)
+                share_int8(param, tensors[key])  # an int8 store's form of it, computed off the engine's thread
                 continue
+            if param is not None:
+                param.__dict__.pop("grafting_int8", None)
             if fresh and getattr(param, "_grafting_shared", False):  # never write a tensor someone else holds
                 param.data = torch.empty_like(param.data)  # shared implies the default from_peft: a full copy
                 param._grafting_shared = False

@@ -1,6 +1,6 @@
 """Compiled kernels, built on first use with the machine's C compiler; every caller keeps a pure-PyTorch path.
 
-``lora_rows.c`` (see there) reads each mixed-batch row's LoRA factors in place, in fp32 or bf16. It is built
+``lora_rows.c`` (see there) reads each mixed-batch row's LoRA factors in place, in fp32, bf16 or int8. It is built
 with ``cc -O3 -march=native -fopenmp -shared`` into a per-user cache (``$GRAFTING_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/grafting/kernels`` or ``~/.cache/grafting/kernels``), keyed by the source, the flags and the
 CPU (``-march=native`` code must not run on another CPU), and written atomically (a temporary file renamed
@@ -35,7 +35,8 @@ class LoraRows:
         self.path = path
         p, i = ctypes.c_void_p, ctypes.c_int64
         self._fns = {}
-        for dtype, name in ((torch.float32, "lora_rows_f32"), (torch.bfloat16, "lora_rows_bf16")):
+        for dtype, name in ((torch.float32, "lora_rows_f32"), (torch.bfloat16, "lora_rows_bf16"),
+                            (torch.int8, "lora_rows_i8")):
             fn = getattr(lib, name)
             fn.argtypes = [p, p, p, p, i, i, i, i, ctypes.c_int]
             fn.restype = None
@@ -48,9 +49,10 @@ class LoraRows:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, entries: torch.Tensor,
                  dtype: torch.dtype) -> None:
-        """``x`` (n, tokens, in) fp32 and ``y`` (n, tokens, out) fp32, contiguous. ``table`` (buckets, 3) int64:
+        """``x`` (n, tokens, in) fp32 and ``y`` (n, tokens, out) fp32, contiguous. ``table`` (buckets, 5) int64:
         each bucket's A (slots, in, r) and B (slots, r, out) addresses (contiguous tensors of ``dtype``, which
-        the caller keeps alive) and r. ``entries`` (m, 3) int64: row, bucket position in ``table``, slot; rows
+        the caller keeps alive), r, and for int8 the addresses of A's and B's per-rank fp32 scales (slots, r)
+        (0 otherwise). ``entries`` (m, 3) int64: row, bucket position in ``table``, slot; rows
         are taken in this order by the threads in turn (heaviest first balances them)."""
         n, tokens, fan_in = x.shape
         self._fns[dtype](x.data_ptr(), y.data_ptr(), table.data_ptr(), entries.data_ptr(), len(entries), tokens,
@@ -58,8 +60,18 @@ class LoraRows:
 
     @staticmethod
     def table(buckets: list) -> torch.Tensor:
-        """The ``table`` for ``[(A, B), ...]`` (each A (slots, in, r), B (slots, r, out), contiguous)."""
-        return torch.tensor([(A.data_ptr(), B.data_ptr(), A.shape[-1]) for A, B in buckets], dtype=torch.int64)
+        """The ``table`` for ``buckets``: each a stack bucket (:class:`grafting.stacks._Bucket`), None (a bucket
+        no row reads), or ``(A, B)`` / ``(A, B, a_scale, b_scale)`` (A (slots, in, r), B (slots, r, out), the
+        scales (slots, r) fp32; contiguous)."""
+        rows = []
+        for b in buckets:
+            if b is None:
+                rows.append((0, 0, 0, 0, 0))
+                continue
+            A, B, sa, sb = (b.A_t, b.B_t, b.a_scale, b.b_scale) if hasattr(b, "A_t") else (*b, None, None)[:4]
+            rows.append((A.data_ptr(), B.data_ptr(), A.shape[-1], 0 if sa is None else sa.data_ptr(),
+                         0 if sb is None else sb.data_ptr()))
+        return torch.tensor(rows, dtype=torch.int64).view(-1, 5)
 
 
 def lora_rows() -> LoraRows | None:

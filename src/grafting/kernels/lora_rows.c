@@ -2,9 +2,11 @@
 
    The batched-GEMV kernel of Punica (Chen et al., 2023, arXiv:2310.18547, "BGMV") for CPUs: every row of a
    decode batch reads its own adapter's factors straight from the layer's stack (no gather, no copy), factors
-   in fp32 or bf16 (bf16 halves what a step with many distinct adapters reads; widened to fp32 in registers),
-   accumulating in fp32 into y. One call serves all of a layer's rank buckets: `buckets` holds each bucket's
-   A (slots, in, r) and B (slots, r, out) addresses and r, `entries` each row's (row, bucket, slot). Threads
+   in fp32, bf16 or int8 (bf16 halves what a step with many distinct adapters reads, int8 quarters it; widened
+   to fp32 in registers), accumulating in fp32 into y. One call serves all of a layer's rank buckets: `buckets`
+   holds each bucket's A (slots, in, r) and B (slots, r, out) addresses, r, and for int8 the addresses of the
+   per-rank scales of A's columns and B's rows (slots, r) (0 otherwise), `entries` each row's (row, bucket,
+   slot). An int8 row's x @ A is multiplied by both scales once, so B's loop is the same for every dtype. Threads
    (OpenMP: the process's libgomp, which torch loads too) take entries in turn, heaviest rank first as the
    caller orders them, so they finish together; one call per bucket left a thread idle at the end of each
    (1.2x slower per layer with 26 rows over four buckets). x is (rows, tokens, in) and y (rows, tokens, out).
@@ -47,6 +49,31 @@ static inline v8 ld8_bf16(const uint16_t *p) {
     for (int i = 0; i < 8; i++) w[i] = (uint32_t)p[i] << 16;
     v8 v; memcpy(&v, &w, sizeof v); return v;
 }
+/* int8 (an int8 store: one fp32 scale per rank, applied to x @ A afterwards), sign-extended and converted. The
+   x86 intrinsics are one widening load and one conversion each; gcc 12 turns __builtin_convertvector from int8
+   into a byte-by-byte loop (5x slower than the bf16 path), so it is not used */
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+static inline v16 ld16_i8(const int8_t *p) {
+#if defined(__AVX512F__)
+    return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#else
+    v16 v;
+    for (int i = 0; i < 16; i++) v[i] = (float)p[i];
+    return v;
+#endif
+}
+static inline v8 ld8_i8(const int8_t *p) {
+#if defined(__AVX2__)
+    return (v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    v8 v;
+    for (int i = 0; i < 8; i++) v[i] = (float)p[i];
+    return v;
+#endif
+}
+static inline float ld1_i8(const int8_t *p) { return (float)*p; }
 static inline float ld1_f32(const float *p) { return *p; }
 static inline float ld1_bf16(const uint16_t *p) {
     uint32_t bits = (uint32_t)*p << 16;
@@ -145,7 +172,7 @@ void NAME(const float *x, float *y, const int64_t *buckets, const int64_t *entri
     const int64_t blocks = (tokens + TOKEN_BLOCK - 1) / TOKEN_BLOCK; /* decode: one token per row */      \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                               \
     for (int64_t e = 0; e < m * blocks; e++) {                                                          \
-        const int64_t *entry = entries + 3 * (e / blocks), *bucket = buckets + 3 * entry[1];            \
+        const int64_t *entry = entries + 3 * (e / blocks), *bucket = buckets + 5 * entry[1];            \
         const int64_t row = entry[0], s = entry[2], r = bucket[2], t0 = (e % blocks) * TOKEN_BLOCK;     \
         const int64_t nt = tokens - t0 < TOKEN_BLOCK ? tokens - t0 : TOKEN_BLOCK;                       \
         const float *xv = x + (row * tokens + t0) * in;                                                 \
@@ -155,9 +182,16 @@ void NAME(const float *x, float *y, const int64_t *buckets, const int64_t *entri
         float xa[4 * r];                                                                                \
         if (nt == 4) xa_##SUF##_4(xv, a, in, r, xa);                                                    \
         else for (int64_t t = 0; t < nt; t++) xa_##SUF##_1(xv + t * in, a, in, r, xa + t * r);          \
+        if (bucket[3]) { /* int8: A's column scales and B's row scales, both per rank, applied here once */  \
+            const float *sa = (const float *)(intptr_t)bucket[3] + s * r;                               \
+            const float *sb = (const float *)(intptr_t)bucket[4] + s * r;                               \
+            for (int64_t t = 0; t < nt; t++)                                                            \
+                for (int64_t k = 0; k < r; k++) xa[t * r + k] *= sa[k] * sb[k];                         \
+        }                                                                                               \
         for (int64_t t = 0; t < nt; t++) xab_##SUF(xa + t * r, b, yv + t * out, r, out);                \
     }                                                                                                   \
 }
 
 LORA_ROWS(lora_rows_f32, f32, float)
 LORA_ROWS(lora_rows_bf16, bf16, uint16_t)
+LORA_ROWS(lora_rows_i8, i8, int8_t)

@@ -17,6 +17,7 @@ from ..errors import GraftingError
 from ..hashing import adapter_hash
 from ..io.peft_format import require_finite
 from ..io.reader import CONFIG_NAME, WEIGHTS_NAME, AdapterReader
+from ..stacks import int8_rows
 
 
 class AdapterError(GraftingError):
@@ -113,10 +114,10 @@ def shorten(path, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def read_adapter(path, prepare=None, root=None) -> tuple:
+def read_adapter(path, prepare=None, root=None, int8: bool = False) -> tuple:
     """(content hash, config, tensors, metadata) of the PEFT-format adapter in ``path``: read, checked finite,
-    hashed as the files are, then ``prepare``\\ d (if given) and laid out for the store (:func:`stack_layout`).
-    ``root``: the files must stay inside it (:func:`contained`)."""
+    hashed as the files are, then ``prepare``\\ d (if given) and laid out for the store (:func:`stack_layout`;
+    ``int8``: for an int8 store). ``root``: the files must stay inside it (:func:`contained`)."""
     if root is not None:
         path = contained(root, path)
     try:
@@ -131,28 +132,33 @@ def read_adapter(path, prepare=None, root=None) -> tuple:
     config = reader.config
     if prepare is not None:
         config, tensors = prepare(config, tensors)
-    return digest, config, stack_layout(config, tensors), reader.metadata
+    return digest, config, stack_layout(config, tensors, int8), reader.metadata
 
 
-def stack_layout(config, tensors: dict) -> dict:
+def stack_layout(config, tensors: dict, int8: bool = False) -> dict:
     """LoRA and DoRA factors laid out as the mixed-batch store keeps them, done here on the loader thread: each
     ``lora_A`` (r, fan_in) and ``lora_B`` (out, r) becomes a transposed view of a contiguous (fan_in, r) /
     (r, out) tensor, same values and shape. Installs share these tensors (``install_adapter(share=True)``), so
     writing an adapter into the store is a contiguous copy instead of a transposing one, about six times
-    faster; with the host tier an adapter is laid out once and installed many times. Other methods' tensors
-    are left as read."""
+    faster; with the host tier an adapter is laid out once and installed many times. ``int8`` (the model's
+    store is int8): each factor also carries its int8 form and per-rank scales (``tensor.grafting_int8``,
+    :func:`grafting.stacks.int8_rows`), so an install copies those instead of quantizing on the engine's thread.
+    Other methods' tensors are left as read."""
     if getattr(config, "method", None) not in ("lora", "dora"):
         return tensors
     out = {}
     for key, t in tensors.items():
         if t.dim() == 2 and key.endswith(("lora_A.weight", "lora_B.weight")) and t.is_contiguous():
             t = t.t().contiguous().t()
+            if int8:
+                t.grafting_int8 = int8_rows(t.t(), dim=0 if key.endswith("lora_A.weight") else 1)
         out[key] = t
     return out
 
 
 def tensor_bytes(tensors: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes of ``tensors``, with the int8 forms :func:`stack_layout` attached to them."""
+    return sum(x.numel() * x.element_size() for t in tensors.values() for x in (t, *getattr(t, "grafting_int8", ())))
 
 
 def adapter_rank(config) -> int:

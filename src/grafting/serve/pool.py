@@ -29,6 +29,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..errors import GraftingError
 from ..hashing import adopt_hash, config_json
 from ..io.peft_format import install_adapter, refill_adapter
@@ -88,6 +90,12 @@ class AdapterPool(Registrations):
         self._deferred: set = set()  # names queued further back: not read until room is theirs
         self.stats = {"loads": 0, "evictions": 0, "load_errors": 0, "reads": 0}
         self.on_change = None  # called (no arguments) from the loader thread when a read finished
+
+    @property
+    def int8_store(self) -> bool:
+        """Whether the model's mixed-batch store is int8: reads then quantize each factor on the loader thread."""
+        routing = getattr(self.model, "_routing", None)
+        return routing is not None and routing.stack_dtype == torch.int8
 
     @property
     def in_memory(self) -> list[str]:
@@ -173,7 +181,7 @@ class AdapterPool(Registrations):
     def _read_files(self, entry: _Registered, generation: int) -> tuple:
         """(entry, generation, digest, config, tensors, error, metadata): read, checked, hashed, prepared."""
         try:
-            digest, config, tensors, metadata = read_adapter(entry.path, self.prepare, entry.root)
+            digest, config, tensors, metadata = read_adapter(entry.path, self.prepare, entry.root, self.int8_store)
             with self._lock:
                 self.stats["reads"] += 1
             return entry, generation, digest, config, tensors, None, metadata

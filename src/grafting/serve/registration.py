@@ -68,7 +68,7 @@ class Registrations:
         ``root`` as for :meth:`register`."""
         path, root = self._locate(name, path, root)
         try:
-            digest, config, tensors, metadata = read_adapter(path, self.prepare, root)
+            digest, config, tensors, metadata = read_adapter(path, self.prepare, root, self.int8_store)
         except GraftingError as e:
             raise AdapterError(str(e)) from None
         except Exception as e:  # anything else the files do to the reader: say which adapter, as reads do

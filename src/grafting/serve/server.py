@@ -45,7 +45,7 @@ def model_task(model: str) -> str:
     return "generate" if causal else "embed"
 
 
-STACK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STACK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
 def build_engine(model: str, adapters: dict | None = None, adapter_root=None, max_loras: int = 8,
@@ -65,7 +65,8 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
     comes back without a disk read. ``preload``: read and install the first ``max_loras`` registered adapters,
     and read the next ones up to ``max_cpu_loras`` into memory, before returning.
     ``stack_dtype``: "bfloat16" keeps the mixed-batch factors in bf16 (half the bytes a decode step with many
-    adapters reads; :meth:`~grafting.AdaptedModel.set_stack_dtype`); default: the adapters' own.
+    adapters reads), "int8" in int8 with per-rank scales (a quarter; :meth:`~grafting.AdaptedModel.set_stack_dtype`);
+    default: the adapters' own.
     ``max_kv_bytes``: the running batch's key/value cache budget (:class:`~grafting.serve.Engine`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ..model import AdaptedModel
