@@ -82,6 +82,8 @@ class _Bucket:
             B_t = B.t() if isinstance(scale, (int, float)) and scale == 1 else B.t() * scale
             if self.quantized:  # quantized on a serving pool's loader thread already, or here
                 qa, qb = prequantized(A), prequantized(B)
+                if qb is not None and not isinstance(scale, (int, float)) and scale.dim() > 0:
+                    qb = None  # a scale per output feature: folded into B's values before quantizing
                 qa = qa or int8_rows(A_t, dim=0)
                 qb = (qb[0], qb[1] * scale) if qb is not None else int8_rows(B_t, dim=1)
                 self.A_t[slot, :, :r].copy_(qa[0])
@@ -140,7 +142,8 @@ def prequantized(factor: torch.Tensor) -> tuple | None:
     are still its values: same storage, not written since (its version)."""
     source = factor._base if factor._base is not None else factor
     held = getattr(source, "grafting_int8", None)
-    if held is None or held[0] != factor.data_ptr() or held[1] != source._version:
+    if held is None or held[0] != factor.data_ptr() or held[1] != source._version \
+            or held[2].shape != factor.t().shape:  # a slice of the parameter (a truncated rank) is not it
         return None
     return held[2], held[3]
 
