@@ -223,7 +223,7 @@ def replay(engine, trace, names, vocab: int) -> dict:
     engine.stop()
     failed = sum(o.finish_reason != "length" for o in outs)
     lat = [h.request.finished_at - h.request.created for h in handles]
-    ttft = [h.request.first_token_at - h.request.created for h in handles if h.request.first_token_at]
+    ttft = [h.request.first_token_at - h.request.created if h.request.first_token_at else None for h in handles]
     s = summarize(lat, ttft, sum(len(o.token_ids) for o in outs), makespan, SLO)
     s["failed"] = failed
     return s

@@ -37,3 +37,12 @@ def test_lengths_ranks_and_determinism():
 def test_summary_figures():
     s = summarize([1.0, 2.0, 3.0, 4.0], [0.1, 0.2, 0.3, 5.0], tokens=100, makespan=10.0, slo_ttft=1.0)
     assert s["throughput"] == 10.0 and s["slo_attainment"] == 0.75 and s["ttft_p50"] == pytest.approx(0.25)
+
+
+def test_requests_without_a_first_token_miss_the_slo_and_an_all_failed_replay_still_summarizes():
+    s = summarize([1.0, 2.0, 3.0, 4.0], [0.1, None, 0.3, None], tokens=10, makespan=5.0, slo_ttft=1.0)
+    assert s["slo_attainment"] == 0.5 and s["ttft_p50"] == pytest.approx(0.2) and s["requests"] == 4
+    none = summarize([1.0, 2.0], [None, None], tokens=0, makespan=2.0, slo_ttft=1.0)
+    assert none["slo_attainment"] == 0.0 and none["throughput"] == 0.0 and np.isnan(none["ttft_p90"])
+    empty = summarize([], [], tokens=0, makespan=0.0, slo_ttft=1.0)
+    assert empty["requests"] == 0 and np.isnan(empty["latency_p50"])

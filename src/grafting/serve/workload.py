@@ -44,9 +44,17 @@ def make_trace(n_requests: int, n_adapters: int, rate: float, alpha: float = 1.0
 
 def summarize(latencies, ttfts, tokens: int, makespan: float, slo_ttft: float) -> dict:
     """Throughput (tokens/s), latency and time-to-first-token percentiles, and SLO attainment (the share of
-    requests whose first token came within ``slo_ttft`` seconds, S-LoRA's measure)."""
-    lat, ttft = np.asarray(latencies, dtype=float), np.asarray(ttfts, dtype=float)
+    requests whose first token came within ``slo_ttft`` seconds, S-LoRA's measure). ``ttfts`` has one entry per
+    request, None for one that never produced a token: it misses the SLO and has no time to first token.
+    Percentiles of nothing (every request failed) are NaN rather than an error."""
+    lat = np.asarray(latencies, dtype=float)
+    ttft = np.asarray([t for t in ttfts if t is not None], dtype=float)
+
+    def pct(values, q):
+        return float(np.percentile(values, q)) if len(values) else float("nan")
+
     return {"throughput": tokens / makespan if makespan > 0 else 0.0,
-            "latency_p50": float(np.percentile(lat, 50)), "latency_p99": float(np.percentile(lat, 99)),
-            "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p90": float(np.percentile(ttft, 90)),
-            "slo_attainment": float(np.mean(ttft <= slo_ttft)), "requests": int(len(lat)), "tokens": int(tokens)}
+            "latency_p50": pct(lat, 50), "latency_p99": pct(lat, 99),
+            "ttft_p50": pct(ttft, 50), "ttft_p90": pct(ttft, 90),
+            "slo_attainment": float(np.sum(ttft <= slo_ttft)) / len(ttfts) if len(ttfts) else 0.0,
+            "requests": int(len(lat)), "tokens": int(tokens)}
