@@ -232,6 +232,21 @@ def replay(engine, trace, names, vocab: int) -> dict:
 SLO = 6.0
 
 
+STORES = {"grafting": None, "grafting bf16 store": torch.bfloat16, "grafting int8 store": torch.int8}
+
+
+def warm_pool(base, stack_dtype, root: Path, names: list, max_loras: int, host: int) -> AdapterPool:
+    """An adapter pool over a copy of ``base`` with its mixed-batch store in ``stack_dtype``, every name
+    registered and preloaded (warm, as peft's model holds all its adapters before the first request)."""
+    model = gf.AdaptedModel(copy.deepcopy(base))
+    model.set_stack_dtype(stack_dtype)
+    pool = AdapterPool(model, max_loras=max_loras, max_cpu_loras=host)
+    for name in names:
+        pool.register(name, root / name)
+    pool.preload()
+    return pool
+
+
 def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label=None, traces=None,
                      max_cpu_loras: int | None = None) -> dict:
     """The trace grid through every system; ``base`` defaults to the random GPT-2 6 x 768, vocabulary 8,000.
@@ -255,34 +270,16 @@ def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label
         trace = make_trace(cfg["requests"], n, rate=cfg["rate"], alpha=alpha, cv=cv, prompt_len=cfg["prompt_len"],
                            output_len=cfg["output_len"], seed=n)
         key, names = f"N={n} alpha={alpha} cv={cv}", [f"a{i}" for i in range(n)]
-        model = gf.AdaptedModel(copy.deepcopy(base))
         # every adapter in host memory, at most max_loras in the model: S-LoRA's setup (section 7.1)
         host = min(n, max(max_cpu_loras or n, cfg["max_loras"]))
-        pool = AdapterPool(model, max_loras=min(n, cfg["max_loras"]), max_cpu_loras=host)
-        for name in names:
-            pool.register(name, root / name)
-        pool.preload()  # warm, as peft's model below holds all its adapters before the first request
-        model16 = gf.AdaptedModel(copy.deepcopy(base))
-        model16.set_stack_dtype(torch.bfloat16)
-        pool16 = AdapterPool(model16, max_loras=min(n, cfg["max_loras"]), max_cpu_loras=host)
-        for name in names:
-            pool16.register(name, root / name)
-        pool16.preload()
-        model8 = gf.AdaptedModel(copy.deepcopy(base))
-        model8.set_stack_dtype(torch.int8)
-        pool8 = AdapterPool(model8, max_loras=min(n, cfg["max_loras"]), max_cpu_loras=host)
-        for name in names:
-            pool8.register(name, root / name)
-        pool8.preload()
-        # every lambda binds this trace's objects now (defaults): the goal rounds call them after the loop, when
-        # the loop's variables hold the last trace's (a late-binding bug made rounds 2 and 3 replay N=512)
         batch = cfg["max_batch"]
-        systems = {"grafting": lambda model=model, pool=pool, trace=trace, names=names: replay(
-                       Engine(model, pool=pool, max_batch=batch), trace, names, vocab),
-                   "grafting bf16 store": lambda model16=model16, pool16=pool16, trace=trace, names=names: replay(
-                       Engine(model16, pool=pool16, max_batch=batch), trace, names, vocab),
-                   "grafting int8 store": lambda model8=model8, pool8=pool8, trace=trace, names=names: replay(
-                       Engine(model8, pool=pool8, max_batch=batch), trace, names, vocab)}
+        systems = {}
+        for system, dtype in STORES.items():
+            pool = warm_pool(base, dtype, root, names, min(n, cfg["max_loras"]), host)
+            # each lambda binds this trace's objects now (defaults): the goal rounds call them after the loop,
+            # when the loop's variables hold the last trace's (a late-binding bug made rounds 2 and 3 replay N=512)
+            systems[system] = lambda pool=pool, trace=trace, names=names: replay(
+                Engine(pool.model, pool=pool, max_batch=batch), trace, names, vocab)
         if n == cfg["peer_n"]:
             if n not in peft_models:
                 peft = PeftModel.from_pretrained(copy.deepcopy(base), root / "a0", adapter_name="a0")
@@ -316,7 +313,7 @@ def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label
     return results
 
 
-GOAL_SYSTEMS = ("grafting", "grafting bf16 store", "grafting int8 store", "base only (c)")
+GOAL_SYSTEMS = (*STORES, "base only (c)")
 
 
 def goal_rounds(results: dict, again: dict, rounds: int, n_max: int, label: str) -> None:
@@ -338,10 +335,10 @@ def goal_rounds(results: dict, again: dict, rounds: int, n_max: int, label: str)
             print(f"# round {i + 2} {key} {name}: {results[key][name]['throughput_rounds'][-1]:.1f} tokens/s",
                   flush=True)
     small, big = "N=8 alpha=1.0 cv=1.0", f"N={n_max} alpha=1.0 cv=1.0"
-    pairs = [(f"{big} / {small}: {name}", (big, name), (small, name)) for name in GOAL_SYSTEMS[:3]
+    pairs = [(f"{big} / {small}: {name}", (big, name), (small, name)) for name in STORES
              if big != small and (big, name) in again and (small, name) in again]
     pairs += [(f"{key}: {name} / base only", (key, name), (key, "base only (c)")) for key in results
-              if (key, "base only (c)") in again for name in GOAL_SYSTEMS[:3]]
+              if (key, "base only (c)") in again for name in STORES]
     rows = []
     for title, (k1, n1), (k2, n2) in pairs:
         per_round = [a / b for a, b in zip(results[k1][n1]["throughput_rounds"], results[k2][n2]["throughput_rounds"])]

@@ -48,7 +48,6 @@ class AdaptedModel(nn.Module):
         self._hashes: dict = {}  # adapter -> (version key, content hash)
         # adapter -> strings saved in its safetensors __metadata__ (e.g. the base fingerprint of a LoftQ init)
         self.adapter_metadata: dict[str, dict[str, str]] = {}
-        self._structure = 0  # bumped whenever adapters are added or removed (keys cached per-adapter lookups)
         if config is not None:
             self.add_adapter(adapter_name, config, calibration=calibration)
             self.set_active(adapter_name)
@@ -205,7 +204,6 @@ class AdaptedModel(nn.Module):
                     del saved.copies[name]
             raise
         self.peft_config[name] = config
-        self._structure += 1
         if not self.training:  # a model put in eval mode (serving, evaluation) keeps a new adapter there too
             self.train_adapter(name, False)
         low_rank = ranks and all(r is not None for r in ranks)
@@ -240,7 +238,6 @@ class AdaptedModel(nn.Module):
         if name in self.shared_tensors:
             del self.shared_tensors[name]
         del self.peft_config[name]
-        self._structure += 1
         self._initial.pop(name, None)
         self.adapter_metadata.pop(name, None)
         self._hashes.pop(name, None)
@@ -449,7 +446,6 @@ class AdaptedModel(nn.Module):
         for p in base.parameters():
             p.requires_grad_(True)
         self.peft_config.clear()
-        self._structure += 1
         self._routing.active = ()
         return base
 

@@ -260,7 +260,9 @@ class LowRankStack:
         table = self.tables.get(order)
         if table is None:
             from .kernels import LoraRows
-            table = self.tables[order] = LoraRows.table([self.buckets.get(b) for b in order])
+            table = self.tables[order] = LoraRows.table([
+                (self.buckets[b].A_t, self.buckets[b].B_t, self.buckets[b].a_scale, self.buckets[b].b_scale)
+                if b in self.buckets else None for b in order])
         return table
 
     def reserve(self, bucket: int, capacity: int) -> None:

@@ -60,17 +60,17 @@ class LoraRows:
 
     @staticmethod
     def table(buckets: list) -> torch.Tensor:
-        """The ``table`` for ``buckets``: each a stack bucket (:class:`grafting.stacks._Bucket`), None (a bucket
-        no row reads), or ``(A, B)`` / ``(A, B, a_scale, b_scale)`` (A (slots, in, r), B (slots, r, out), the
-        scales (slots, r) fp32; contiguous)."""
+        """The ``table`` for ``buckets``: each ``(A, B)`` or ``(A, B, a_scale, b_scale)`` (A (slots, in, r),
+        B (slots, r, out), the int8 scales (slots, r) fp32 or None; contiguous), or None for a bucket no row
+        reads."""
         rows = []
         for b in buckets:
             if b is None:
                 rows.append((0, 0, 0, 0, 0))
                 continue
-            A, B, sa, sb = (b.A_t, b.B_t, b.a_scale, b.b_scale) if hasattr(b, "A_t") else (*b, None, None)[:4]
-            rows.append((A.data_ptr(), B.data_ptr(), A.shape[-1], 0 if sa is None else sa.data_ptr(),
-                         0 if sb is None else sb.data_ptr()))
+            A, B, *scales = b
+            rows.append((A.data_ptr(), B.data_ptr(), A.shape[-1],
+                         *(0 if t is None else t.data_ptr() for t in (scales or (None, None)))))
         return torch.tensor(rows, dtype=torch.int64).view(-1, 5)
 
 

@@ -101,7 +101,6 @@ class BatchCache:
         self.buffers: list | None = None  # per layer (keys, values), each (rows, kv_heads, capacity, head_dim)
         self.mask: torch.Tensor | None = None  # (rows, columns), 1 = a real token
         self._layers: list | None = None  # the BufferLayers lent to the model for the current decode step
-        self._store: list | None = None  # per layer (keys, values) allocated: buffers are their first rows
 
     @property
     def rows(self) -> int:
@@ -124,7 +123,7 @@ class BatchCache:
         return [(k[:, :, :n], v[:, :, :n]) for k, v in self.buffers]
 
     def set(self, kv, mask: torch.Tensor) -> None:
-        self.buffers, self.mask, self._store = None, None, None
+        self.buffers, self.mask = None, None
         self.join(kv, mask)
 
     def join(self, kv, mask: torch.Tensor) -> None:
@@ -147,54 +146,50 @@ class BatchCache:
             buffers.append((keys, values))
         masks = [] if self.mask is None else [self.mask]
         masks.append(mask)
-        self.buffers = self._store = buffers
+        self.buffers = buffers
         self.mask = torch.cat([_left_pad(m, width, dim=1) for m in masks])
 
     def _join_in_place(self, kv, mask: torch.Tensor) -> bool:
         """Write the new rows into rows that earlier rows left, when they fit there and are no wider than the
-        running rows (a wider one would need every running row shifted)."""
-        if self.buffers is None or self._store is None:
+        running rows (a wider one would need every running row shifted). The buffers are views of the first rows
+        and last columns of the tensors allocated for them (``_base``)."""
+        if self.buffers is None:
             return False
         n, m, width = self.rows, mask.shape[0], self.columns
-        store = self._store[0][0]
-        offset = store.shape[2] - self.capacity  # columns cut off the left (a view's offset)
-        if mask.shape[1] > width or n + m > store.shape[0]:
+        offset = _allocated(self.buffers[0][0]).shape[2] - self.capacity  # columns cut off the left
+        if mask.shape[1] > width or n + m > _allocated(self.buffers[0][0]).shape[0]:
             return False
         pad = width - mask.shape[1]
         buffers = []
-        for (ks, vs), (k, v) in zip(self._store, kv):
-            for dst, src in ((ks, k), (vs, v)):
+        for layer, new in zip(self.buffers, kv):
+            keys, values = (_allocated(t) for t in layer)
+            for dst, src in zip((keys, values), new):
                 dst[n:n + m, :, offset:offset + pad] = 0
                 dst[n:n + m, :, offset + pad:offset + width] = src
-            buffers.append((ks[:n + m, :, offset:], vs[:n + m, :, offset:]))
+            buffers.append((keys[:n + m, :, offset:], values[:n + m, :, offset:]))
         self.buffers = buffers
         self.mask = torch.cat([self.mask, _left_pad(mask, width, dim=1)])
         return True
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (indices, in their new order); cut padding columns no kept row uses."""
+        """Keep only ``rows`` (indices, in their new order); cut padding columns no kept row uses. In place: only
+        rows whose position changes are copied (used columns only); the engine fills the places of leaving rows
+        with the last rows, so a leave moves about as many rows as left."""
         if len(rows) == 0:
-            self.buffers, self.mask, self._store = None, None, None
+            self.buffers, self.mask = None, None
             return
         mask = self.mask.index_select(0, rows)
         cut = mask.shape[1] - int(mask.sum(1).max())  # columns left of every kept row's first real token
-        order = rows.tolist()
-        if self._store is not None and len(set(order)) == len(order):
-            # in place: only rows whose position changes are copied (used columns only); the engine fills the
-            # places of leaving rows with the last rows, so a leave moves about as many rows as left
-            moves = [(j, i) for j, i in enumerate(order) if i != j]
-            if moves:
-                dst, src = (torch.tensor(m, dtype=torch.long, device=rows.device) for m in zip(*moves))
-                with torch.inference_mode(self.buffers[0][0].is_inference()):  # the engine retires outside it
-                    for kv in self.buffers:
-                        for t in kv:
-                            used = t[:, :, cut:self.columns]
-                            used.index_copy_(0, dst, used.index_select(0, src))
-            # the buffers keep their room on the right: the cut columns are a view's offset, not a copy
-            self.buffers = [(k[:len(order), :, cut:], v[:len(order), :, cut:]) for k, v in self.buffers]
-        else:
-            self.buffers = self._store = [(k.index_select(0, rows)[:, :, cut:], v.index_select(0, rows)[:, :, cut:])
-                                          for k, v in self.buffers]
+        moves = [(j, i) for j, i in enumerate(rows.tolist()) if i != j]
+        if moves:
+            dst, src = (torch.tensor(m, dtype=torch.long, device=rows.device) for m in zip(*moves))
+            with torch.inference_mode(self.buffers[0][0].is_inference()):  # the engine retires outside it
+                for kv in self.buffers:
+                    for t in kv:
+                        used = t[:, :, cut:self.columns]
+                        used.index_copy_(0, dst, used.index_select(0, src))  # sources read before any write
+        # the buffers keep their room on the right: the cut columns are a view's offset, not a copy
+        self.buffers = [(k[:len(rows), :, cut:], v[:len(rows), :, cut:]) for k, v in self.buffers]
         self.mask = mask[:, cut:]
 
     def model_cache(self):
@@ -208,17 +203,12 @@ class BatchCache:
     def append_step(self, kv) -> None:
         """After a decode step: the model's cache (one more column) and a real token in that column per row."""
         if self._layers is not None:  # the layers wrote their column in place, into new buffers if full
-            if self._layers[0].key_buffer is not self.buffers[0][0]:
-                self._store = None  # regrown: the new buffers have no rows or columns beyond the view
             self.buffers = [(layer.key_buffer, layer.value_buffer) for layer in self._layers]
-            if self._store is None:
-                self._store = self.buffers
             self._layers = None
         else:
             n = self.columns
             if n + 1 > self.capacity:
-                self.buffers = self._store = [(_regrow(k, n, room(n + 1)), _regrow(v, n, room(n + 1)))
-                                              for k, v in self.buffers]
+                self.buffers = [(_regrow(k, n, room(n + 1)), _regrow(v, n, room(n + 1))) for k, v in self.buffers]
             for (kb, vb), (k, v) in zip(self.buffers, kv):
                 kb[:, :, n] = k[:, :, -1]
                 vb[:, :, n] = v[:, :, -1]
@@ -229,6 +219,11 @@ class BatchCache:
         if self.buffers is None:
             return 0
         return sum(t.untyped_storage().nbytes() for kv in self.buffers for t in kv)
+
+
+def _allocated(buffer: torch.Tensor) -> torch.Tensor:
+    """The tensor a buffer view was cut from (itself if it is not a view)."""
+    return buffer if buffer._base is None else buffer._base
 
 
 def _regrow(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
