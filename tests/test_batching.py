@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -80,6 +81,52 @@ def test_reserve_preallocates_so_loading_adapters_reallocates_nothing():
         model.add_adapter(f"a{i}", lora(8))
     assert_rows_match(model, torch.randn(7, 8), ["a0", "a1", "a2", "a3", "a4", "a5", None])
     assert stack.buckets[8].A_t is A_before
+
+
+def test_a_no_grad_call_writes_its_new_adapters_into_every_layer_before_any_layer_runs():
+    """Without grad, a call's adapters that the stacks lack are written into every layer's stack up front, one
+    layer after another, not each at its layer's turn between the matmuls; a copied model (empty stacks) and a
+    rewritten adapter are still written, by the call or by the layer."""
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), lora(4))
+    model.add_adapter("b", lora(8))
+    model.eval()
+    hosts = [h for _, h in model.hosts()]
+    seen = []
+    hooks = [h.register_forward_pre_hook(lambda *_: seen.append(
+        all(x._stack is not None and "b" in x._stack.keys for x in hosts))) for h in hosts]
+    x, names = torch.randn(3, 8), ["b", None, "default"]
+    with torch.no_grad():
+        out = model(x, adapter_names=names)
+    assert seen and seen[0]
+    for hook in hooks:
+        hook.remove()
+    assert_rows_match(model, x, names)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.allclose(twin(x, adapter_names=names), out, atol=1e-6)
+        for _, host in model.hosts():
+            host.adapters["b"].lora_B.mul_(2.0)
+    assert_rows_match(model, x, names)
+
+
+def test_a_slot_rewritten_in_place_keeps_the_kernel_s_table_and_serves_the_new_adapter(mixed_path):
+    """The compiled kernel's table holds the buckets' addresses: an adapter written into a freed slot leaves
+    them where they were, so the table is kept (rebuilt only when a bucket grows or moves)."""
+    torch.manual_seed(0)
+    model = gf.adapt(Net(), lora(4))
+    model.add_adapter("b", lora(4))
+    model.eval()
+    x = torch.randn(3, 8)
+    assert_rows_match(model, x, ["b", "default", None])
+    stack = stack_of(model)
+    tables = dict(stack.tables)
+    model.delete_adapter("b")
+    model.add_adapter("c", lora(4))  # b's slot, same bucket
+    assert model._routing.slot_of["c"] == (4, 2)
+    assert_rows_match(model, x, ["c", "default", None])
+    if mixed_path == "kernel" and gf.kernels.lora_rows() is not None:
+        assert tables and all(stack.tables[k] is t for k, t in tables.items())
 
 
 def test_same_name_reloaded_with_other_weights_never_serves_stale_factors(tmp_path):

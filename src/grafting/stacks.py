@@ -15,6 +15,7 @@ import contextlib
 import threading
 from collections import OrderedDict
 
+import numpy
 import torch
 
 MIN_BUCKET = 4  # 16-byte aligned fp32 rows
@@ -76,30 +77,35 @@ class _Bucket:
         """Slot ``slot`` holds factors A (r, fan_in), B (out, r) with ``scale`` folded into B, output factor g
         (None: 1). Only the rank padding is zeroed; a serving pool rewrites slots at every install."""
         self.stamps[slot] += 1
-        r = A.shape[0]
+        r, width = A.shape[0], self.A_t.shape[2]
+        unscaled = isinstance(scale, (int, float)) and scale == 1
         with _writable():
-            A_t = A.t()
-            B_t = B.t() if isinstance(scale, (int, float)) and scale == 1 else B.t() * scale
+            A_t, B_t = A.t(), B.t()
             if self.quantized:  # quantized on a serving pool's loader thread already, or here
                 qa, qb = prequantized(A), prequantized(B)
                 if qb is not None and not isinstance(scale, (int, float)) and scale.dim() > 0:
                     qb = None  # a scale per output feature: folded into B's values before quantizing
                 qa = qa or int8_rows(A_t, dim=0)
-                qb = (qb[0], qb[1] * scale) if qb is not None else int8_rows(B_t, dim=1)
-                self.A_t[slot, :, :r].copy_(qa[0])
-                self.B_t[slot, :r].copy_(qb[0])
-                self.a_scale[slot, :r], self.b_scale[slot, :r] = qa[1], qb[1]
-                self.a_scale[slot, r:] = 0
-                self.b_scale[slot, r:] = 0
+                qb = (qb[0], qb[1] * scale) if qb is not None else int8_rows(B_t if unscaled else B_t * scale, dim=1)
+                put(self.A_t[slot, :, :r], qa[0])
+                put(self.B_t[slot, :r], qb[0])
+                put(self.a_scale[slot, :r], qa[1])
+                put(self.b_scale[slot, :r], qb[1])
+                if r < width:
+                    self.a_scale[slot, r:].zero_()
+                    self.b_scale[slot, r:].zero_()
             else:
                 # factors as trained are transposed here: converting in memory order first, then a narrower
                 # transposing copy, beats torch's one-pass converting copy; factors laid out for the store
-                # (serve.host_tier.stack_layout) are contiguous and copy straight in
-                self.A_t[slot, :, :r].copy_(A_t if A_t.is_contiguous() else A_t.to(self.A_t.dtype))
-                self.B_t[slot, :r].copy_(B_t if B_t.is_contiguous() else B_t.to(self.B_t.dtype))
-            if r < self.A_t.shape[2]:
-                self.A_t[slot, :, r:].zero_()
-                self.B_t[slot, r:].zero_()
+                # (serve.host_tier.stack_layout) are contiguous and copy straight in, scaled on the way (a
+                # scaled temporary of B was a fresh allocation at every install)
+                put(self.A_t[slot, :, :r], A_t if A_t.is_contiguous() else A_t.to(self.A_t.dtype))
+                if unscaled and not B_t.is_contiguous():
+                    B_t = B_t.to(self.B_t.dtype)
+                put(self.B_t[slot, :r], B_t, None if unscaled else scale)
+            if r < width:
+                put(self.A_t[slot, :, r:], None)
+                put(self.B_t[slot, r:], None)
             if g is None:
                 self.g[slot].fill_(1.0)
             else:
@@ -126,6 +132,42 @@ class _Bucket:
         if self.quantized:
             self.a_scale, self.b_scale = grown[3:]
         self.stamps += [0] * (capacity - len(self.stamps))
+
+
+SERIAL = 32767  # elements: torch runs an elementwise op below its grain size (32,768) on the calling thread
+_AS_NUMPY = {torch.float32: torch.float32, torch.int8: torch.int8, torch.bfloat16: torch.int16}
+
+
+def put(dst: torch.Tensor, src: torch.Tensor | None, scale=None) -> None:
+    """``dst[:] = src`` (times ``scale``, a number or a tensor broadcasting against ``dst``; src None: zeros) on
+    the calling thread, without a temporary. A slot is a few hundred KB, which torch splits across its threads,
+    and waking the other one, asleep between a serving loop's steps, costs more than the copy (a 512-adapter
+    replay on 2 cores spent 0.32-0.40 s writing slots with torch's copies, 0.24-0.27 s this way). Same-dtype
+    CPU copies and fp32 products go through NumPy (one thread); others (bf16 from fp32) in pieces below
+    torch's grain size."""
+    src = None if src is None else src.detach()
+    scale = scale.detach() if isinstance(scale, torch.Tensor) else scale
+    view = _AS_NUMPY.get(dst.dtype) if dst.device.type == "cpu" else None
+    if view is not None and (src is None or (src.device.type == "cpu" and src.dtype == dst.dtype)) \
+            and (scale is None or (dst.dtype == torch.float32 and (isinstance(scale, (int, float)) or (
+                isinstance(scale, torch.Tensor) and scale.device.type == "cpu" and scale.dtype == torch.float32)))):
+        d = dst.view(view).numpy()
+        if src is None:
+            d.fill(0)
+        elif scale is None:
+            numpy.copyto(d, src.view(view).numpy())
+        else:
+            numpy.multiply(src.numpy(), scale if isinstance(scale, (int, float)) else scale.numpy(), out=d)
+        return
+    rows = max(1, SERIAL // max(1, dst[0].numel())) if dst.device.type == "cpu" and len(dst) else max(len(dst), 1)
+    for i in range(0, len(dst), rows):
+        d = dst[i:i + rows]
+        if src is None:
+            d.zero_()
+        elif scale is None:
+            d.copy_(src[i:i + rows])
+        else:
+            torch.mul(src[i:i + rows], scale, out=d)
 
 
 def int8_rows(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,11 +280,12 @@ class LowRankStack:
         while len(self.calls) > PLANS_KEPT:
             self.calls.popitem(last=False)
 
-    def _changed(self) -> None:
+    def _changed(self, moved: bool = False) -> None:
         self.version += 1  # keys the per-call plans
         self.plans.clear()
         self.calls.clear()
-        self.tables.clear()  # a reserve or .to() may have moved the buckets
+        if moved:  # a reserve or .to() moved the buckets; a slot written in place leaves the kernel's table valid
+            self.tables.clear()
 
     def __deepcopy__(self, memo):  # a cache: a copied model refills its own on first use
         return LowRankStack(self.fan_in, self.out, self.dtype, self.device)
@@ -272,7 +315,7 @@ class LowRankStack:
                 self.buckets[bucket] = _Bucket(self.fan_in, self.out, bucket, capacity, self.dtype, self.device)
             elif self.buckets[bucket].capacity < capacity:
                 self.buckets[bucket].grow(capacity)
-        self._changed()
+        self._changed(moved=True)
 
     def apply(self, fn) -> None:
         for b in self.buckets.values():
@@ -283,7 +326,7 @@ class LowRankStack:
         if self.buckets:
             any_b = next(iter(self.buckets.values()))
             self.dtype, self.device = any_b.A_t.dtype, any_b.A_t.device
-        self._changed()
+        self._changed(moved=True)
 
     @torch.no_grad()
     def free(self, name: str) -> None:
