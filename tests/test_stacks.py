@@ -91,23 +91,27 @@ def test_an_int8_bucket_quantizes_each_rank_symmetrically_and_reads_back_dequant
 
 def test_put_writes_what_torch_would_into_strided_slots():
     """``put`` (a slot write on the calling thread) gives exactly torch's values: copies, products with a
-    number or a per-column tensor, conversions to bf16 (in pieces past torch's grain size), zeros; into a
-    strided slice of a larger tensor, from a transposed source and from a parameter that requires grad."""
+    number or a per-column tensor, conversions to bf16 (in pieces past torch's grain size), fills; into a
+    strided slice of a larger tensor or of its NumPy view, from a transposed source and from a parameter that
+    requires grad."""
     from grafting.stacks import put
 
     torch.manual_seed(0)
     source = torch.randn(1000, 40).t()  # (40, 1000), transposed: 40,000 elements, above the grain size
     per_column = torch.rand(1000)
     cases = [(torch.float32, torch.float32, None), (torch.float32, torch.float32, 0.37),
-             (torch.float32, torch.float32, per_column), (torch.bfloat16, torch.bfloat16, None),
-             (torch.bfloat16, torch.float32, None), (torch.bfloat16, torch.float32, 0.37),
-             (torch.bfloat16, torch.float32, per_column), (torch.int8, torch.int8, None)]
+             (torch.float32, torch.float32, per_column), (torch.float32, torch.float16, 0.37),
+             (torch.bfloat16, torch.bfloat16, None), (torch.bfloat16, torch.float32, None),
+             (torch.bfloat16, torch.float32, 0.37), (torch.bfloat16, torch.float32, per_column),
+             (torch.int8, torch.int8, None)]
     for dst_dtype, src_dtype, scale in cases:
         src = (source * 40).to(src_dtype) if src_dtype == torch.int8 else source.to(src_dtype)
-        store = torch.full((3, 48, 1000), 7, dtype=dst_dtype)
-        put(store[1, :40], torch.nn.Parameter(src, requires_grad=src.is_floating_point()), scale)
         want = (src if scale is None else src * scale).to(dst_dtype)
-        assert torch.equal(store[1, :40], want), (dst_dtype, src_dtype, scale)
-        assert (store[0] == 7).all() and (store[2] == 7).all() and (store[1, 40:] == 7).all()
-        put(store[2, :, 900:], None)  # a strided slice: zeros there only
-        assert (store[2, :, 900:] == 0).all() and (store[2, :, :900] == 7).all()
+        for as_numpy in (False, True) if dst_dtype != torch.bfloat16 else (False,):
+            store = torch.full((3, 48, 1000), 7, dtype=dst_dtype)
+            view = store.numpy() if as_numpy else store
+            put(view[1, :40], torch.nn.Parameter(src, requires_grad=src.is_floating_point()), scale)
+            assert torch.equal(store[1, :40], want), (dst_dtype, src_dtype, scale, as_numpy)
+            assert (store[0] == 7).all() and (store[2] == 7).all() and (store[1, 40:] == 7).all()
+            put(view[2, :, 900:], 0)  # a strided slice: zeros there only
+            assert (store[2, :, 900:] == 0).all() and (store[2, :, :900] == 7).all()

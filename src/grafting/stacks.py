@@ -54,6 +54,8 @@ class _Bucket:
             self.a_scale = torch.zeros(capacity, rank, dtype=compute, device=device) if self.quantized else None
             self.b_scale = torch.zeros(capacity, rank, dtype=compute, device=device) if self.quantized else None
         self.stamps = [0] * capacity  # bumped whenever a slot is rewritten: row banks copy from slots by stamp
+        self.rescaled: set = set()  # slots whose output factor g is not all ones
+        self._views = None
 
     @property
     def capacity(self) -> int:
@@ -69,9 +71,20 @@ class _Bucket:
             self.A_t[slot].zero_()
             self.B_t[slot].zero_()
             self.g[slot].fill_(1.0)
+            self.rescaled.discard(slot)
             if self.quantized:
                 self.a_scale[slot].zero_()
                 self.b_scale[slot].zero_()
+
+    def views(self) -> list:
+        """The bucket's tensors (A_t, B_t, g, and for int8 the scales) as NumPy arrays for a CPU fp32 or int8 store,
+        else as themselves: slicing an array costs a fraction of slicing a tensor, and a serving pool writes about
+        twenty layers' slots per install. Made again after the tensors were replaced (grow, .to())."""
+        held = self._views
+        if held is None or held[0] is not self.A_t:
+            arrays = self.A_t.device.type == "cpu" and self.A_t.dtype in (torch.float32, torch.int8)
+            held = self._views = (self.A_t, [t.numpy() if arrays else t for t in self.tensors()])
+        return held[1]
 
     def write(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale, g) -> None:
         """Slot ``slot`` holds factors A (r, fan_in), B (out, r) with ``scale`` folded into B, output factor g
@@ -79,37 +92,41 @@ class _Bucket:
         self.stamps[slot] += 1
         r, width = A.shape[0], self.A_t.shape[2]
         unscaled = isinstance(scale, (int, float)) and scale == 1
+        A_v, B_v, g_v, *scales = self.views()
         with _writable():
             A_t, B_t = A.t(), B.t()
             if self.quantized:  # quantized on a serving pool's loader thread already, or here
-                qa, qb = prequantized(A), prequantized(B)
-                if qb is not None and not isinstance(scale, (int, float)) and scale.dim() > 0:
-                    qb = None  # a scale per output feature: folded into B's values before quantizing
-                qa = qa or int8_rows(A_t, dim=0)
-                qb = (qb[0], qb[1] * scale) if qb is not None else int8_rows(B_t if unscaled else B_t * scale, dim=1)
-                put(self.A_t[slot, :, :r], qa[0])
-                put(self.B_t[slot, :r], qb[0])
-                put(self.a_scale[slot, :r], qa[1])
-                put(self.b_scale[slot, :r], qb[1])
+                qa, qb, b_times = prequantized(A) or int8_rows(A_t, dim=0), prequantized(B), None
+                if qb is None or (isinstance(scale, torch.Tensor) and scale.dim() > 0):
+                    # a scale per output feature is folded into B's values before quantizing
+                    qb = int8_rows(B_t if unscaled else B_t * scale, dim=1)
+                elif not unscaled:
+                    b_times = scale  # one number: it goes into B's row scales
+                put(A_v[slot, :, :r], qa[0])
+                put(B_v[slot, :r], qb[0])
+                put(scales[0][slot, :r], qa[1])
+                put(scales[1][slot, :r], qb[1], b_times)
                 if r < width:
-                    self.a_scale[slot, r:].zero_()
-                    self.b_scale[slot, r:].zero_()
+                    put(scales[0][slot, r:], 0)
+                    put(scales[1][slot, r:], 0)
             else:
                 # factors as trained are transposed here: converting in memory order first, then a narrower
                 # transposing copy, beats torch's one-pass converting copy; factors laid out for the store
                 # (serve.host_tier.stack_layout) are contiguous and copy straight in, scaled on the way (a
                 # scaled temporary of B was a fresh allocation at every install)
-                put(self.A_t[slot, :, :r], A_t if A_t.is_contiguous() else A_t.to(self.A_t.dtype))
+                put(A_v[slot, :, :r], A_t if A_t.is_contiguous() else A_t.to(self.A_t.dtype))
                 if unscaled and not B_t.is_contiguous():
                     B_t = B_t.to(self.B_t.dtype)
-                put(self.B_t[slot, :r], B_t, None if unscaled else scale)
+                put(B_v[slot, :r], B_t, None if unscaled else scale)
             if r < width:
-                put(self.A_t[slot, :, r:], None)
-                put(self.B_t[slot, r:], None)
-            if g is None:
-                self.g[slot].fill_(1.0)
-            else:
-                self.g[slot].copy_(g)
+                put(A_v[slot, :, r:], 0)
+                put(B_v[slot, r:], 0)
+            if g is not None:
+                put(g_v[slot], g)
+                self.rescaled.add(slot)
+            elif slot in self.rescaled:  # g is 1 in every slot no output-rescaling adapter held
+                put(g_v[slot], 1.0)
+                self.rescaled.discard(slot)
 
     def factors(self, index) -> tuple:
         """(A, B, g) of slots ``index`` (a slice or a LongTensor) as the torch path reads them: the stack's own
@@ -129,45 +146,44 @@ class _Bucket:
             for new, prev in zip(grown, old):
                 new[: prev.shape[0]] = prev
         self.A_t, self.B_t, self.g = grown[:3]
+        self._views = None
         if self.quantized:
             self.a_scale, self.b_scale = grown[3:]
         self.stamps += [0] * (capacity - len(self.stamps))
 
 
 SERIAL = 32767  # elements: torch runs an elementwise op below its grain size (32,768) on the calling thread
-_AS_NUMPY = {torch.float32: torch.float32, torch.int8: torch.int8, torch.bfloat16: torch.int16}
+_NUMPY = (torch.float32, torch.float64, torch.float16, torch.int8)  # dtypes whose tensors .numpy() shares
 
 
-def put(dst: torch.Tensor, src: torch.Tensor | None, scale=None) -> None:
-    """``dst[:] = src`` (times ``scale``, a number or a tensor broadcasting against ``dst``; src None: zeros) on
-    the calling thread, without a temporary. A slot is a few hundred KB, which torch splits across its threads,
-    and waking the other one, asleep between a serving loop's steps, costs more than the copy (a 512-adapter
-    replay on 2 cores spent 0.32-0.40 s writing slots with torch's copies, 0.24-0.27 s this way). Same-dtype
-    CPU copies and fp32 products go through NumPy (one thread); others (bf16 from fp32) in pieces below
-    torch's grain size."""
-    src = None if src is None else src.detach()
-    scale = scale.detach() if isinstance(scale, torch.Tensor) else scale
-    view = _AS_NUMPY.get(dst.dtype) if dst.device.type == "cpu" else None
-    if view is not None and (src is None or (src.device.type == "cpu" and src.dtype == dst.dtype)) \
-            and (scale is None or (dst.dtype == torch.float32 and (isinstance(scale, (int, float)) or (
-                isinstance(scale, torch.Tensor) and scale.device.type == "cpu" and scale.dtype == torch.float32)))):
-        d = dst.view(view).numpy()
-        if src is None:
-            d.fill(0)
-        elif scale is None:
-            numpy.copyto(d, src.view(view).numpy())
-        else:
-            numpy.multiply(src.numpy(), scale if isinstance(scale, (int, float)) else scale.numpy(), out=d)
+def put(dst, src, scale=None) -> None:
+    """``dst[:] = src`` (a tensor times ``scale``, a number or a tensor broadcasting against ``dst``; or a number
+    to fill with) on the calling thread, without a temporary. ``dst``: a torch view, or a NumPy view of a CPU
+    bucket (:meth:`_Bucket.views`). A slot is a few hundred KB, which torch splits across its threads, and
+    waking the other one, asleep between a serving loop's steps, costs more than the copy (a 512-adapter
+    replay on 2 cores spent 0.32-0.40 s writing slots with torch's copies, 0.24-0.27 s with NumPy's); what
+    NumPy cannot take (bf16) goes through torch in pieces below its grain size."""
+    if isinstance(src, (int, float)):
+        dst.fill(src) if isinstance(dst, numpy.ndarray) else dst.fill_(src)
         return
+    src = src.detach()
+    scale = scale.detach() if isinstance(scale, torch.Tensor) else scale
+    if isinstance(dst, numpy.ndarray):
+        values = src.numpy() if src.device.type == "cpu" and src.dtype in _NUMPY else None
+        if values is not None and values.dtype == dst.dtype and (scale is None or isinstance(scale, (int, float))
+                                                                  or (scale.device.type == "cpu" and scale.dtype == src.dtype)):
+            if scale is None:
+                numpy.copyto(dst, values)
+            else:  # same dtypes as torch's product, so the same values
+                numpy.multiply(values, scale if isinstance(scale, (int, float)) else scale.numpy(), out=dst)
+            return
+        dst = torch.from_numpy(dst)
     rows = max(1, SERIAL // max(1, dst[0].numel())) if dst.device.type == "cpu" and len(dst) else max(len(dst), 1)
     for i in range(0, len(dst), rows):
-        d = dst[i:i + rows]
-        if src is None:
-            d.zero_()
-        elif scale is None:
-            d.copy_(src[i:i + rows])
+        if scale is None:
+            dst[i:i + rows].copy_(src[i:i + rows])
         else:
-            torch.mul(src[i:i + rows], scale, out=d)
+            torch.mul(src[i:i + rows], scale, out=dst[i:i + rows])
 
 
 def int8_rows(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,7 +335,7 @@ class LowRankStack:
 
     def apply(self, fn) -> None:
         for b in self.buckets.values():
-            b.A_t, b.B_t, b.g = fn(b.A_t), fn(b.B_t), fn(b.g)
+            b.A_t, b.B_t, b.g, b._views = fn(b.A_t), fn(b.B_t), fn(b.g), None
             if b.quantized:
                 b.a_scale, b.b_scale = fn(b.a_scale), fn(b.b_scale)
         self.banks.clear()
