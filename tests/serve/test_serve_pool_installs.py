@@ -224,6 +224,25 @@ def test_an_adapter_with_the_evicted_ones_config_takes_over_its_modules(adapter_
     pool.close()
 
 
+def test_the_least_recently_used_adapter_with_the_same_config_gives_up_its_modules(adapter_dirs):
+    """ad0 (r=4) is the least recently used resident, ad1 (r=8) the most recent: ad4 (r=8, ad1's config) takes
+    over ad1's modules rather than evicting ad0 and building new ones; ad0 stays resident."""
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=2, max_cpu_loras=4)
+    for name in ("ad0", "ad1", "ad4"):
+        pool.register(name, dirs[name])
+    engine = Engine(pool.model, pool=pool)
+    for name in ("ad0", "ad1"):
+        pool.release(settle(pool, name))
+    ad0, ad1 = (pool._resident[pool._registered[n].digest].internal for n in ("ad0", "ad1"))
+    internal = settle(pool, "ad4")
+    pool.release(internal)
+    assert internal == ad1 and sorted(pool.model.adapter_names()) == sorted([ad0, ad1])
+    assert pool._registered["ad0"].digest in pool._resident and pool._registered["ad1"].digest not in pool._resident
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad4"])[0].token_ids == expected["ad4"]
+    pool.close()
+
+
 def test_dora_adapters_taking_over_modules_never_serve_the_previous_norms(tmp_path):
     """DoRA caches ||W0 + sBA|| per layer; an adapter installed into another's modules must not see its norm."""
     model = gf.AdaptedModel(tiny_lm("gpt2"))

@@ -257,9 +257,11 @@ class AdapterPool(Registrations):
 
     def _make_room(self, nbytes: int, config: str) -> tuple[bool, str | None]:
         """(fits, model-side name to reuse or None): evict least recently used adapters that nobody holds or
-        waits for until ``nbytes`` more fit. Near the LRU end (its first quarter), an adapter installed from the
-        same ``config`` is evicted instead of the very LRU one and its modules are handed over (refill_adapter):
-        adapters trained with one recipe share a config, and building modules is most of an install."""
+        waits for until ``nbytes`` more fit. The least recently used of those installed from the same ``config``
+        is evicted instead of the very LRU one and its modules are handed over (refill_adapter): adapters trained
+        with one recipe share a config, and building modules is most of an install. (Searching only the LRU
+        quarter, a 512-adapter replay through 64 with four ranks built modules at 53 of 111 installs; searching
+        all, at about 30, and read no adapter more often.)"""
         if self.max_bytes is not None and nbytes > self.max_bytes:
             return False, None
         while True:
@@ -273,8 +275,7 @@ class AdapterPool(Registrations):
                 victims = [d for d, r in self._resident.items() if r.pins <= 0 and d not in spare]
                 if not victims:
                     return False, None
-                near = victims[:max(1, len(victims) // 4)]
-                same = next((d for d in near if self._resident[d].config == config and (
+                same = next((d for d in victims if self._resident[d].config == config and (
                     self.max_bytes is None or used - self._resident[d].nbytes + nbytes <= self.max_bytes)), None)
                 if same is not None:
                     return True, self._forget(same).internal
