@@ -34,6 +34,20 @@ def test_lengths_ranks_and_determinism():
         make_trace(10, 0, rate=1)
 
 
+def test_traces_of_one_seed_differ_only_where_their_parameters_act():
+    """Same seed, N = 8 and N = 512: the same arrivals and lengths, adapters floor(N X) of the same X; another
+    cv changes the gaps only, another alpha the adapters only."""
+    base = make_trace(300, 8, rate=4, alpha=1.0, cv=1.0, seed=5)
+    many = make_trace(300, 512, rate=4, alpha=1.0, cv=1.0, seed=5)
+    bursty = make_trace(300, 8, rate=4, alpha=1.0, cv=4.0, seed=5)
+    skewed = make_trace(300, 8, rate=4, alpha=0.1, cv=1.0, seed=5)
+    same = lambda a, b, field: [getattr(r, field) for r in a] == [getattr(r, field) for r in b]  # noqa: E731
+    for other, differs in ((many, "adapter"), (bursty, "arrival"), (skewed, "adapter")):
+        for field in ("arrival", "adapter", "prompt_len", "output_len"):
+            assert same(base, other, field) == (field != differs), (field, differs)
+    assert all(b.adapter == m.adapter * 8 // 512 for b, m in zip(base, many))  # floor(8 X) from floor(512 X)
+
+
 def test_summary_figures():
     s = summarize([1.0, 2.0, 3.0, 4.0], [0.1, 0.2, 0.3, 5.0], tokens=100, makespan=10.0, slo_ttft=1.0)
     assert s["throughput"] == 10.0 and s["slo_attainment"] == 0.75 and s["ttft_p50"] == pytest.approx(0.25)
