@@ -16,6 +16,7 @@ are reported per round and as their median. The last line printed is one JSON ob
 
     python benchmarks/serve.py [--quick] [--threads N] [--skip-kernel] [--skip-workload] [--skip-smollm2]
                                [--workload-n 1,8,64,512] [--smollm2-n 1,8,64,512] [--smollm2-host-tier 128]
+                               [--goal-rounds 3]
 """
 
 from __future__ import annotations
@@ -391,6 +392,8 @@ def main() -> None:
     ap.add_argument("--smollm2-host-tier", type=int, default=None, metavar="N",
                     help="adapters the SmolLM2 pools keep in host memory (default 128; 0: all, S-LoRA's setup, "
                          "which needs about 16 GB at N=512)")
+    ap.add_argument("--goal-rounds", type=int, default=None, metavar="N",
+                    help="replays of each trace behind a goal, interleaved (default 3); the median is reported")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -402,6 +405,8 @@ def main() -> None:
         cfg["traces"] = [t for t in cfg["traces"] if t[0] in keep]
     if args.smollm2_n:
         cfg["smollm2_traces"] = [(int(n), 1.0, 1.0) for n in args.smollm2_n.split(",")]
+    if args.goal_rounds is not None:
+        cfg["goal_rounds"] = args.goal_rounds
     if args.smollm2_host_tier is not None:
         cfg["smollm2_max_cpu_loras"] = args.smollm2_host_tier or None
     header("grafting serving benchmark")

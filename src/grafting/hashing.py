@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import weakref
 
@@ -61,12 +62,17 @@ def content_hashes(model, names) -> dict:
     return call_state(model, names)[0]
 
 
+# read for every tensor and module of every adapter of every mixed call: map() over C-level getters keeps
+# the per-item work out of the interpreter (25 adapters of 18 layers, hot: 202 -> 180 us per call)
+_VERSION, _TRAINING, _PTR = operator.attrgetter("_version"), operator.attrgetter("training"), torch.Tensor.data_ptr
+
+
 def call_state(model, names) -> tuple[dict, bool]:
     """(name -> content hash, whether any module of these adapters is in training mode), in one pass."""
     out, training = {}, False
     for name in names:
         key, modules = _version_key(model, name)
-        training = training or any([m.training for m in modules])
+        training = training or any(map(_TRAINING, modules))
         cached = model._hashes.get(name)
         if cached is None or cached[0] != key:
             from .io.peft_format import adapter_tensors
@@ -85,7 +91,7 @@ def _version_key(model, name) -> tuple:
     if hit is None or hit[0] != stamp:
         hit = owners[name] = (stamp, *_listing(model, name))
     _, fixed, tensors, modules = hit
-    return (fixed, tuple([t._version for t in tensors]), tuple([t.data_ptr() for t in tensors])), modules
+    return (fixed, tuple(map(_VERSION, tensors)), tuple(map(_PTR, tensors))), modules
 
 
 def adopt_hash(model, name: str, config, tensors: dict, digest: str) -> bool:
