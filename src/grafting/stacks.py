@@ -170,8 +170,9 @@ def put(dst, src, scale=None) -> None:
     scale = scale.detach() if isinstance(scale, torch.Tensor) else scale
     if isinstance(dst, numpy.ndarray):
         values = src.numpy() if src.device.type == "cpu" and src.dtype in _NUMPY else None
-        if values is not None and values.dtype == dst.dtype and (scale is None or isinstance(scale, (int, float))
-                                                                  or (scale.device.type == "cpu" and scale.dtype == src.dtype)):
+        plain = scale is None or isinstance(scale, (int, float)) or (
+            scale.device.type == "cpu" and scale.dtype == src.dtype)
+        if values is not None and values.dtype == dst.dtype and plain:
             if scale is None:
                 numpy.copyto(dst, values)
             else:  # same dtypes as torch's product, so the same values
