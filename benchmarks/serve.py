@@ -16,7 +16,7 @@ are reported per round and as their median. The last line printed is one JSON ob
 
     python benchmarks/serve.py [--quick] [--threads N] [--skip-kernel] [--skip-workload] [--skip-smollm2]
                                [--workload-n 1,8,64,512] [--smollm2-n 1,8,64,512] [--smollm2-host-tier 128]
-                               [--goal-rounds 3]
+                               [--goal-rounds 3] [--stores fp32,bf16,int8]
 """
 
 from __future__ import annotations
@@ -276,6 +276,8 @@ def workload_section(cfg, root: Path, base=None, targets=WORKLOAD_TARGETS, label
         batch = cfg["max_batch"]
         systems = {}
         for system, dtype in STORES.items():
+            if system not in cfg.get("stores", STORES):
+                continue
             pool = warm_pool(base, dtype, root, names, min(n, cfg["max_loras"]), host)
             # each lambda binds this trace's objects now (defaults): the goal rounds call them after the loop,
             # when the loop's variables hold the last trace's (a late-binding bug made rounds 2 and 3 replay N=512)
@@ -339,7 +341,7 @@ def goal_rounds(results: dict, again: dict, rounds: int, n_max: int, label: str)
     pairs = [(f"{big} / {small}: {name}", (big, name), (small, name)) for name in STORES
              if big != small and (big, name) in again and (small, name) in again]
     pairs += [(f"{key}: {name} / base only", (key, name), (key, "base only (c)")) for key in results
-              if (key, "base only (c)") in again for name in STORES]
+              if (key, "base only (c)") in again for name in STORES if (key, name) in again]
     rows = []
     for title, (k1, n1), (k2, n2) in pairs:
         per_round = [a / b for a, b in zip(results[k1][n1]["throughput_rounds"], results[k2][n2]["throughput_rounds"])]
@@ -392,6 +394,9 @@ def main() -> None:
     ap.add_argument("--smollm2-host-tier", type=int, default=None, metavar="N",
                     help="adapters the SmolLM2 pools keep in host memory (default 128; 0: all, S-LoRA's setup, "
                          "which needs about 16 GB at N=512)")
+    ap.add_argument("--stores", default=None, metavar="D,D,...",
+                    help="grafting's mixed-batch stores to run, of fp32,bf16,int8 (default all three; one alone "
+                         "lets SmolLM2's N=512 pool hold every adapter in host memory: --smollm2-host-tier 0)")
     ap.add_argument("--goal-rounds", type=int, default=None, metavar="N",
                     help="replays of each trace behind a goal, interleaved (default 3); the median is reported")
     args = ap.parse_args()
@@ -405,6 +410,12 @@ def main() -> None:
         cfg["traces"] = [t for t in cfg["traces"] if t[0] in keep]
     if args.smollm2_n:
         cfg["smollm2_traces"] = [(int(n), 1.0, 1.0) for n in args.smollm2_n.split(",")]
+    if args.stores:
+        by_dtype = dict(zip(("fp32", "bf16", "int8"), STORES))
+        try:
+            cfg["stores"] = [by_dtype[d] for d in args.stores.split(",")]
+        except KeyError as e:
+            ap.error(f"--stores: unknown store {e.args[0]!r}; expected some of fp32,bf16,int8")
     if args.goal_rounds is not None:
         cfg["goal_rounds"] = args.goal_rounds
     if args.smollm2_host_tier is not None:

@@ -29,3 +29,13 @@ def test_quick_workload_runs_every_system_without_failures():
         {name for _, name in systems}
     for key, s in systems.items():
         assert s["failed"] == 0 and s["requests"] > 0 and s["tokens"] > 0, key
+
+
+def test_stores_picks_which_of_grafting_s_stores_run():
+    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--skip-kernel", "--skip-smollm2", "--stores",
+                          "int8", "--goal-rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])["workload"]
+    figures.pop("store_accuracy")
+    names = {name for by_name in figures.values() for name in by_name}
+    assert "grafting int8 store" in names and not names & {"grafting", "grafting bf16 store"}
