@@ -390,17 +390,19 @@ class AdaptedModel(nn.Module):
         for _, host in self.hosts():  # refilled from the adapters themselves, not converted (lossless back)
             host._stack = None
 
-    @torch.no_grad()
-    def stack_adapters(self, names=None, _hashes: dict | None = None) -> None:
+    def stack_adapters(self, names=None) -> None:
         """Write adapters' factors (default: all) into the mixed-batch stacks now, as their first mixed call
         would: a server that preloads adapters then serves its first requests without that copy."""
-        from .batching import _stack_for
         names = list(self.peft_config) if names is None else [names] if isinstance(names, str) else list(names)
-        if _hashes is None:
-            for n in names:
-                self._require(n)
+        for n in names:
+            self._require(n)
+        self._write_stacks(names, call_state(self, names)[0])
+
+    @torch.no_grad()
+    def _write_stacks(self, names: list, hashes: dict) -> None:
+        """Every layer's stack holds the current factors of ``names`` (content ``hashes``)."""
+        from .batching import _stack_for
         slot_of = self._routing.slot_of
-        hashes = call_state(self, names)[0] if _hashes is None else _hashes
         for _, host in self.hosts():
             present = [n for n in names if n in host.adapters and slot_of.get(n) is not None
                        and host.methods[n].low_rank_form]
@@ -422,7 +424,7 @@ class AdaptedModel(nn.Module):
         slot_of, done = self._routing.slot_of, held[1]
         new = [n for n, h in hashes.items() if slot_of.get(n) is not None and done.get(n) != (slot_of[n], h)]
         if new:
-            self.stack_adapters(new, _hashes=hashes)
+            self._write_stacks(new, hashes)
             for n in new:
                 done[n] = (slot_of[n], hashes[n])
 

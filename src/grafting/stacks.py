@@ -79,12 +79,11 @@ class _Bucket:
     def views(self) -> list:
         """The bucket's tensors (A_t, B_t, g, and for int8 the scales) as NumPy arrays for a CPU fp32 or int8 store,
         else as themselves: slicing an array costs a fraction of slicing a tensor, and a serving pool writes about
-        twenty layers' slots per install. Made again after the tensors were replaced (grow, .to())."""
-        held = self._views
-        if held is None or held[0] is not self.A_t:
+        twenty layers' slots per install. Dropped wherever the tensors are replaced (grow, .to())."""
+        if self._views is None:
             arrays = self.A_t.device.type == "cpu" and self.A_t.dtype in (torch.float32, torch.int8)
-            held = self._views = (self.A_t, [t.numpy() if arrays else t for t in self.tensors()])
-        return held[1]
+            self._views = [t.numpy() if arrays else t for t in self.tensors()]
+        return self._views
 
     def write(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale, g) -> None:
         """Slot ``slot`` holds factors A (r, fan_in), B (out, r) with ``scale`` folded into B, output factor g

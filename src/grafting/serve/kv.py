@@ -156,8 +156,9 @@ class BatchCache:
         if self.buffers is None:
             return False
         n, m, width = self.rows, mask.shape[0], self.columns
-        offset = _allocated(self.buffers[0][0]).shape[2] - self.capacity  # columns cut off the left
-        if mask.shape[1] > width or n + m > _allocated(self.buffers[0][0]).shape[0]:
+        allocated = _allocated(self.buffers[0][0]).shape
+        offset = allocated[2] - self.capacity  # columns cut off the left
+        if mask.shape[1] > width or n + m > allocated[0]:
             return False
         pad = width - mask.shape[1]
         buffers = []
