@@ -91,6 +91,8 @@ def kernel_section(vocab: int, n: int, rounds: int, root: Path) -> dict:
     g8 = copy.deepcopy(g)
     g8.set_stack_dtype(torch.int8)  # int8 factors, per-rank scales (graft serve --stack-dtype int8)
     g8.stack_adapters()
+    for m in (g, g16, g8):  # as graft serve's pool does for what it installs: steps trust the content hashes
+        m.seal_adapters()
     cases = {"base": lambda: base(input_ids=ids), "g_single": lambda: g(input_ids=ids),
              "g_mixed": lambda: g(input_ids=ids, adapter_names=names),
              "g_mixed_bf16": lambda: g16(input_ids=ids, adapter_names=names),

@@ -164,6 +164,7 @@ class Routing:
         self.active: tuple = ()
         self.slot_of: dict = {}  # adapter name -> (bucket, slot); None for methods without low-rank factors
         self.stack_dtype = None  # the mixed-batch store's dtype; None: the adapters' own
+        self.sealed: dict = {}  # adapter -> (stamp, content hash): hashing.seal; a copy starts with none
         self._rows = contextvars.ContextVar(f"grafting_rows_{id(self)}", default=None)
         self._enabled = contextvars.ContextVar(f"grafting_enabled_{id(self)}", default=True)
 

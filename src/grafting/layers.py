@@ -241,9 +241,15 @@ class HostLayer(nn.Module):
                                 "with packed or integer storage must offer dequantize() returning the dense float "
                                 "weight (see docs/concepts.md, 'Any base')")
 
+    def train(self, mode: bool = True):
+        if mode:
+            self._routing.sealed.clear()  # a seal vouches for eval mode, and training edits weights (hashing.seal)
+        return super().train(mode)
+
     def _apply(self, fn, recurse=True):
         # the mixed-batch stack is a cache of adapter tensors: it follows .to() / .double() like they do
         super()._apply(fn, recurse)
+        self._routing.sealed.clear()  # `.data =` swaps keep tensor versions: sealed hashes must be checked anew
         if self._stack is not None:
             keep = self._routing.stack_dtype  # a store dtype set on purpose survives .float() / .double()
             self._stack.apply(fn if keep is None else (lambda t: fn(t).to(keep)))

@@ -18,7 +18,7 @@ from .autodiff import transforms_active
 from .batching import RowRouting, Routing, bucket_of
 from .config import AdapterConfig
 from .errors import GraftingError
-from .hashing import call_state, content_hashes
+from .hashing import call_state, content_hashes, seal, unseal
 from .init_stage import calibration_statistics, run_init
 from .inject import (AdaptedTree, ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates,
                      name_matches, replace_module)
@@ -80,7 +80,10 @@ class AdaptedModel(nn.Module):
             if name is not None and name not in self.peft_config:
                 raise GraftingError(f"adapter_names names unknown adapter '{name}'; loaded: {self.adapter_names()}")
         device = next(self.base_model.parameters()).device
-        hashes, training = call_state(self, sorted({n for n in adapter_names if n is not None}))
+        names = sorted({n for n in adapter_names if n is not None})
+        if self._routing.sealed and torch.is_grad_enabled():
+            unseal(self, names)  # a call with grad may be a training step's: check these in full from now on
+        hashes, training = call_state(self, names)
         # layers may replay the plans of an earlier call with these rows, unless an adapter is in training mode
         # (dropout, or a method's stochastic forward, may decide per call which rows take the gathered kernel)
         if not training and not torch.is_grad_enabled() and not transforms_active():
@@ -98,6 +101,15 @@ class AdaptedModel(nn.Module):
         on it, so a name reloaded with other weights never serves stale factors; cached on tensor versions."""
         self._require(name)
         return content_hashes(self, [name])[name]
+
+    def seal_adapters(self, names=None) -> list[str]:
+        """Let mixed calls trust these adapters' content hashes instead of re-reading every tensor's version
+        (:func:`grafting.hashing.seal`: what a serving pool does for what it installs; in-place edits from
+        outside are then not seen). Adapters in training mode are skipped; returns the names sealed."""
+        names = self.adapter_names() if names is None else list(names)
+        for name in names:
+            self._require(name)
+        return seal(self, names)
 
     # ---- adapters ---------------------------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -134,6 +146,7 @@ class AdaptedModel(nn.Module):
         walk of the whole model. New adapters start in training mode, as in torch and peft, unless this model
         is in eval mode."""
         self._require(name)
+        unseal(self, [name])  # a seal vouches for eval mode
         for root in self.adapter_roots(name):
             root.train(mode)
 
@@ -244,6 +257,7 @@ class AdaptedModel(nn.Module):
         self._initial.pop(name, None)
         self.adapter_metadata.pop(name, None)
         self._hashes.pop(name, None)
+        unseal(self, [name])
         self.__dict__.get("_stacked", (None, {}))[1].pop(name, None)
         self.__dict__.get("_owners", {}).pop(name, None)  # hashing's module lists: they would keep it alive
         self._frozen.discard(name)

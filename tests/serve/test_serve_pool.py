@@ -219,6 +219,7 @@ def test_installed_adapters_carry_the_hash_the_loader_computed_and_it_is_the_mod
     model = pool.model
     for digest, res in pool._resident.items():
         assert model._hashes[res.internal][1] == digest  # adopted at install: no hashing on first use
+        assert model._routing.sealed[res.internal][1] == digest  # and sealed: steps do not re-check its tensors
         model._hashes.pop(res.internal)
         assert model.content_hash(res.internal) == digest  # and it is what the model computes itself
     name = next(iter(pool._resident.values())).internal

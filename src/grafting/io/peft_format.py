@@ -18,7 +18,7 @@ from safetensors.torch import save
 from torch.autograd.graph import increment_version
 
 from ..errors import GraftingError
-from ..hashing import same_config
+from ..hashing import same_config, unseal
 from ..init_stage import filling_from_disk
 from ..layers import stores_plain_weight
 from ..methods.base import Method
@@ -262,6 +262,7 @@ def require_finite(tensors: dict, f) -> None:
 
 def _fill(model, name: str, config, tensors: dict, f: Path, finite_checked: bool = False, share: bool = False,
           fresh: bool = False) -> None:
+    unseal(model, [name])  # its tensors are about to change under the same modules
     slots = _slots(model, name)
     missing = sorted(set(slots) - set(tensors))
     aliases = _peft_aliases(model, name)
