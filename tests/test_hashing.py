@@ -81,15 +81,37 @@ def _train_adapter(model):
 
 
 def _move(model):
-    model.to(torch.float32)
+    model.double()
+    model.float()
 
 
 def _move_submodule(model):
+    model.base_model.layers[0].double()
     model.base_model.layers[0].float()
 
 
 def _grad_call(model):
     model(X, adapter_names=NAMES)
+
+
+def _grad_single(model):
+    model.set_active("b")
+    model(X).sum().backward()  # a training step's forward in eval mode, without adapter_names
+    model.set_active("default")
+
+
+def _load_state_dict(model):
+    model.load_state_dict(model.state_dict())
+
+
+def _module_apply(model):
+    model.apply(lambda m: None)
+
+
+def _on_step(model):
+    model.set_active("b")
+    model.on_step(1, 10)
+    model.set_active("default")
 
 
 def _fill(model, tmp_path):
@@ -98,7 +120,8 @@ def _fill(model, tmp_path):
 
 
 @pytest.mark.parametrize("trigger", [_reregister, _train_mode, _train_submodule, _train_adapter, _move,
-                                     _move_submodule, _grad_call, _fill])
+                                     _move_submodule, _grad_call, _grad_single, _load_state_dict, _module_apply,
+                                     _on_step, _fill])
 def test_every_change_through_the_model_drops_the_seal(trigger, tmp_path):
     model = sealed_model()
     mixed(model)
@@ -147,3 +170,18 @@ def test_deleting_a_sealed_adapter_and_adding_another_under_its_name_serves_the_
     model.eval()
     with torch.no_grad():
         assert_rows_match(model, X, NAMES)
+
+
+def test_dylora_eval_rank_changes_drop_the_seal():
+    from grafting.methods.dylora import set_eval_rank
+    torch.manual_seed(0)
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = gf.adapt(Net(), gf.DyLoraConfig(**cfg))
+    model.add_adapter("b", gf.DyLoraConfig(**cfg))
+    model.eval()
+    model.seal_adapters()
+    before = mixed(model)
+    set_eval_rank(model, 2, "b")
+    with torch.no_grad():
+        assert_rows_match(model, X, NAMES)
+    assert not torch.allclose(mixed(model)[0], before[0])

@@ -79,7 +79,7 @@ def call_state(model, names, trust_seals: bool = True) -> tuple[dict, bool]:
                 if hit[0] == _seal_stamp(model, name):
                     out[name] = hit[1]
                     continue
-                del sealed[name]  # it registered something: a new listing, checked in full from now on
+                sealed.pop(name, None)  # it registered something: checked in full from now on (pop: threads)
         key, modules = _version_key(model, name)
         training = training or any(map(_TRAINING, modules))
         cached = model._hashes.get(name)
@@ -91,16 +91,19 @@ def call_state(model, names, trust_seals: bool = True) -> tuple[dict, bool]:
 
 
 def seal(model, names) -> list:
-    """Check adapters ``names`` in full once, then let mixed calls trust their hashes: a sealed adapter costs a
-    dict lookup per call instead of a read of every tensor's version and address and every module's mode (with
-    30 layers' worth of tensors, about 0.2 ms per adapter per call once a decode step has left them out of
-    cache). A seal promises that the adapter's tensors change only through the model's own methods: a seal
-    lasts until the adapter registers a module, parameter or buffer, the model or a layer holding it is put in
-    training mode (``.train()``) or moved or cast (``.to()``), its weights are filled again
-    (``fill_adapter``, a pool's refill), :func:`unseal`, or a mixed call with grad enabled. An in-place edit of
-    a sealed adapter's tensor from outside is not seen. A serving pool seals what it installs: its parameters
-    are the host tier's read tensors themselves, which must not be edited in any case. Adapters with a module
-    in training mode are not sealed (their calls may differ, e.g. dropout). Returns the names sealed."""
+    """Check adapters ``names`` in full once, then let no-grad mixed calls trust their hashes: a sealed adapter
+    costs a dict lookup per call instead of a read of every tensor's version and address and every module's mode
+    (with 30 layers' worth of tensors, about 0.2 ms per adapter per call once a decode step has left them out of
+    cache). A seal promises that the adapter changes only through the model's own methods or torch's Module
+    methods on the model or a layer holding it: the seal lasts until the adapter registers a module, parameter
+    or buffer, its weights are filled again (``fill_adapter``, a pool's refill, DyLoRA's ``set_eval_rank``),
+    :func:`unseal`, or a layer holding it runs ``.train()``, ``.to()`` / ``.double()``, ``.apply(fn)``,
+    ``load_state_dict`` or a forward with grad enabled (or ``on_step``). An in-place edit of a sealed adapter's
+    tensor from outside those (``adapter.lora_B.add_(...)`` under no_grad, an optimizer stepping without a
+    forward) is not seen by mixed calls; :meth:`content_hash` always checks in full. A serving pool seals what
+    it installs: its parameters are the host tier's read tensors, which nothing may edit in any case. Adapters
+    with a module in training mode are not sealed (their calls may differ, e.g. dropout). Returns the names
+    sealed. Seal an adapter while no other thread edits it."""
     hashes, _ = call_state(model, names, trust_seals=False)
     done = [name for name in names if not any(map(_TRAINING, _version_key(model, name)[1]))]
     for name in done:

@@ -241,15 +241,25 @@ class HostLayer(nn.Module):
                                 "with packed or integer storage must offer dequantize() returning the dense float "
                                 "weight (see docs/concepts.md, 'Any base')")
 
+    # Sealed adapters (hashing.seal) are trusted to be unchanged: every torch Module path that can change them
+    # in place below this layer drops every seal of the model
     def train(self, mode: bool = True):
         if mode:
-            self._routing.sealed.clear()  # a seal vouches for eval mode, and training edits weights (hashing.seal)
+            self._routing.sealed.clear()  # a seal vouches for eval mode
         return super().train(mode)
+
+    def apply(self, fn):
+        self._routing.sealed.clear()  # fn may initialise weights in place (nn.init)
+        return super().apply(fn)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._routing.sealed.clear()  # load_state_dict copies into the parameters in place
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # the mixed-batch stack is a cache of adapter tensors: it follows .to() / .double() like they do
         super()._apply(fn, recurse)
-        self._routing.sealed.clear()  # `.data =` swaps keep tensor versions: sealed hashes must be checked anew
+        self._routing.sealed.clear()  # `.data =` swaps keep tensor versions
         if self._stack is not None:
             keep = self._routing.stack_dtype  # a store dtype set on purpose survives .float() / .double()
             self._stack.apply(fn if keep is None else (lambda t: fn(t).to(keep)))
@@ -336,6 +346,8 @@ class HostLayer(nn.Module):
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         routing = self._routing
+        if routing.sealed and torch.is_grad_enabled():
+            routing.sealed.clear()  # a forward with grad may be a training step's, even in eval mode
         rows = routing.rows
         if rows is not None:
             from .batching import mixed_forward

@@ -352,6 +352,7 @@ class AdaptedModel(nn.Module):
     def on_step(self, step: int, total: int) -> None:
         """Per-step hooks of the active adapters' methods (rank budgets, rank sampling); the trainer calls this
         after every optimizer step."""
+        unseal(self, self._routing.active)  # the hooks edit weights in place (masks, rank truncation)
         for n in self._routing.active:
             method = get_method(self.peft_config[n].method)
             layers = [(m, h, h.adapters[n]) for m, h in self.hosts() if n in h.adapters]

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import GraftingError
+from ..hashing import unseal
 from ..registry import register
 from .base import Method
 from .lora import LoraConfig, create_lora, lora_deterministic, peft_lora_keys
@@ -115,6 +116,7 @@ def set_eval_rank(model, rank: int, name: str = "default") -> None:
         raise GraftingError(f"adapter '{name}' is not a DyLoRA adapter")
     cfg.eval_rank = rank
     cfg.validate()
+    unseal(model, [name])  # the rank changes in place: mixed calls must re-stack it
     for _, host in model.hosts():
         if name in host.adapters:
             with torch.no_grad():
