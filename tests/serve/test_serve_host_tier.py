@@ -156,3 +156,33 @@ def test_containment_follows_symlinks_to_where_the_files_are_at_the_read(tmp_pat
             contained(root, path)
     with pytest.raises(AdapterError, match=r"xxx\.\.\.: cannot read the adapter \(OSError: File name too long\)$"):
         read_adapter(root / ("x" * 5000), root=root)  # the client's path once, shortened
+
+
+def test_reads_under_a_root_go_to_the_files_checked_not_to_symlinks_swapped_in_after(tmp_path, monkeypatch):
+    """The files are opened once, checked inside the root as opened, and read through those descriptors: a file
+    replaced by a symlink out of the root between the check and the read (a race) is never followed."""
+    from grafting.serve import host_tier
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    add_random_adapter(model, "a", "gpt2", r=4, seed=1)
+    add_random_adapter(model, "b", "gpt2", r=4, seed=2)
+    model.save_adapter(root / "a", name="a")
+    model.save_adapter(outside / "b", name="b")
+    names = ("adapter_config.json", "adapter_model.safetensors")
+    inside = AdapterReader(root / "a").read_all()
+    with host_tier.pinned(root, root / "a") as (real, opened):
+        for f in names:  # the swap lands after the check, before the read
+            (root / "a" / f).unlink()
+            (root / "a" / f).symlink_to(outside / "b" / f)
+        read = AdapterReader(real, opened).read_all()
+    assert read.keys() == inside.keys() and all(torch.equal(read[k], inside[k]) for k in inside)
+    assert not torch.equal(read[next(iter(inside))], AdapterReader(outside / "b").read_all()[next(iter(inside))])
+    with pytest.raises(AdapterError, match="resolves outside the adapter root"):
+        read_adapter(root / "a", root=root)  # the next read sees the symlinks
+    # the swap landing between the path check and the open: the descriptors' own check refuses it
+    monkeypatch.setattr(host_tier, "contained", lambda root, path: path)
+    with pytest.raises(AdapterError, match="adapter_config.json resolves outside the adapter root"):
+        read_adapter(root / "a", root=root)
+    (root / "c").mkdir()
+    with pytest.raises(AdapterError, match="adapter_config.json missing"):
+        read_adapter(root / "c", root=root)

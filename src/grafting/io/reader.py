@@ -32,15 +32,19 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 SHARED = ""  # the module path of shared (model-level) tensors
 
 
-def read_config(path):
+def read_config(path, opened: dict | None = None):
+    """The adapter config in directory ``path``; ``opened``: see :class:`AdapterReader`."""
     path = Path(path)
     cfg_file = path / CONFIG_NAME
-    if not path.is_dir():
-        raise GraftingError(f"{path}: not an adapter directory")
-    if not cfg_file.is_file():
-        raise GraftingError(f"{cfg_file}: missing (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    source = (opened or {}).get(CONFIG_NAME)
+    if source is None:
+        if not path.is_dir():
+            raise GraftingError(f"{path}: not an adapter directory")
+        if not cfg_file.is_file():
+            raise GraftingError(f"{cfg_file}: missing (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+        source = cfg_file
     try:
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+        raw = json.loads(Path(source).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GraftingError(f"{cfg_file}: not valid JSON ({e})") from None
     except RecursionError:
@@ -78,13 +82,18 @@ class AdapterTensor:
 
 
 class AdapterReader:
-    def __init__(self, path):
+    """``opened``: file name -> the path to read it from instead (e.g. ``/proc/self/fd/N`` of a file opened and
+    checked already, :func:`grafting.serve.host_tier.pinned`); messages still name ``path``'s files."""
+
+    def __init__(self, path, opened: dict | None = None):
         self.path = Path(path)
-        self.config = read_config(self.path)
+        self.config = read_config(self.path, opened)
         self.method = get_method(self.config.method)
-        self.file = weights_file(self.path)
+        source = (opened or {}).get(WEIGHTS_NAME)
+        self.file = self.path / WEIGHTS_NAME if source is not None else weights_file(self.path)
+        self._source = str(source if source is not None else self.file)
         try:
-            with safe_open(str(self.file), framework="pt") as fh:
+            with safe_open(self._source, framework="pt") as fh:
                 self._header = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
                 self.metadata = dict(fh.metadata() or {})
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -129,14 +138,14 @@ class AdapterReader:
         if key not in self._header:
             raise GraftingError(f"{self.file}: no tensor '{key}'")
         try:
-            with safe_open(str(self.file), framework="pt") as fh:
+            with safe_open(self._source, framework="pt") as fh:
                 return fh.get_tensor(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise GraftingError(f"{self.file}: tensor '{key}' unreadable ({e})") from None
 
     def read_all(self) -> dict[str, torch.Tensor]:
         try:
-            with safe_open(str(self.file), framework="pt") as fh:
+            with safe_open(self._source, framework="pt") as fh:
                 return {k: fh.get_tensor(k) for k in fh.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise GraftingError(f"{self.file}: not a readable safetensors file ({e})") from None

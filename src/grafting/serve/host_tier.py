@@ -9,6 +9,8 @@ thread's share of two cores. Installs share the tier's tensors (nothing is copie
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 from ..errors import GraftingError
 from ..hashing import adapter_hash
 from ..io.peft_format import require_finite
-from ..io.reader import CONFIG_NAME, WEIGHTS_NAME, AdapterReader
+from ..io.reader import CONFIG_NAME, WEIGHTS_NAME, AdapterReader, weights_file
 from ..stacks import int8_rows
 
 
@@ -101,6 +103,41 @@ def contained(root, path) -> Path:
     return real
 
 
+@contextlib.contextmanager
+def pinned(root, path):
+    """(real directory, ``opened`` for :class:`~grafting.io.reader.AdapterReader`) of adapter ``path`` inside
+    ``root``: its two files opened once and checked inside the root as opened (the descriptor's own path, Linux
+    ``/proc/self/fd``), then read through those descriptors, so a file swapped for a symlink out of the root
+    between :func:`contained` and the read is never followed. ``root`` None: read by name, anywhere."""
+    if root is None:
+        yield Path(path), None
+        return
+    real = contained(root, path)
+    if not Path("/proc/self/fd").is_dir():  # no descriptor paths here: read by name, checked just before
+        yield real, None
+        return
+    if not real.is_dir():
+        raise AdapterError(f"{shorten(path)}: not an adapter directory")
+    real_root, fds = Path(root).resolve(), {}
+    try:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            try:
+                fds[name] = fd = os.open(real / name, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if name == WEIGHTS_NAME:
+                    weights_file(real)  # says what is missing (or that a pickle is never read)
+                raise AdapterError(f"{shorten(path)}: {name} missing (an adapter directory holds {CONFIG_NAME} "
+                                   f"and {WEIGHTS_NAME})") from None
+            target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if real_root not in target.parents:
+                raise AdapterError(f"{shorten(path)}: {name} resolves outside the adapter root {real_root} "
+                                   "(symlinks are followed; an adapter root serves only what is inside it)")
+        yield real, {name: f"/proc/self/fd/{fd}" for name, fd in fds.items()}
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
 def unreadable(path, name: str | None, e: Exception) -> AdapterError:
     """The error for adapter ``name`` whose files at ``path`` the OS would not read (a name too long, no
     permission), naming the path once and shortened: the path may be a client's."""
@@ -117,12 +154,11 @@ def shorten(path, limit: int = 300) -> str:
 def read_adapter(path, prepare=None, root=None, int8: bool = False) -> tuple:
     """(content hash, config, tensors, metadata) of the PEFT-format adapter in ``path``: read, checked finite,
     hashed as the files are, then ``prepare``\\ d (if given) and laid out for the store (:func:`stack_layout`;
-    ``int8``: for an int8 store). ``root``: the files must stay inside it (:func:`contained`)."""
-    if root is not None:
-        path = contained(root, path)
+    ``int8``: for an int8 store). ``root``: the files must stay inside it (:func:`pinned`)."""
     try:
-        reader = AdapterReader(path)
-        tensors = reader.read_all()
+        with pinned(root, path) as (path, opened):
+            reader = AdapterReader(path, opened)
+            tensors = reader.read_all()
     except GraftingError:
         raise  # says what is wrong and in which file
     except (OSError, ValueError) as e:  # what the reader leaves to the OS: a name too long, no permission

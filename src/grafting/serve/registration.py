@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import GraftingError
 from ..io.reader import read_config
-from .host_tier import AdapterError, AdapterNotFound, adapter_rank, contained, read_adapter, unreadable
+from .host_tier import AdapterError, AdapterNotFound, adapter_rank, contained, pinned, read_adapter, unreadable
 
 
 @dataclass
@@ -50,7 +50,8 @@ class Registrations:
         pool's ``root``; None: anywhere (the operator named it, e.g. ``graft serve --adapter``)."""
         path, root = self._locate(name, path, root)
         try:
-            config = read_config(path)
+            with pinned(root, path) as (path, opened):
+                config = read_config(path, opened)
         except GraftingError:
             raise  # says what is wrong and in which file
         except (OSError, ValueError) as e:  # what the reader leaves to the OS: a name too long, no permission
