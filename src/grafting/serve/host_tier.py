@@ -104,9 +104,9 @@ def contained(root, path) -> Path:
 
 
 @contextlib.contextmanager
-def pinned(root, path):
+def pinned(root, path, names=(CONFIG_NAME, WEIGHTS_NAME)):
     """(real directory, ``opened`` for :class:`~grafting.io.reader.AdapterReader`) of adapter ``path`` inside
-    ``root``: its two files opened once and checked inside the root as opened (the descriptor's own path, Linux
+    ``root``: its files ``names`` opened once and checked inside the root as opened (the descriptor's own path, Linux
     ``/proc/self/fd``), then read through those descriptors, so a file swapped for a symlink out of the root
     between :func:`contained` and the read is never followed. ``root`` None: read by name, anywhere."""
     if root is None:
@@ -120,7 +120,7 @@ def pinned(root, path):
         raise AdapterError(f"{shorten(path)}: not an adapter directory")
     real_root, fds = Path(root).resolve(), {}
     try:
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
+        for name in names:
             try:
                 fds[name] = fd = os.open(real / name, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:

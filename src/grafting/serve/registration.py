@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GraftingError
-from ..io.reader import read_config
+from ..io.reader import CONFIG_NAME, read_config
 from .host_tier import AdapterError, AdapterNotFound, adapter_rank, contained, pinned, read_adapter, unreadable
 
 
@@ -50,7 +50,7 @@ class Registrations:
         pool's ``root``; None: anywhere (the operator named it, e.g. ``graft serve --adapter``)."""
         path, root = self._locate(name, path, root)
         try:
-            with pinned(root, path) as (path, opened):
+            with pinned(root, path, names=(CONFIG_NAME,)) as (path, opened):  # registering reads no weights
                 config = read_config(path, opened)
         except GraftingError:
             raise  # says what is wrong and in which file
