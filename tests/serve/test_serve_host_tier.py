@@ -186,3 +186,25 @@ def test_reads_under_a_root_go_to_the_files_checked_not_to_symlinks_swapped_in_a
     (root / "c").mkdir()
     with pytest.raises(AdapterError, match="adapter_config.json missing"):
         read_adapter(root / "c", root=root)
+
+
+def test_a_fifo_or_directory_under_the_root_is_refused_without_blocking(tmp_path):
+    import os
+    import threading
+    root = tmp_path / "root"
+    model = gf.AdaptedModel(tiny_lm("gpt2"))
+    add_random_adapter(model, "a", "gpt2", r=4, seed=1)
+    model.save_adapter(root / "a", name="a")
+    (root / "a" / "adapter_config.json").unlink()
+    os.mkfifo(root / "a" / "adapter_config.json")  # opening a FIFO for reading waits for a writer
+    raised = []
+    reader = threading.Thread(target=lambda: raised.append(pytest.raises(AdapterError, read_adapter, root / "a",
+                                                                         root=root)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "the read blocked on a FIFO"
+    assert raised and "adapter_config.json is not a regular file" in str(raised[0].value)
+    (root / "a" / "adapter_config.json").unlink()
+    (root / "a" / "adapter_config.json").mkdir()
+    with pytest.raises(AdapterError, match="adapter_config.json is not a regular file"):
+        read_adapter(root / "a", root=root)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,13 +122,15 @@ def pinned(root, path, names=(CONFIG_NAME, WEIGHTS_NAME)):
     real_root, fds = Path(root).resolve(), {}
     try:
         for name in names:
-            try:
-                fds[name] = fd = os.open(real / name, os.O_RDONLY | os.O_CLOEXEC)
+            try:  # non-blocking: a FIFO under the root must not hang the reader (refused just below)
+                fds[name] = fd = os.open(real / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             except FileNotFoundError:
                 if name == WEIGHTS_NAME:
                     weights_file(real)  # says what is missing (or that a pickle is never read)
                 raise AdapterError(f"{shorten(path)}: {name} missing (an adapter directory holds {CONFIG_NAME} "
                                    f"and {WEIGHTS_NAME})") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise AdapterError(f"{shorten(path)}: {name} is not a regular file")
             target = Path(os.readlink(f"/proc/self/fd/{fd}"))
             if real_root not in target.parents:
                 raise AdapterError(f"{shorten(path)}: {name} resolves outside the adapter root {real_root} "
