@@ -124,6 +124,10 @@ def test_thousand_registered_adapters_serve_through_a_small_pool(adapter_dirs):
         assert out.finish_reason == "length", out.error
         assert out.token_ids == expected[f"ad{int(n.split('-')[1]) % 6}"]
     assert pool.stats["evictions"] > 0
+    # modules were handed over to other adapters' weights (refill) on the way: each resident is sealed with
+    # the hash of what it holds now, which is what the model computes itself
+    for digest, res in pool._resident.items():
+        assert pool.model._routing.sealed[res.internal][1] == digest == pool.model.content_hash(res.internal)
     pool.close()
 
 
