@@ -104,10 +104,12 @@ def seal(model, names) -> list:
     it installs: its parameters are the host tier's read tensors, which nothing may edit in any case. Adapters
     with a module in training mode are not sealed (their calls may differ, e.g. dropout). Returns the names
     sealed. Seal an adapter while no other thread edits it."""
-    hashes, _ = call_state(model, names, trust_seals=False)
-    done = [name for name in names if not any(map(_TRAINING, _version_key(model, name)[1]))]
-    for name in done:
-        model._routing.sealed[name] = (_seal_stamp(model, name), hashes[name])
+    done = []
+    for name in names:
+        hashes, training = call_state(model, [name], trust_seals=False)
+        if not training:
+            model._routing.sealed[name] = (_seal_stamp(model, name), hashes[name])
+            done.append(name)
     return done
 
 

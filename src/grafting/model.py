@@ -80,10 +80,7 @@ class AdaptedModel(nn.Module):
             if name is not None and name not in self.peft_config:
                 raise GraftingError(f"adapter_names names unknown adapter '{name}'; loaded: {self.adapter_names()}")
         device = next(self.base_model.parameters()).device
-        names = sorted({n for n in adapter_names if n is not None})
-        if self._routing.sealed and torch.is_grad_enabled():
-            unseal(self, names)  # a call with grad may be a training step's: check these in full from now on
-        hashes, training = call_state(self, names)
+        hashes, training = call_state(self, sorted({n for n in adapter_names if n is not None}))
         # layers may replay the plans of an earlier call with these rows, unless an adapter is in training mode
         # (dropout, or a method's stochastic forward, may decide per call which rows take the gathered kernel)
         if not training and not torch.is_grad_enabled() and not transforms_active():
