@@ -89,6 +89,54 @@ def test_an_int8_bucket_quantizes_each_rank_symmetrically_and_reads_back_dequant
     assert not bucket.a_scale[1].any() and not bucket.factors(slice(1, 2))[0].any()
 
 
+def test_an_int8_slot_written_from_a_pools_prequantized_factors_equals_one_quantized_in_place():
+    """A serving pool's install copies the int8 forms its loader thread computed (``share_int8``) instead of
+    quantizing: the slot holds exactly what quantizing the same factors in place writes, scale folded into
+    B's row scales, padding past the rank zeroed where a wider adapter was before; a factor edited since it
+    was quantized (its version moved) is quantized again rather than copied stale."""
+    from grafting.stacks import int8_rows, share_int8
+
+    torch.manual_seed(5)
+
+    def shared(t):  # a parameter holding a host-tier tensor laid out for the store, with its int8 form
+        laid = t.t().contiguous().t()
+        laid.grafting_int8 = int8_rows(laid.t(), dim=0 if t.shape[0] < t.shape[1] else 1)
+        param = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        param.data = laid
+        share_int8(param, laid)
+        return param
+
+    for r, scale in ((8, 1), (6, 2.5), (3, 0.75)):
+        A, B = torch.randn(r, 40), torch.randn(30, r)
+        fast = _Bucket(fan_in=40, out=30, rank=8, capacity=2, dtype=torch.int8, device="cpu")
+        slow = _Bucket(fan_in=40, out=30, rank=8, capacity=2, dtype=torch.int8, device="cpu")
+        for bucket in (fast, slow):  # a rank-8 adapter first: its values past r must not survive
+            bucket.write(1, torch.randn(8, 40), torch.randn(30, 8), 3.0, None)
+        fast.write(1, shared(A), shared(B), scale, None)
+        (qa, sa), (qb, sb) = int8_rows(A.t(), dim=0), int8_rows(B.t(), dim=1)
+        want_A, want_B = torch.zeros(40, 8, dtype=torch.int8), torch.zeros(8, 30, dtype=torch.int8)
+        want_A[:, :r], want_B[:r] = qa, qb
+        assert torch.equal(fast.A_t[1], want_A) and torch.equal(fast.B_t[1], want_B)
+        assert torch.equal(fast.a_scale[1], torch.cat([sa, torch.zeros(8 - r)]))
+        assert torch.equal(fast.b_scale[1], torch.cat([sb * scale, torch.zeros(8 - r)]))  # the scale, folded in
+        assert torch.equal(fast.g[1], torch.ones(30)) and not fast.A_t[0].any()  # slot 0 untouched
+        deq_A, deq_B, _ = fast.factors(torch.tensor([1]))
+        assert ((deq_A[0, :, :r] - A.t()).abs() <= sa / 2 + 1e-6).all()
+        assert ((deq_B[0, :r] - scale * B.t()).abs() <= scale * sb[:, None] / 2 + 1e-6).all()
+        if scale == 1:  # quantizing in place gives the same slot
+            slow.write(1, A, B, scale, None)
+            assert all(torch.equal(a, b) for a, b in zip(fast.tensors(), slow.tensors(), strict=True))
+    A, B = torch.randn(8, 40), torch.randn(30, 8)
+    pA, pB = shared(A), shared(B)
+    with torch.no_grad():
+        pA.mul_(2)  # edited after its int8 form was made
+    fast = _Bucket(fan_in=40, out=30, rank=8, capacity=2, dtype=torch.int8, device="cpu")
+    slow = _Bucket(fan_in=40, out=30, rank=8, capacity=2, dtype=torch.int8, device="cpu")
+    fast.write(1, pA, pB, 1, None)
+    slow.write(1, 2 * A, B, 1, None)
+    assert all(torch.equal(a, b) for a, b in zip(fast.tensors(), slow.tensors(), strict=True))
+
+
 def test_put_writes_what_torch_would_into_strided_slots():
     """``put`` (a slot write on the calling thread) gives exactly torch's values: copies, products with a
     number or a per-column tensor, conversions to bf16 (in pieces past torch's grain size), fills; into a

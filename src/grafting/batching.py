@@ -164,17 +164,19 @@ class Routing:
         self.active: tuple = ()
         self.slot_of: dict = {}  # adapter name -> (bucket, slot); None for methods without low-rank factors
         self.stack_dtype = None  # the mixed-batch store's dtype; None: the adapters' own
+        self.reserved = None  # (adapters, rank): room every layer's stack gets when made (AdaptedModel.reserve)
         self.sealed: dict = {}  # adapter -> (stamp, content hash): hashing.seal; a copy starts with none
         self._rows = contextvars.ContextVar(f"grafting_rows_{id(self)}", default=None)
         self._enabled = contextvars.ContextVar(f"grafting_enabled_{id(self)}", default=True)
 
     def __getstate__(self):  # deepcopy / pickle: model state only; a copy starts with no call in flight
-        return {"active": self.active, "slot_of": self.slot_of, "stack_dtype": self.stack_dtype}
+        return {"active": self.active, "slot_of": self.slot_of, "stack_dtype": self.stack_dtype,
+                "reserved": self.reserved}
 
     def __setstate__(self, state):
         self.__init__()
         self.active, self.slot_of = state["active"], dict(state["slot_of"])
-        self.stack_dtype = state.get("stack_dtype")
+        self.stack_dtype, self.reserved = state.get("stack_dtype"), state.get("reserved")
 
     @property
     def rows(self) -> RowRouting | None:
@@ -290,6 +292,9 @@ def _stack_for(host, name):
         A = host.methods[name].low_rank(host.adapters[name])[0]
         host._stack = LowRankStack(host.in_features, host.out_features, host._routing.stack_dtype or A.dtype,
                                    A.device)
+        if host._routing.reserved is not None:
+            adapters, rank = host._routing.reserved
+            host._stack.reserve(bucket_of(rank), adapters + 1)
     return host._stack
 
 

@@ -375,9 +375,11 @@ class AdaptedModel(nn.Module):
 
     def reserve(self, adapters: int, rank: int) -> None:
         """Preallocate mixed-batch room for ``adapters`` low-rank adapters of rank <= ``rank`` in every layer,
-        so loading them later never reallocates the stacks (serving keeps a fixed budget this way)."""
+        so loading them later never reallocates the stacks (serving keeps a fixed budget this way). Layers that
+        get their first adapter later (a server starts with none) get the same room when their stack is made."""
         from .stacks import LowRankStack
         from .methods.lora import factor_dtype
+        self._routing.reserved = (adapters, rank)
         for _, host in self.hosts():
             if host.kind.gathered:
                 if host._stack is None:

@@ -243,6 +243,104 @@ def test_the_least_recently_used_adapter_with_the_same_config_gives_up_its_modul
     pool.close()
 
 
+def test_an_adapter_evicted_for_another_config_keeps_its_modules_for_the_next_with_its_own(adapter_dirs):
+    """max_loras 1, one spare: ad0 (r=4) evicts ad1 (r=8), whose modules stay in the model unserved; ad4 (r=8,
+    ad1's config) then takes them (the same module objects, ad4's outputs) and ad0's go aside in turn, the
+    spare of the config being installed kept over the older one of another config."""
+    dirs, expected = adapter_dirs
+    pool = fresh_pool(max_loras=1, max_spares=1, max_cpu_loras=4)
+    for name in ("ad0", "ad1", "ad4"):
+        pool.register(name, dirs[name])
+    engine = Engine(pool.model, pool=pool)
+    first = settle(pool, "ad1")
+    modules = _modules_of(pool.model, first)
+    pool.release(first)
+    second = settle(pool, "ad0")
+    pool.release(second)
+    assert second != first and sorted(pool.model.adapter_names()) == sorted([first, second])
+    assert pool.resident == [pool._registered["ad0"].digest]  # the spare is not resident: nothing routes to it
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad0"])[0].token_ids == expected["ad0"]
+    third = settle(pool, "ad4")
+    pool.release(third)
+    assert third == first and all(a is b for a, b in zip(_modules_of(pool.model, third), modules, strict=True))
+    assert sorted(pool.model.adapter_names()) == sorted([first, second])  # ad0's modules are the spare now
+    assert engine.generate([[1, 2, 3]], GREEDY, ["ad4"])[0].token_ids == expected["ad4"]
+    assert pool.stats["loads"] == 3 and pool.stats["evictions"] == 2
+    back = settle(pool, "ad0")  # takes its own modules back from the spare
+    pool.release(back)
+    assert back == second and engine.generate([[1, 2, 3]], GREEDY, ["ad0"])[0].token_ids == expected["ad0"]
+    pool.close()
+
+
+def test_spares_count_against_the_byte_budget_and_go_before_residents(adapter_dirs):
+    """A byte budget that holds one adapter: the evicted one's modules cannot stay aside, and a pool with room
+    for more adapters but not more bytes drops spares before it evicts anything resident."""
+    from grafting.serve.host_tier import read_adapter, tensor_bytes
+
+    dirs, expected = adapter_dirs
+    sizes = {n: tensor_bytes(read_adapter(dirs[n], None)[2]) for n in ("ad0", "ad1", "ad3")}
+    pool = fresh_pool(max_loras=4, max_spares=2, max_bytes=sizes["ad3"] + sizes["ad0"], max_cpu_loras=4)
+    for name in ("ad0", "ad1", "ad3"):
+        pool.register(name, dirs[name])
+    engine = Engine(pool.model, pool=pool)
+    for name in ("ad1", "ad0"):
+        pool.release(settle(pool, name))
+    assert len(pool.model.adapter_names()) == 2 and not pool._spares
+    # r=32 fits beside ad0 only: ad1 (least recent) is set aside, then dropped for the bytes before ad0 goes
+    pool.release(settle(pool, "ad3"))
+    assert len(pool.resident) == 2 and len(pool.model.adapter_names()) == 2 and not pool._spares
+    for name in ("ad0", "ad3"):
+        assert engine.generate([[1, 2, 3]], GREEDY, [name])[0].token_ids == expected[name]
+    pool.close()
+
+
+def test_a_served_pool_reserves_store_room_for_its_spares_and_never_reallocates_it(tmp_path):
+    """build_engine reserves every layer's stack for the resident adapters and the spares (max_loras // 4 by
+    default); twelve adapters of two configs turning over through eight, with modules set aside and taken
+    back, leave every stack where it was and serve each adapter's own outputs."""
+    from grafting.serve.server import build_engine
+
+    tiny_lm("gpt2").save_pretrained(tmp_path / "gpt2")
+    source = gf.AdaptedModel(tiny_lm("gpt2"))
+    for i in range(12):
+        add_random_adapter(source, f"x{i}", "gpt2", r=16 if i % 2 else 12, seed=70 + i)  # one bucket, two configs
+        source.save_adapter(tmp_path / "adapters" / f"x{i}", name=f"x{i}")
+    expected = {f"x{i}": Engine(source).generate([[1, 2, 3]], GREEDY, [f"x{i}"])[0].token_ids for i in range(12)}
+    engine, _ = build_engine(str(tmp_path / "gpt2"), adapter_root=str(tmp_path / "adapters"), max_loras=8,
+                             max_lora_rank=16, max_cpu_loras=12)
+    pool = engine.pool
+    assert pool.max_spares == 2 and pool.max_installed == 10 and not pool.model.adapter_names()
+    pool.release(settle(pool, "x0"))  # the server started with no adapter: its layers' stacks are made now
+    assert engine.generate([[1, 2, 3]], GREEDY, ["x0"])[0].token_ids == expected["x0"]
+    stacks = [h._stack for _, h in pool.model.hosts()]
+    assert stacks and all(st.buckets[16].capacity == pool.max_installed + 1 for st in stacks)
+    where = [st.buckets[16].A_t.data_ptr() for st in stacks]
+    held = {n: settle(pool, n) for n in ("x1", "x3", "x5", "x7")}  # r=16 held (running requests)
+    for n in ("x2", "x4", "x6"):
+        pool.release(settle(pool, n))
+    # x9 (r=16) needs room and no r=16 adapter is free: x0 (r=12, least recent) is set aside, x9 gets new modules
+    held["x9"] = settle(pool, "x9")
+    assert len(pool._spares) == 1 and len(pool.model.adapter_names()) == 9  # 8 resident, 1 spare
+    for n in ("x1", "x3", "x5", "x7", "x9"):
+        pool.release(held.pop(n))
+    held = {n: settle(pool, n) for n in ("x2", "x4", "x6")}  # now the r=12 ones are held
+    spares = set(pool._spares)
+    internal = settle(pool, "x8")  # r=12: takes x0's modules from the spares; an r=16 one is set aside
+    assert internal in spares and len(pool._spares) == 1 and len(pool.model.adapter_names()) == 9
+    pool.release(internal)
+    for n in list(held):
+        pool.release(held.pop(n))
+    for i in (8, 9, 10, 11, 0, 5):
+        name = f"x{i}"
+        pool.release(settle(pool, name))
+        assert engine.generate([[1, 2, 3]], GREEDY, [name])[0].token_ids == expected[name]
+        assert len(pool.model.adapter_names()) <= pool.max_installed and len(pool._spares) <= pool.max_spares
+    assert [st.buckets[16].A_t.data_ptr() for st in stacks] == where
+    with pytest.raises(Exception, match="max_spares: expected >= 0"):
+        fresh_pool(max_spares=-1)
+    pool.close()
+
+
 def test_dora_adapters_taking_over_modules_never_serve_the_previous_norms(tmp_path):
     """DoRA caches ||W0 + sBA|| per layer; an adapter installed into another's modules must not see its norm."""
     model = gf.AdaptedModel(tiny_lm("gpt2"))

@@ -92,7 +92,7 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
                        prepare=encoder_view(adapted) if task == "embed" else None, max_cpu_loras=max_cpu_loras,
                        root=adapter_root)
     if max_lora_rank is not None:
-        adapted.reserve(max_loras, max_lora_rank)  # the stacks never reallocate while serving
+        adapted.reserve(pool.max_installed, max_lora_rank)  # the stacks never reallocate while serving
     if adapter_root is not None:
         root = Path(adapter_root)
         if not root.is_dir():
