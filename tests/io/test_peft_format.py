@@ -217,6 +217,42 @@ def test_refill_gives_an_adapter_anothers_weights_and_never_writes_what_it_share
         refill_adapter(model, "a", second.config, {**tensors, key: tensors[key][:, :3]}, tmp_path / "b")
 
 
+def test_an_install_says_when_the_adapter_holds_the_given_tensors_so_their_hash_is_its_own(saved, tmp_path):
+    """install_adapter / refill_adapter return True only when every tensor became its parameter as given and is
+    read back as itself: then adopting the caller's hash without comparing (adopt_hash held=True) gives what
+    the model computes in full. Copies (share=False, another dtype), DoRA (which exports its magnitude
+    converted) and a file with a key read into another place (peft's full embedding weight) say False."""
+    from grafting.hashing import adapter_hash, adopt_hash
+    from grafting.io.peft_format import adapter_tensors, install_adapter, refill_adapter
+    from grafting.io.reader import AdapterReader
+    reader = AdapterReader(saved)
+    model = gf.AdaptedModel(make_toy("linear"))
+    tensors = reader.read_all()
+    assert install_adapter(model, "a", reader.config, tensors, saved, share=True) is True
+    assert adopt_hash(model, "a", reader.config, tensors, "claimed", held=True) and model.content_hash("a") == "claimed"
+    model._hashes.pop("a")
+    assert model.content_hash("a") == adapter_hash(reader.config, tensors)  # the full hash agrees
+    assert refill_adapter(model, "a", reader.config, reader.read_all(), saved, share=True) is True
+    assert refill_adapter(model, "a", reader.config, {k: t.half() for k, t in tensors.items()}, saved,
+                          share=True) is False  # copied into storage of its own, converted
+    assert install_adapter(gf.AdaptedModel(make_toy("linear")), "b", reader.config, reader.read_all(), saved,
+                           share=False) is False
+    dora = gf.DoraConfig(**CFG)
+    dora_tensors = adapter_tensors(gf.adapt(make_toy("linear"), dora), "default")
+    assert install_adapter(gf.AdaptedModel(make_toy("linear")), "d", dora, dora_tensors, tmp_path, share=True) is False
+    assert not adopt_hash(model, "a", dora, tensors, "claimed", held=True)  # another config: never adopted
+
+    embed_cfg = gf.LoraConfig(**CFG)
+    source = gf.adapt(make_toy("embedding"), embed_cfg)
+    plain = dict(adapter_tensors(source, "default"))
+    assert install_adapter(gf.AdaptedModel(make_toy("embedding")), "e", embed_cfg, dict(plain), tmp_path,
+                           share=True) is True
+    weight = source.base_model.target.base_layer.weight
+    plain["base_model.model.target.base_layer.weight"] = weight.detach().clone()  # as peft saves it
+    assert install_adapter(gf.AdaptedModel(make_toy("embedding")), "e", embed_cfg, plain, tmp_path,
+                           share=True) is False
+
+
 def test_refill_never_serves_a_dora_norm_cached_for_the_tensors_that_lived_at_the_same_address(tmp_path):
     # A pool frees an evicted adapter's host copy and the next read may land at the same addresses: caches keyed
     # on (address, version) must still see that the parameters changed.

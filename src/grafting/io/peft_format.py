@@ -169,7 +169,7 @@ def load_adapter(model, path, name: str) -> None:
 
 
 def install_adapter(model, name: str, config, tensors: dict, path, metadata: dict | None = None,
-                    finite_checked: bool = False, share: bool = False, training: bool | None = None) -> None:
+                    finite_checked: bool = False, share: bool = False, training: bool | None = None) -> bool:
     """Add adapter ``name`` with ``tensors`` already read from the directory ``path`` (named in errors); a
     serving pool reads files off the engine's thread and installs here between steps. ``metadata``: the
     weights file's ``__metadata__``; a base fingerprint there is checked against this model's base.
@@ -177,7 +177,9 @@ def install_adapter(model, name: str, config, tensors: dict, path, metadata: dic
     ``share``: the adapter's parameters may be ``tensors`` themselves rather than copies, where dtype and shape
     already match (the caller promises not to write to them; a load then allocates and copies nothing).
     ``training``: put the new adapter's modules in that mode (new modules start in training mode, as in torch and
-    peft, so an adapter saved with ``lora_dropout`` would drop activations while it serves); None leaves them."""
+    peft, so an adapter saved with ``lora_dropout`` would drop activations while it serves); None leaves them.
+    Returns whether the adapter now holds ``tensors`` themselves, each as its parameter (see :func:`_fill`), so
+    its content hash is the hash of ``tensors`` (``hashing.adopt_hash(..., held=True)``)."""
     path = Path(path)
     try:
         with filling_from_disk():
@@ -187,32 +189,35 @@ def install_adapter(model, name: str, config, tensors: dict, path, metadata: dic
     except GraftingError as e:
         raise GraftingError(f"{path / CONFIG_NAME}: {e}") from None
     try:
-        _fill(model, name, config, tensors, path / WEIGHTS_NAME, finite_checked, share)
+        held = _fill(model, name, config, tensors, path / WEIGHTS_NAME, finite_checked, share)
         if metadata and BASE_FINGERPRINT in metadata:
             check_base_fingerprint(model, name, metadata[BASE_FINGERPRINT], path / WEIGHTS_NAME)
             model.adapter_metadata[name] = {BASE_FINGERPRINT: metadata[BASE_FINGERPRINT]}
     except Exception:
         model.delete_adapter(name)
         raise
+    return held
 
 
 def refill_adapter(model, name: str, config, tensors: dict, path, metadata: dict | None = None,
-                   finite_checked: bool = False, share: bool = False) -> None:
+                   finite_checked: bool = False, share: bool = False) -> bool:
     """Give existing adapter ``name`` another adapter's weights, ``tensors`` read from ``path``, keeping its
     modules: ``config`` must be the config ``name`` was installed from (the same JSON), so every layer, shape and
     scale stays. A serving pool turns a resident adapter over this way: building an adapter's modules, not
     copying its tensors, is most of an install. Parameters that shared the previous adapter's tensors get their
     own storage before anything is copied into them, so those tensors (a host-tier copy) are never written.
-    On an error the adapter holds a mix of old and new weights: delete it."""
+    On an error the adapter holds a mix of old and new weights: delete it. Returns what :func:`install_adapter`
+    returns."""
     path = Path(path)
     if not same_config(model.peft_config[name], config):
         raise GraftingError(f"{path / CONFIG_NAME}: adapter '{name}' was installed from another config; "
                             "refill_adapter keeps its modules, so the config must be the same (install it anew)")
-    _fill(model, name, config, tensors, path / WEIGHTS_NAME, finite_checked, share, fresh=True)
+    held = _fill(model, name, config, tensors, path / WEIGHTS_NAME, finite_checked, share, fresh=True)
     model.adapter_metadata.pop(name, None)
     if metadata and BASE_FINGERPRINT in metadata:
         check_base_fingerprint(model, name, metadata[BASE_FINGERPRINT], path / WEIGHTS_NAME)
         model.adapter_metadata[name] = {BASE_FINGERPRINT: metadata[BASE_FINGERPRINT]}
+    return held
 
 
 # An adapter whose init fitted it to one exact base (LoftQ, LQ-LoRA: the adapter absorbs that base's
@@ -261,12 +266,17 @@ def require_finite(tensors: dict, f) -> None:
 
 
 def _fill(model, name: str, config, tensors: dict, f: Path, finite_checked: bool = False, share: bool = False,
-          fresh: bool = False) -> None:
+          fresh: bool = False) -> bool:
+    """Adapter ``name``'s tensors from ``tensors`` (read from file ``f``). Returns whether every tensor is now
+    its parameter as given (``share``) and is what ``adapter_tensors`` reads back under the same key (per-layer
+    parameters of methods that export them as held, nothing read under another key): then the adapter's
+    content hash is the hash of ``tensors``, and a serving pool that hashed them need not compare them."""
     unseal(model, [name])  # its tensors are about to change under the same modules
     slots = _slots(model, name)
     missing = sorted(set(slots) - set(tensors))
     aliases = _peft_aliases(model, name)
     extra = sorted(set(tensors) - set(slots) - set(aliases))
+    held = len(slots) == len(tensors)  # no alias read (peft's optional copies, a full embedding)
     slots.update({k: v for k, v in aliases.items() if k in tensors})
     if extra:
         raise GraftingError(f"{f}: unexpected tensors {extra[:8]}{' ...' if len(extra) > 8 else ''} (the config's "
@@ -298,7 +308,9 @@ def _fill(model, name: str, config, tensors: dict, f: Path, finite_checked: bool
                 if fresh:  # `.data =` keeps the version: caches keyed on (address, version) must see new content
                     increment_version(param)
                 share_int8(param, tensors[key])  # an int8 store's form of it, computed off the engine's thread
+                held = held and type(method).to_peft is Method.to_peft  # exported as the parameter itself
                 continue
+            held = False
             if param is not None:
                 param.__dict__.pop("grafting_int8", None)
             if fresh and getattr(param, "_grafting_shared", False):  # never write a tensor someone else holds
@@ -308,6 +320,7 @@ def _fill(model, name: str, config, tensors: dict, f: Path, finite_checked: bool
                 method.from_peft(module, host, attr, tensors[key])
             else:
                 getattr(module, attr).copy_(tensors[key].to(getattr(module, attr).dtype))
+    return held
 
 
 def _shareable(module, attr: str, t: torch.Tensor, method) -> bool:

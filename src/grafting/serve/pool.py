@@ -242,15 +242,15 @@ class AdapterPool(Registrations):
                     if internal is not None:  # the evicted adapter's modules, given this one's weights
                         config = self.model.peft_config[internal]  # the same JSON (_make_room matched it)
                         try:
-                            refill_adapter(self.model, internal, config, tensors, entry.path, metadata,
-                                           finite_checked=True, share=True)
+                            held = refill_adapter(self.model, internal, config, tensors, entry.path, metadata,
+                                                  finite_checked=True, share=True)
                         except Exception:
                             self.model.delete_adapter(internal)
                             raise
                     else:
                         internal = self._new_internal_name()
-                        install_adapter(self.model, internal, config, tensors, entry.path, metadata,
-                                        finite_checked=True, share=True, training=False)  # served: no dropout
+                        held = install_adapter(self.model, internal, config, tensors, entry.path, metadata,
+                                               finite_checked=True, share=True, training=False)  # no dropout
             except Exception as e:
                 with self._lock:
                     entry.error = str(e) if isinstance(e, GraftingError) else f"{entry.path}: {e}"
@@ -260,7 +260,7 @@ class AdapterPool(Registrations):
                 continue
             if self.prepare is None:  # the model holds what was hashed: spare the engine thread a second hash
                 with self._model_lock:
-                    if adopt_hash(self.model, internal, config, tensors, digest):
+                    if adopt_hash(self.model, internal, config, tensors, digest, held=held):
                         # its parameters are the host tier's tensors, which nobody edits: trust the hash at
                         # every step (checking 30 layers' tensors of 32 adapters cost ~5% of a decode step)
                         seal(self.model, [internal])
