@@ -120,4 +120,8 @@ def test_new_adapter_directories_serve_by_name_and_runtime_loads_are_refused(ray
     assert r.status_code == 400 and "adapter root" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/completions", headers=h, json={"model": "nobody", "prompt": "x"})
     assert r.status_code == 404 and "nobody" in json.dumps(r.json())
+    (ray_server["adapters"] / "broken").mkdir()
+    (ray_server["adapters"] / "broken" / "adapter_config.json").write_text("{not json")
+    r = httpx.post(url + "/v1/completions", headers=h, json={"model": "broken", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]  # why, not "does not exist"
     assert httpx.post(url + "/v1/completions", json={"model": "poet", "prompt": "x"}).status_code == 401

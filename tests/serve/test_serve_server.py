@@ -1,7 +1,7 @@
 """What `graft serve MODEL` decides from MODEL: the task (generate for causal LMs and GGUF files, embed for
 encoders), the served name, clear errors for what it cannot serve, and its adapters: a directory under the
-adapter root that cannot register is skipped with a warning, an adapter named with --adapter that cannot serve
-stops the start."""
+adapter root that cannot register is skipped with a warning and its requests get the reason (400), an adapter
+named with --adapter that cannot serve stops the start."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def _adapters(tmp_path):
     return tmp_path / "saved"
 
 
-def test_a_directory_under_the_adapter_root_that_cannot_register_is_skipped_with_a_warning(tmp_path, caplog):
+def test_a_directory_under_the_adapter_root_that_cannot_register_is_skipped_and_its_requests_say_why(tmp_path,
+                                                                                                     caplog):
     saved = _adapters(tmp_path)
     root = tmp_path / "root"
     for name in ("small", "big"):
@@ -91,10 +92,30 @@ def test_a_directory_under_the_adapter_root_that_cannot_register_is_skipped_with
     from fastapi.testclient import TestClient
 
     from grafting.serve.http import create_app
+    with pytest.raises(gf.serve.AdapterError, match="above this server's maximum 8"):
+        engine.pool.acquire("big")
     with TestClient(create_app(engine, "gpt2", adapter_root=root)) as client:
-        for name in ("big", "malformed"):
-            r = client.post("/v1/completions", json={"model": name, "prompt": [1, 2], "max_tokens": 2})
-            assert r.status_code == 404 and name in r.json()["error"]["message"]
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["gpt2", "small"]
+        # a configured maximum is a 400 saying why, not "does not exist"
+        for name, why in (("big", "rank 16, above this server's maximum 8 (raise --max-lora-rank)"),
+                          ("malformed", "not valid JSON")):
+            for path, body in (("/v1/completions", {"prompt": [1, 2]}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+                r = client.post(path, json={"model": name, "max_tokens": 2, **body})
+                assert r.status_code == 400 and why in r.json()["error"]["message"], (name, path, r.text)
+                assert r.json()["error"]["param"] == "model"
+        r = client.post("/v1/completions", json={"model": "nowhere", "prompt": [1, 2], "max_tokens": 2})
+        assert r.status_code == 404
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "big", "lora_path": "big"})
+        assert r.status_code == 400 and "above this server's maximum 8" in r.json()["error"]["message"]
+        # unloading forgets the refusal; loading a servable adapter under the name replaces it
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "malformed"}).status_code == 200
+        r = client.post("/v1/completions", json={"model": "malformed", "prompt": [1, 2], "max_tokens": 2})
+        assert r.status_code == 404
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "big", "lora_path": "small"}).status_code \
+            == 200
+        r = client.post("/v1/completions", json={"model": "big", "prompt": [1, 2], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_an_adapter_named_on_the_command_line_is_read_and_checked_before_the_start(tmp_path):

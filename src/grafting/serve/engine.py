@@ -31,7 +31,7 @@ import torch
 from ..errors import GraftingError
 from .kv import BatchCache, cache_tensors, kv_bytes_per_token, room
 from .logprobs import prompt_entries, token_entry
-from .loop import BackgroundLoop, EngineStopped, QueueFull
+from .loop import BackgroundLoop, EngineStopped, QueueFull, RecentRate
 from .model_facts import context_size, eos_ids, pad_id, vocab_size
 from .pool import AdapterError
 from .request import Completion, Output, Request, RequestHandle
@@ -87,6 +87,7 @@ class Engine(BackgroundLoop):
                                 "so its key/value cache cannot be budgeted")
         self.stats = {"requests": 0, "finished": 0, "errors": 0, "generated_tokens": 0, "prompt_tokens": 0,
                       "steps": 0, "batch_rows": 0, "preemptions": 0}
+        self.token_rate = RecentRate()  # generated tokens per second, recently (the metrics' gauge)
         self.on_finish = None  # callable(Request), e.g. metrics
         if pool is not None:
             pool.on_change = self._wake
@@ -188,6 +189,7 @@ class Engine(BackgroundLoop):
                 self._decode()
         self.stats["steps"] += 1
         self.stats["batch_rows"] += len(self.running)
+        self.token_rate.add(self.stats["generated_tokens"])
         self._retire()
         if self.pool is not None and self.pool._deferred:
             # rows that finished in this step freed room that the names deferred at admission may now take;

@@ -135,6 +135,9 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
             return None
         if model in pool:
             return model
+        refused = pool.refusal(model)
+        if refused is not None:  # under the adapter root, but it cannot serve here: say why
+            raise APIError(400, refused, param="model")
         raise APIError(404, f"The model `{model}` does not exist.", param="model")
 
     def serves(wanted: str) -> None:

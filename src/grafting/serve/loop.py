@@ -6,6 +6,8 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
+from collections import deque
 
 from ..errors import GraftingError
 
@@ -15,6 +17,35 @@ log = logging.getLogger("grafting.serve")
 # a step that fails this many times in a row fails what waits too: the same error again and again (an adapter
 # that cannot be fetched, say) would otherwise keep those clients waiting for ever
 FAILURES_BEFORE_FAILING_THE_QUEUE = 3
+
+
+class RecentRate:
+    """A counter's rate over the last ``window`` seconds, from samples the loop adds once per step (any thread
+    may read it). A gauge of the lifetime average would decay while the server idles and hide a slowdown
+    behind hours of history; Prometheus' ``rate()`` over the matching counter gives the same figure server-side."""
+
+    def __init__(self, window: float = 10.0):
+        self.window = window
+        self._samples: deque = deque()  # (monotonic time, counter value), oldest first
+        self._started = time.monotonic()
+
+    def add(self, value: float, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._samples.append((now, value))
+        # keep one sample at or before the window's start: the baseline the rate is measured from
+        while len(self._samples) > 1 and self._samples[1][0] <= now - self.window:
+            self._samples.popleft()
+
+    def rate(self, value: float, now: float | None = None) -> float:
+        """Per second over the last ``window`` seconds (since start if shorter), ``value`` being the counter now."""
+        now = time.monotonic() if now is None else now
+        start, base = self._started, 0.0
+        for t, v in list(self._samples):  # a copy: the loop thread appends while a scrape reads
+            if t > now - self.window:
+                break
+            start, base = t, v
+        start = max(start, now - self.window)  # idle since the baseline: count only the window's seconds
+        return (value - base) / max(now - start, 1e-9)
 
 
 class QueueFull(GraftingError):

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -12,8 +10,8 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class _EngineCollector:
-    def __init__(self, engine, started: float):
-        self.engine, self.started = engine, started
+    def __init__(self, engine):
+        self.engine = engine
 
     def collect(self):
         e, stats = self.engine, self.engine.stats
@@ -29,9 +27,10 @@ class _EngineCollector:
                                     value=e.cache.nbytes())
             yield CounterMetricFamily("grafting_preemptions", "rows preempted to keep the key/value cache within "
                                       "its budget (recomputed when they rejoin)", value=stats["preemptions"])
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        yield GaugeMetricFamily("grafting_tokens_per_second", "generated tokens per second since start",
-                                value=stats["generated_tokens"] / elapsed)
+        rate = getattr(e, "token_rate", None)  # an embedder generates nothing
+        yield GaugeMetricFamily("grafting_tokens_per_second", f"generated tokens per second over the last "
+                                f"{rate.window:g} s" if rate else "generated tokens per second",
+                                value=rate.rate(stats["generated_tokens"]) if rate else 0.0)
         pool = e.pool
         if pool is not None:
             yield CounterMetricFamily("grafting_adapter_loads", "adapters installed in the model",
@@ -51,7 +50,7 @@ class _EngineCollector:
 class ServerMetrics:
     def __init__(self, engine):
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine, time.monotonic()))
+        self.registry.register(_EngineCollector(engine))
         self.latency = Histogram("grafting_request_latency_seconds", "arrival to last token",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.ttft = Histogram("grafting_time_to_first_token_seconds", "arrival to first token",

@@ -91,6 +91,7 @@ class AdapterPool(Registrations):
         self._model_lock = threading.Lock()  # held while the pool changes the model: a meta copy never sees half
         self._check = ModelCheck(model, self._model_lock)
         self._registered: dict[str, _Registered] = {}
+        self._refused: dict[str, str] = {}  # name -> why it could not register (see refuse)
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # digest -> resident, LRU first
         self._ready: list = []  # (entry, generation, digest, config, tensors) read, waiting for room
         self._lock = threading.Lock()
@@ -133,6 +134,8 @@ class AdapterPool(Registrations):
         with self._lock:
             entry = self._registered.get(name)
             if entry is None:
+                if name in self._refused:
+                    raise AdapterError(self._refused[name])
                 raise AdapterNotFound(f"no adapter named '{name}'")
             if entry.error is not None:
                 raise AdapterError(entry.error)

@@ -109,7 +109,10 @@ class GraftReplica:
         if name not in pool and self.root is not None:
             d = _adapter_dir(self.root, name)
             if d is not None:
-                await asyncio.to_thread(pool.register, name, d)
+                try:
+                    await asyncio.to_thread(pool.register, name, d)
+                except GraftingError as e:  # e.g. a rank above the maximum: the app answers 400 with why
+                    pool.refuse(name, str(e))
         return name
 
     async def forward(self, method: str, path: str, headers: list, body: bytes, query: str = ""):

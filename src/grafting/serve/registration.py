@@ -41,7 +41,8 @@ POOL_ROOT = _PoolRoot()  # register/load default: the pool's own root (None ther
 
 class Registrations:
     """Registration by name, any thread. The pool provides ``_lock``, ``_registered``, ``_generation``,
-    ``_host`` (the host tier), ``_resident``, ``_check`` (a ModelCheck), ``root``, ``max_rank`` and ``prepare``."""
+    ``_host`` (the host tier), ``_resident``, ``_refused``, ``_check`` (a ModelCheck), ``root``, ``max_rank`` and
+    ``prepare``."""
 
     def register(self, name: str, path, root=POOL_ROOT) -> None:
         """Register (or re-register) adapter ``name`` from directory ``path``; only its config is read now, so
@@ -102,8 +103,21 @@ class Registrations:
                                f"{self.max_rank} (raise --max-lora-rank)")
         return rank
 
+    def refuse(self, name: str, reason: str) -> None:
+        """Remember that ``name`` could not register and why (an ``--adapter-root`` directory skipped at start):
+        requests for it then fail with ``reason`` (HTTP 400) instead of "no such adapter" (404). A later
+        registration of ``name`` replaces the refusal; :meth:`unregister` forgets it."""
+        with self._lock:
+            if name not in self._registered:
+                self._refused[name] = reason
+
+    def refusal(self, name: str) -> str | None:
+        """Why ``name`` was refused (:meth:`refuse`), or None."""
+        return self._refused.get(name)
+
     def _add(self, name: str, path: Path, rank: int, root) -> _Registered:
-        """A new registration of ``name`` (locked), replacing any earlier one."""
+        """A new registration of ``name`` (locked), replacing any earlier one (or refusal)."""
+        self._refused.pop(name, None)
         self._generation += 1
         entry = self._registered[name] = _Registered(name, path, rank, self._generation, root=root)
         return entry
@@ -111,7 +125,7 @@ class Registrations:
     def unregister(self, name: str) -> None:
         """Forget ``name``; its resident copy is evicted once no running request holds it."""
         with self._lock:
-            if self._registered.pop(name, None) is None:
+            if self._registered.pop(name, None) is None and self._refused.pop(name, None) is None:
                 raise AdapterNotFound(f"no adapter named '{name}'")
             self._host.drop(name)
 

@@ -58,7 +58,8 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
     ``adapters`` are read and checked against the model now (:meth:`AdapterPool.load`): one that cannot serve
     stops the start with the reason, since it was asked for by name. Under ``adapter_root`` only configs are
     read (a thousand adapters register in moments), a directory that cannot register is skipped with a
-    warning naming it, and the pool keeps every read inside the root.
+    warning naming it (requests for it fail with the reason, :meth:`AdapterPool.refuse`), and the pool keeps
+    every read inside the root.
     ``task`` "generate" gives an :class:`~grafting.serve.Engine` (a causal LM), "embed" an
     :class:`~grafting.serve.embed.Embedder` (an encoder); "auto" picks by the model (:func:`model_task`).
     ``max_cpu_loras``: adapters kept in memory as read (default ``max_loras``), so one evicted from the model
@@ -102,7 +103,8 @@ def build_engine(model: str, adapters: dict | None = None, adapter_root=None, ma
                 try:
                     pool.register(d.name, d)
                 except (GraftingError, OSError, ValueError) as e:  # a directory scan serves what it can
-                    log.warning("--adapter-root: skipping %s, requests for '%s' will get 404: %s", d, d.name, e)
+                    log.warning("--adapter-root: skipping %s, requests for '%s' will get 400: %s", d, d.name, e)
+                    pool.refuse(d.name, str(e))
     for name, path in (adapters or {}).items():
         try:
             pool.load(name, path, root=None)  # named by the operator: it may live outside the root
