@@ -39,3 +39,32 @@ def test_stores_picks_which_of_grafting_s_stores_run():
     figures.pop("store_accuracy")
     names = {name for by_name in figures.values() for name in by_name}
     assert "grafting int8 store" in names and not names & {"grafting", "grafting bf16 store"}
+
+
+def test_store_accuracy_on_trained_adapters_runs_on_any_local_model(tmp_path):
+    """benchmarks/serve_accuracy.py on a tiny Llama with two adapters: the int8 store moves logits (it
+    quantizes) more than bf16 does, the adapters move the base, every answer is compared."""
+    from serving_models import TEMPLATE, add_random_adapter, byte_tokenizer, tiny_lm
+
+    import grafting as gf
+    base = tiny_lm("llama")
+    base.save_pretrained(tmp_path / "tiny")
+    tok = byte_tokenizer()
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(tmp_path / "tiny")
+    model = gf.AdaptedModel(base)
+    for i, name in enumerate(("one", "two")):
+        add_random_adapter(model, name, "llama", r=[4, 16][i], seed=5 + i)
+        model.save_adapter(tmp_path / "root" / name, name=name)
+    script = SCRIPT.with_name("serve_accuracy.py")
+    run = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "tiny"), "--adapter-root",
+                          str(tmp_path / "root"), "--max-tokens", "6", "--questions", "3"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])["store_accuracy_trained"]
+    assert figures["adapters"] == 2 and figures["answers"] == 6 and 0 < figures["answer_tokens"] <= 36
+    assert figures["adapter_top1_changed"] > 0
+    assert 0 < figures["bf16"]["max_abs_logit_diff"] < figures["int8"]["max_abs_logit_diff"]
+    for key in ("bf16", "int8"):
+        assert 0 <= figures[key]["greedy_identical"] <= 1 and 0 < figures[key]["top1_agreement"] <= 1
+        assert figures[key]["kl_per_token"] >= 0
