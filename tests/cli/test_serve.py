@@ -3,11 +3,11 @@ over loopback, and a SIGTERM during a request that still gets its whole answer (
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +22,7 @@ pytest.importorskip("uvicorn")
 
 
 def test_graft_serve_answers_and_shuts_down_gracefully(tmp_path):
-    base = tiny_lm("gpt2")
+    base = tiny_lm("gpt2", positions=320)  # room for an answer long enough to be cut short by a SIGTERM
     base.save_pretrained(tmp_path / "tiny-gpt2")
     byte_tokenizer().save_pretrained(tmp_path / "tiny-gpt2")
     model = gf.AdaptedModel(base)
@@ -47,19 +47,31 @@ def test_graft_serve_answers_and_shuts_down_gracefully(tmp_path):
         first = httpx.post(url + "/v1/completions", json=body, timeout=30).json()
         assert first["usage"]["completion_tokens"] == 5
 
-        long = {**body, "max_tokens": 60}
-        result = {}
-        t = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/v1/completions", json=long,
-                                                                          timeout=60)))
-        t.start()
-        time.sleep(0.3)  # the request is in flight
-        proc.send_signal(signal.SIGTERM)
-        t.join(60)
-        assert result["r"].status_code == 200
-        assert result["r"].json()["usage"]["completion_tokens"] == 60
+        # a streamed request: SIGTERM goes out once its first token has arrived and /metrics shows it running,
+        # with hundreds of tokens (several ms each) still to come
+        long = {**body, "max_tokens": 250, "stream": True, "stream_options": {"include_usage": True}}
+        data = []
+        with httpx.stream("POST", url + "/v1/completions", json=long, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    data.append(line[6:])
+                    break
+            metrics = httpx.get(url + "/metrics").text
+            proc.send_signal(signal.SIGTERM)
+            data += [line[6:] for line in lines if line.startswith("data: ")]
+        generated = float(re.search(r"^grafting_generated_tokens_total (\S+)$", metrics, re.M).group(1))
+        assert "grafting_batch_size 1.0" in metrics and 5 < generated < 5 + 250, metrics  # mid-answer
+        assert data[-1] == "[DONE]"
+        events = [json.loads(d) for d in data[:-1]]
+        assert events[-1]["usage"]["completion_tokens"] == 250  # the whole answer, after the signal
+        assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
         # uvicorn finishes open requests, runs the shutdown (engine drained), then re-raises the signal
         assert proc.wait(60) in (0, -signal.SIGTERM)
-        assert "Finished server process" in proc.stdout.read()
+        out = proc.stdout.read()
+        assert "Waiting for connections to close" in out  # uvicorn saw the stream still open at the signal
+        assert "Finished server process" in out
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -10,16 +10,16 @@ import torch
 import grafting as gf
 
 
-def tiny_lm(arch: str, seed: int = 0, tie: bool = True):
+def tiny_lm(arch: str, seed: int = 0, tie: bool = True, positions: int = 96):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     if arch == "gpt2":
-        config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=260, n_positions=96,
+        config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=260, n_positions=positions,
                             bos_token_id=256, eos_token_id=256)
         model = GPT2LMHeadModel(config)
     else:
         config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=260, max_position_embeddings=96,
+                             num_key_value_heads=2, vocab_size=260, max_position_embeddings=positions,
                              bos_token_id=256, eos_token_id=256, tie_word_embeddings=tie)
         model = LlamaForCausalLM(config)
     return model.eval()

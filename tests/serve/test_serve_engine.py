@@ -138,6 +138,26 @@ def test_stop_strings_and_streamed_text(tokenizer):
     assert "".join(e.text for e in events) == visible[:cut]
 
 
+def test_stop_strings_with_a_seed_cut_the_same_sampled_output_every_time(tokenizer):
+    model = served("gpt2")
+    engine = Engine(model, tokenizer=tokenizer)
+    seeded = dict(max_tokens=24, temperature=1.0, seed=11, ignore_eos=True)
+    full = engine.generate(["hello"], SamplingParams(**seeded), ["a"])[0]
+    greedy = engine.generate(["hello"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), ["a"])[0]
+    assert full.token_ids != greedy.token_ids  # really sampled
+    # the stop string: the first printable ASCII byte from the fifth token on that the text has not shown yet
+    k = next(i for i, t in enumerate(full.token_ids) if i >= 4 and 33 <= t <= 126 and t not in full.token_ids[:i])
+    stop = chr(full.token_ids[k])
+    params = SamplingParams(**seeded, stop=[stop])
+    alone = engine.generate(["hello"], params, ["a"])[0]
+    busy = Engine(model, tokenizer=tokenizer).generate(["hello", "other", "hello"], params, ["a", "b", None])[0]
+    for out in (alone, busy):
+        assert out.finish_reason == "stop"
+        assert out.token_ids == full.token_ids[:k + 1]  # the seeded draws up to the stop string's token
+        assert stop not in out.text and out.text == full.text[:full.text.index(stop)]
+    assert alone.text == busy.text
+
+
 def test_cancel_and_timeout_free_the_row():
     model = served("gpt2")
     engine = Engine(model)

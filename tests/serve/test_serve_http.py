@@ -167,15 +167,37 @@ def test_runtime_load_and_unload_stay_inside_the_root(server, tmp_path):
 
 def test_a_client_that_disconnects_is_cancelled(server):
     engine = server["engine"]
-    before = engine.stats["finished"]
-    with httpx.stream("POST", server["url"] + "/v1/completions",
-                      json={"model": "poet", "prompt": "Once", "max_tokens": 80, "stream": True, "ignore_eos": True},
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
-        lines = r.iter_lines()
-        got = [next(lines) for _ in range(3)]
-    assert any(json.loads(g[6:])["choices"] for g in got if g.startswith("data: {"))
     deadline = time.monotonic() + 10
+    while (engine.running or engine.waiting) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    max_tokens = engine.max_model_len - len("Once")  # as many as the context allows
+    finished, observe = [], engine.on_finish
+    engine.on_finish = lambda r: (finished.append(r), observe(r))
+    # 30 ms a forward: the whole answer would take 2.7 s or more, so only a cancellation ends it early
+    slow = engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.03))
+    try:
+        with httpx.stream("POST", server["url"] + "/v1/completions",
+                          json={"model": "poet", "prompt": "Once", "max_tokens": max_tokens, "stream": True,
+                                "temperature": 0, "ignore_eos": True},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+            assert r.status_code == 200
+            events = []
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+                if len(events) == 2:
+                    break  # and leave: the connection closes with the rest of the stream unread
+        deadline = time.monotonic() + 10
+        while not finished and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        slow.remove()
+        engine.on_finish = observe
+    assert [e["choices"][0]["finish_reason"] for e in events] == [None, None]  # it was mid-stream
+    assert len(finished) == 1, "the request did not end within 10 s of the client leaving"
+    assert finished[0].finish_reason == "cancelled"
+    assert 2 <= finished[0].completion_tokens < max_tokens
+    deadline = time.monotonic() + 5
     while engine.running and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not engine.running and engine.stats["finished"] > before
-    assert engine.stats["generated_tokens"] < 10_000
+        time.sleep(0.02)
+    assert not engine.running and not engine.waiting

@@ -1,12 +1,16 @@
 """AdapterPool.load (an explicit load: files read and checked against the model before the name registers,
 the model untouched) against register (config only), and the adapter root, which every read of a confined
-registration's files must stay inside: symlinked files and files swapped after registration are refused."""
+registration's files must stay inside: symlinked files and files swapped after registration are refused; and a
+slow read, which never holds up the running batch."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ from serving_models import add_random_adapter, tiny_lm
 
 import grafting as gf
 from grafting.serve import AdapterError, AdapterPool, Engine, SamplingParams
+from grafting.serve import pool as pool_module
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -150,3 +155,56 @@ def test_registering_many_reads_only_configs(adapters, tmp_path):
         pool.register(f"n{i}", d)
     assert len(pool.names()) == 1000 and pool.stats["reads"] == 0 and not pool.in_memory
     pool.close()
+
+
+def test_a_slow_read_never_holds_up_the_running_batch(adapters, monkeypatch):
+    """One adapter's files are slow to read (held until the test lets them go): a request on a resident adapter
+    keeps decoding to its end meanwhile, since reads run on the loader thread and never inside a step."""
+    root, _, expected = adapters
+    pool = fresh_pool(max_loras=2)
+    pool.register("resident", root / "a")
+    pool.register("slow", root / "b")
+    assert pool.preload(["resident"]) == ["resident"]
+    started, gate, done = threading.Event(), threading.Event(), threading.Event()
+    read = pool_module.read_adapter
+
+    def slow_read(path, *args, **kwargs):
+        if Path(path).name != "b":
+            return read(path, *args, **kwargs)
+        started.set()
+        gate.wait(5)  # a disk that takes its time; 5 s at most, so a read that blocks the step loop ends
+        try:
+            return read(path, *args, **kwargs)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(pool_module, "read_adapter", slow_read)
+    engine = Engine(pool.model, pool=pool)
+    try:
+        resident = engine.submit([1, 2, 3], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True),
+                                 "resident")
+        engine.step()
+        engine.step()
+        slow = engine.submit([1, 2, 3], GREEDY, "slow")
+        engine.step()  # asks the pool for "slow": its read starts
+        assert started.wait(10), "the slow adapter was never read"
+        at_read_start = resident.request.completion_tokens
+        assert 2 <= at_read_start < 60
+        for _ in range(100):
+            if resident.request.finish_reason is not None:
+                break
+            engine.step()
+        assert not done.is_set(), "the running batch waited for the read"
+        assert pool.pending("slow") and slow.request.finish_reason is None and not slow.request.output_ids
+        assert resident.request.finish_reason == "length"  # 58 or so tokens decoded while the read was held
+        assert resident.result(timeout=1).token_ids[:8] == expected["a"]
+        gate.set()
+        for _ in range(500):
+            if slow.request.finish_reason is not None:
+                break
+            engine.step()
+            time.sleep(0.01)
+        assert slow.result(timeout=1).token_ids == expected["b"]
+    finally:
+        gate.set()
+        pool.close()
