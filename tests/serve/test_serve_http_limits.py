@@ -116,3 +116,35 @@ def test_a_non_streaming_client_that_leaves_is_cancelled():
         assert finished[0].finish_reason == "cancelled"
         assert 5 <= finished[0].completion_tokens < LONG["max_tokens"]
         wait_for(lambda: not engine.running, "the row leaving the batch", timeout=5)
+
+
+def test_an_embeddings_request_past_its_timeout_is_504():
+    """A tiny encoder that sleeps 1 s per forward, one row per batch: the second request waits behind the first
+    past its 0.3 s limit and gets 504 (a timeout error object) while the first, already running, gets 200."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from grafting.serve.embed import Embedder
+    from grafting.serve.http import create_app
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, vocab_size=50, max_position_embeddings=16)).eval()
+    encoder.register_forward_pre_hook(lambda module, args: time.sleep(1.0))
+    model = gf.AdaptedModel(encoder)
+    embedder = Embedder(model, pool=AdapterPool(model), max_batch=1)
+    app = create_app(embedder, "tiny-bert", request_timeout=0.3)
+    body = {"model": "tiny-bert", "input": [2, 5, 6]}  # token ids: no tokenizer needed
+    with uvicorn_server(app) as url:
+        results = {}
+        first = threading.Thread(target=lambda: results.update(
+            first=httpx.post(url + "/v1/embeddings", json=body, timeout=10)))
+        first.start()
+        wait_for(lambda: embedder.running, "the first request running")
+        started = time.monotonic()
+        second = httpx.post(url + "/v1/embeddings", json=body, timeout=8)
+        first.join(10)
+        assert second.status_code == 504, second.text
+        error = second.json()["error"]
+        assert error["type"] == "timeout" and error["code"] == 504 and "timed out" in error["message"]
+        assert time.monotonic() - started < 5
+        assert results["first"].status_code == 200 and len(results["first"].json()["data"][0]["embedding"]) == 32

@@ -336,13 +336,15 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, adapt
         waiting = asyncio.wrap_future(future)
         try:
             while True:
-                try:
-                    vectors = await asyncio.wait_for(asyncio.shield(waiting), timeout=1.0)
+                # asyncio.wait, not wait_for: the job's own TimeoutError (the request's timeout, a 504) is the
+                # same class as wait_for's, and was taken for "still waiting" until the client gave up
+                done, _ = await asyncio.wait({waiting}, timeout=1.0)
+                if done:
+                    vectors = waiting.result()
                     break
-                except asyncio.TimeoutError:
-                    if await http_request.is_disconnected():
-                        future.cancel()
-                        raise APIError(499, "the client closed the request") from None
+                if await http_request.is_disconnected():
+                    future.cancel()
+                    raise APIError(499, "the client closed the request") from None
         except AdapterError as e:
             raise APIError(400, str(e), param="model") from None
         except TimeoutError as e:

@@ -151,6 +151,9 @@ class BackgroundLoop:
         if self.pool is not None:
             self.pool.close()
 
+    def _pool_stale(self) -> bool:
+        return self.pool is not None and self.pool.has_stale()
+
     def _wake(self) -> None:
         with self._lock:
             self._lock.notify_all()
@@ -162,7 +165,7 @@ class BackgroundLoop:
         failures = 0
         while True:
             with self._lock:
-                while not self._has_work() and not self._stopping:
+                while not self._has_work() and not self._stopping and not self._pool_stale():
                     self._lock.wait(timeout=0.5)
                 if self._stopping and self._drained():
                     return

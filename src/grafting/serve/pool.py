@@ -355,6 +355,13 @@ class AdapterPool(Registrations):
         with self._model_lock:
             self.model.delete_adapter(res.internal)
 
+    def has_stale(self) -> bool:
+        """Whether a resident copy that no registered name points at waits to be evicted (unpinned): the loop
+        then steps once even with no request, so an unloaded adapter leaves an idle server's model."""
+        with self._lock:
+            wanted = {e.digest for e in self._registered.values()}
+            return any(d not in wanted and r.pins <= 0 for d, r in self._resident.items())
+
     def _evict_unregistered(self) -> None:
         """Resident copies that no registered name points at any more, once unpinned, go."""
         with self._lock:

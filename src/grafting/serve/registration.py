@@ -41,8 +41,8 @@ POOL_ROOT = _PoolRoot()  # register/load default: the pool's own root (None ther
 
 class Registrations:
     """Registration by name, any thread. The pool provides ``_lock``, ``_registered``, ``_generation``,
-    ``_host`` (the host tier), ``_resident``, ``_refused``, ``_check`` (a ModelCheck), ``root``, ``max_rank`` and
-    ``prepare``."""
+    ``_host`` (the host tier), ``_resident``, ``_refused``, ``_check`` (a ModelCheck), ``root``, ``max_rank``,
+    ``prepare`` and ``on_change``."""
 
     def register(self, name: str, path, root=POOL_ROOT) -> None:
         """Register (or re-register) adapter ``name`` from directory ``path``; only its config is read now, so
@@ -128,6 +128,8 @@ class Registrations:
             if self._registered.pop(name, None) is None and self._refused.pop(name, None) is None:
                 raise AdapterNotFound(f"no adapter named '{name}'")
             self._host.drop(name)
+        if self.on_change is not None:  # wake an idle loop: it evicts the resident copy (has_stale)
+            self.on_change()
 
     def names(self) -> list[str]:
         with self._lock:
