@@ -287,7 +287,9 @@ def mixed_forward(host, x: torch.Tensor, rows: RowRouting, *args, **kwargs) -> t
     return out + delta
 
 
-def _stack_for(host, name):
+def stack_for(host, name):
+    """The layer's stack, made at first need in the dtype of ``name``'s factors (or the store's) with the
+    model's reserved room."""
     if host._stack is None:
         A = host.methods[name].low_rank(host.adapters[name])[0]
         host._stack = LowRankStack(host.in_features, host.out_features, host._routing.stack_dtype or A.dtype,
@@ -299,7 +301,7 @@ def _stack_for(host, name):
 
 
 def _gathered(host, x, base_out, rows: RowRouting, layer: LayerCall) -> torch.Tensor:
-    stack = _stack_for(host, layer.gathered[0])
+    stack = stack_for(host, layer.gathered[0])
     present, rescales, cacheable = layer.gathered, layer.rescales, not layer.grouped
     with stack.lock:
         stack.sync(host, present, rows.stack_keys)

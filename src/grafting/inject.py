@@ -1,4 +1,4 @@
-"""Target matching and module replacement.
+"""Target matching, module replacement and adapter injection.
 
 Matching follows PEFT so that configs mean the same thing in both libraries: a list of names matches a module
 whose dotted name equals an entry or ends with ``"." + entry``; a string is a regex that must match the whole
@@ -8,13 +8,21 @@ module name; ``"all-linear"`` is every Linear / GPT-2 Conv1D except the model's 
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 
 from torch import nn
 
 from .errors import GraftingError
 from .hashing import registrations, watch
+from .init_stage import calibration_statistics, run_init
 from .layers import HostLayer, kind_of
+
+_UIDS = itertools.count(1)  # adapter modules get a uid: id() may be reused after an adapter is freed
+
+# PEFT trains (and saves) the task head in full for these task types, whether or not modules_to_save names it
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
 
 ALL_LINEAR = "all-linear"
 
@@ -182,3 +190,62 @@ def find_modules_to_save(model: nn.Module, names: list, routing, required: list 
         if not any(name_matches([entry], n) for n, _ in found):
             raise GraftingError(f"modules_to_save entry {entry!r} matched no module")
     return found
+
+
+def inject_adapter(model, name: str, config, method, calibration=None) -> tuple:
+    """Build adapter ``name`` into ``model`` (an AdaptedModel): a host layer on every target, the method's
+    modules in each, copies of the modules saved in full (``modules_to_save`` and the task type's head), then
+    the method's init (data-aware ones read ``calibration``). On any error nothing of the adapter is left.
+    Returns (config, ranks): the config after a data-aware method planned it, and each layer's rank (None where
+    the method has no low-rank form)."""
+    to_save = list(config.modules_to_save or [])
+    task_heads = TASK_HEADS.get(config.task_type or "", ())
+    # the base's own modules (not adapters' insides, which grow with every adapter loaded), listed only when
+    # a name must be checked
+    module_names = [n for n, _ in iter_candidates(model.base_model)] if to_save or task_heads else []
+    exists = lambda m: any(name_matches([m], n) for n in module_names)  # noqa: E731
+    heads = [h for h in task_heads if h not in to_save and exists(h)]
+    targets = find_targets(model.base_model, config, to_save + heads)
+    created, ranks = [], []
+    try:
+        hosts = []
+        for module_name, module in targets:
+            host = host_for(model.base_model, module_name, module, model._routing)
+            if host.kind.name not in method.layer_kinds:
+                raise GraftingError(f"method '{method.name}' does not support {host.kind.name} layers "
+                                    f"(module '{module_name}')")
+            hosts.append((module_name, host))
+        statistics = None
+        if method.needs_calibration(config):
+            statistics = calibration_statistics(model, method, config, hosts, calibration)
+            config, statistics = method.plan(config, statistics)
+            config.validate()
+            keep = {n for n, _ in find_targets(model.base_model, config, to_save + heads)}
+            hosts = [(n, h) for n, h in hosts if n in keep]
+        shared = method.create_shared(config, hosts)
+        if shared is not None:
+            model.shared_tensors[name] = shared
+        for module_name, host in hosts:
+            adapter = method.create(host, config, module_name, shared)
+            adapter._graft_uid = next(_UIDS)
+            host.add(name, method, adapter)
+            created.append(host)
+            factors = method.low_rank(adapter) if method.low_rank_form else None
+            ranks.append(None if factors is None else factors[0].shape[0])
+        if to_save or heads:
+            # peft writes every task head name of the task type (classifier and score); one is enough
+            present = [m for m in to_save + heads if m not in task_heads or exists(m)]
+            for _, saved in find_modules_to_save(model.base_model, present, model._routing,
+                                                 required=[m for m in to_save if m not in task_heads]):
+                saved.add(name)
+        run_init(model, name, method, config, hosts, statistics)
+    except Exception:
+        for host in created:
+            host.remove(name)
+        if name in model.shared_tensors:
+            del model.shared_tensors[name]
+        for _, saved in model.saved_modules():
+            if name in saved.copies:
+                del saved.copies[name]
+        raise
+    return config, ranks

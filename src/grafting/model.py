@@ -7,7 +7,6 @@ It is an ``nn.Module`` that holds the base model (so ``.to()``, ``.eval()``, ``.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import re
 from typing import Iterable, Iterator
 
@@ -15,24 +14,16 @@ import torch
 from torch import nn
 
 from .autodiff import transforms_active
-from .batching import RowRouting, Routing, bucket_of
+from . import store
+from .batching import RowRouting, Routing
 from .config import AdapterConfig
 from .errors import GraftingError
 from .hashing import call_state, content_hashes, seal, unseal
-from .init_stage import calibration_statistics, run_init
-from .inject import (AdaptedTree, ModulesToSave, find_modules_to_save, find_targets, host_for, iter_candidates,
-                     name_matches, replace_module)
+from .inject import AdaptedTree, ModulesToSave, inject_adapter, replace_module
 from .layers import HostLayer
 from .registry import fixed_flags, get_method, method_for_config
 
-_UIDS = itertools.count(1)  # adapter modules get a uid: id() may be reused after an adapter is freed
-
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-
-# PEFT trains (and saves) the task head in full for these task types, whether or not modules_to_save names it
-_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
-               "QUESTION_ANS": ("qa_outputs",)}
-
 
 class AdaptedModel(nn.Module):
     def __init__(self, base_model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = "default",
@@ -84,7 +75,7 @@ class AdaptedModel(nn.Module):
         # layers may replay the plans of an earlier call with these rows, unless an adapter is in training mode
         # (dropout, or a method's stochastic forward, may decide per call which rows take the gathered kernel)
         if not training and not torch.is_grad_enabled() and not transforms_active():
-            self._stack_new(hashes)
+            store.write_new(self, hashes)
         rows = RowRouting.build(list(adapter_names), self._routing.slot_of, hashes, device, expandable,
                                 cacheable=not training)
         token = self._routing._rows.set(rows)
@@ -166,56 +157,7 @@ class AdaptedModel(nn.Module):
         if method.needs_calibration(config) and calibration is None:
             raise GraftingError(f"method '{method.name}' initialises from activations: pass "
                                 "add_adapter(..., calibration=batches)")
-        to_save = list(config.modules_to_save or [])
-        task_heads = _TASK_HEADS.get(config.task_type or "", ())
-        # the base's own modules (not adapters' insides, which grow with every adapter loaded), listed only when
-        # a name must be checked
-        module_names = [n for n, _ in iter_candidates(self.base_model)] if to_save or task_heads else []
-        exists = lambda m: any(name_matches([m], n) for n in module_names)  # noqa: E731
-        heads = [h for h in task_heads if h not in to_save and exists(h)]
-        targets = find_targets(self.base_model, config, to_save + heads)
-        created, ranks = [], []
-        try:
-            hosts = []
-            for module_name, module in targets:
-                host = host_for(self.base_model, module_name, module, self._routing)
-                if host.kind.name not in method.layer_kinds:
-                    raise GraftingError(f"method '{method.name}' does not support {host.kind.name} layers "
-                                        f"(module '{module_name}')")
-                hosts.append((module_name, host))
-            statistics = None
-            if method.needs_calibration(config):
-                statistics = calibration_statistics(self, method, config, hosts, calibration)
-                config, statistics = method.plan(config, statistics)
-                config.validate()
-                keep = {n for n, _ in find_targets(self.base_model, config, to_save + heads)}
-                hosts = [(n, h) for n, h in hosts if n in keep]
-            shared = method.create_shared(config, hosts)
-            if shared is not None:
-                self.shared_tensors[name] = shared
-            for module_name, host in hosts:
-                adapter = method.create(host, config, module_name, shared)
-                adapter._graft_uid = next(_UIDS)
-                host.add(name, method, adapter)
-                created.append(host)
-                factors = method.low_rank(adapter) if method.low_rank_form else None
-                ranks.append(None if factors is None else factors[0].shape[0])
-            if to_save or heads:
-                # peft writes every task head name of the task type (classifier and score); one is enough
-                present = [m for m in to_save + heads if m not in task_heads or exists(m)]
-                for _, saved in find_modules_to_save(self.base_model, present, self._routing,
-                                                     required=[m for m in to_save if m not in task_heads]):
-                    saved.add(name)
-            run_init(self, name, method, config, hosts, statistics)
-        except Exception:
-            for host in created:
-                host.remove(name)
-            if name in self.shared_tensors:
-                del self.shared_tensors[name]
-            for _, saved in self.saved_modules():
-                if name in saved.copies:
-                    del saved.copies[name]
-            raise
+        config, ranks = inject_adapter(self, name, config, method, calibration)
         self.peft_config[name] = config
         if not self.training:  # a model put in eval mode (serving, evaluation) keeps a new adapter there too
             self.train_adapter(name, False)
@@ -377,16 +319,7 @@ class AdaptedModel(nn.Module):
         """Preallocate mixed-batch room for ``adapters`` low-rank adapters of rank <= ``rank`` in every layer,
         so loading them later never reallocates the stacks (serving keeps a fixed budget this way). Layers that
         get their first adapter later (a server starts with none) get the same room when their stack is made."""
-        from .stacks import LowRankStack
-        from .methods.lora import factor_dtype
-        self._routing.reserved = (adapters, rank)
-        for _, host in self.hosts():
-            if host.kind.gathered:
-                if host._stack is None:
-                    host._stack = LowRankStack(host.in_features, host.out_features,
-                                               self._routing.stack_dtype or factor_dtype(host),
-                                               host.dense_weight().device)
-                host._stack.reserve(bucket_of(rank), adapters + 1)
+        store.reserve(self, adapters, rank)
 
     def set_stack_dtype(self, dtype: torch.dtype | None) -> None:
         """Keep the mixed-batch store's factors in ``dtype`` (None: the adapters' own). ``torch.bfloat16``
@@ -396,13 +329,7 @@ class AdaptedModel(nn.Module):
         once per row by the kernel (the torch path reads dequantized copies); its error is reported in
         docs/benchmarks.md. The store is refilled from the adapters on the next mixed call (or
         :meth:`stack_adapters`); reserve room again if needed."""
-        if dtype is not None and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16,
-                                               torch.int8):
-            raise GraftingError(f"set_stack_dtype: expected a floating-point dtype, torch.int8 or None, "
-                                f"got {dtype!r}")
-        self._routing.stack_dtype = dtype
-        for _, host in self.hosts():  # refilled from the adapters themselves, not converted (lossless back)
-            host._stack = None
+        store.set_dtype(self, dtype)
 
     def stack_adapters(self, names=None) -> None:
         """Write adapters' factors (default: all) into the mixed-batch stacks now, as their first mixed call
@@ -410,37 +337,7 @@ class AdaptedModel(nn.Module):
         names = list(self.peft_config) if names is None else [names] if isinstance(names, str) else list(names)
         for n in names:
             self._require(n)
-        self._write_stacks(names, call_state(self, names)[0])
-
-    @torch.no_grad()
-    def _write_stacks(self, names: list, hashes: dict) -> None:
-        """Every layer's stack holds the current factors of ``names`` (content ``hashes``)."""
-        from .batching import _stack_for
-        slot_of = self._routing.slot_of
-        for _, host in self.hosts():
-            present = [n for n in names if n in host.adapters and slot_of.get(n) is not None
-                       and host.methods[n].low_rank_form]
-            if host.kind.gathered and present:
-                stack = _stack_for(host, present[0])
-                with stack.lock:
-                    stack.sync(host, present, {n: (*slot_of[n], hashes[n]) for n in present})
-
-    def _stack_new(self, hashes: dict) -> None:
-        """Before a no-grad mixed call: write the call's adapters that the stacks do not hold yet into every
-        layer's stack, one layer after another. Left to each layer's first call, the writes alternate with the
-        layers' matmuls, which turn the caches over, and each ran about three times slower (measured: 50 against
-        200 us per layer, a serving pool writing an adapter at each install). What was written is remembered
-        per model (name -> slot and content hash); each layer still checks its own stack, so a stack emptied
-        since (a deepcopy, a move) is refilled by its layer as before."""
-        held = self.__dict__.get("_stacked")
-        if held is None or held[0] != id(self):
-            held = self.__dict__["_stacked"] = (id(self), {})
-        slot_of, done = self._routing.slot_of, held[1]
-        new = [n for n, h in hashes.items() if slot_of.get(n) is not None and done.get(n) != (slot_of[n], h)]
-        if new:
-            self._write_stacks(new, hashes)
-            for n in new:
-                done[n] = (slot_of[n], hashes[n])
+        store.write(self, names, call_state(self, names)[0])
 
     def trainable_summary(self) -> dict:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -235,8 +235,8 @@ def quantize_with_adapter(model: nn.Module, config, init: str = "loftq", num_ite
 
 def _trained_in_full(config) -> list[str]:
     """Modules the adapter trains in full (modules_to_save, a classifier head): they stay in full precision."""
-    from ..model import _TASK_HEADS
-    return list(config.modules_to_save or []) + list(_TASK_HEADS.get(config.task_type or "", ()))
+    from ..inject import TASK_HEADS
+    return list(config.modules_to_save or []) + list(TASK_HEADS.get(config.task_type or "", ()))
 
 
 def _names(targets) -> list[str]:
