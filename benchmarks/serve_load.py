@@ -4,8 +4,9 @@ adapters, adapters loaded, reloaded and unloaded during the run, malformed reque
 Question: does the server stay up and answer every request completely, with its memory flat, under
 sustained concurrent load? Starts `graft serve` on a small random GPT-2 (or uses ``--url``), drives
 ``--requests`` requests from ``--clients`` concurrent clients, and reports server errors (5xx), incomplete
-responses, expected client errors (400 / 404 for the malformed ones), requests per second and the server's
-resident memory after warm-up and at the end. The last line printed is one JSON object.
+responses, expected client errors (400 / 404 for the malformed ones), stale answers (a name reloaded with
+other weights that answers as before), requests per second and the server's resident memory after warm-up and
+at the end. The last line printed is one JSON object.
 
     python benchmarks/serve_load.py [--requests 10000] [--clients 64]
 """
@@ -61,6 +62,10 @@ def make_model(root: Path, n_adapters: int = 4) -> tuple[Path, dict]:
         name = f"style{i}"
         model.add_adapter(name, gf.LoraConfig(r=[4, 8, 16, 32][i % 4], target_modules=["c_attn", "c_fc"],
                                               init_lora_weights=False, use_dora=(i == 1)))
+        with torch.no_grad():  # large updates: each adapter answers differently (the churn's reload check)
+            for pname, p in model.named_parameters():
+                if f".{name}." in pname and ("lora_A" in pname or "lora_B" in pname):
+                    p.normal_(0, 0.3)
         model.save_adapter(root / "adapters" / name, name=name)
         dirs[name] = root / "adapters" / name
     return root / "model", dirs
@@ -157,8 +162,17 @@ def fail(stats: dict, kind: str, why: str) -> None:
         stats["why"].append(f"{kind}: {why}")
 
 
+async def greedy(client: httpx.AsyncClient, model: str, headers: dict) -> str | None:
+    """A short greedy completion (None if the request failed)."""
+    r = await client.post("/v1/completions", json={"model": model, "prompt": "churn", "max_tokens": 8,
+                                                   "temperature": 0, "ignore_eos": True}, headers=headers)
+    return r.json()["choices"][0]["text"] if r.status_code == 200 else None
+
+
 async def churn(client: httpx.AsyncClient, dirs: dict, stop: asyncio.Event, stats: dict) -> None:
-    """Load, reload and unload adapters while the clients run."""
+    """Load, reload and unload adapters while the clients run. After each load, the name's greedy answer must
+    be the answer of the adapter registered from the same directory: a name reloaded with other weights
+    never serves what it held before (counted as ``stale``)."""
     headers = {"Authorization": f"Bearer {KEY}"}
     k = 0
     while not stop.is_set():
@@ -168,8 +182,12 @@ async def churn(client: httpx.AsyncClient, dirs: dict, stop: asyncio.Event, stat
             stats["loads"] += 1
         else:
             fail(stats, "unexpected", f"load {name}: HTTP {r.status_code} {r.text[:200]}")
-        await client.post("/v1/completions", json={"model": name, "prompt": "churn", "max_tokens": 2},
-                          headers=headers)
+        got, want = await greedy(client, name, headers), await greedy(client, path, headers)
+        stats["reload_checks"] += 1
+        if got is None or want is None:
+            fail(stats, "unexpected", f"greedy answers of {name} / {path}: a request failed")
+        elif got != want:
+            fail(stats, "stale", f"{name} reloaded from {path} answered {got!r}, {path} itself {want!r}")
         if k % 2:
             r = await client.post("/v1/unload_lora_adapter", json={"lora_name": name}, headers=headers)
             if r.status_code == 200:
@@ -182,7 +200,7 @@ async def churn(client: httpx.AsyncClient, dirs: dict, stop: asyncio.Event, stat
 
 async def drive(url: str, n_requests: int, clients: int, models: list, dirs: dict, pid: int | None) -> dict:
     stats = {"ok": 0, "server_errors": 0, "incomplete": 0, "expected_4xx": 0, "unexpected": 0, "loads": 0,
-             "unloads": 0, "why": []}
+             "unloads": 0, "reload_checks": 0, "stale": 0, "why": []}
     rng, counter, stop = random.Random(0), iter(range(n_requests)), asyncio.Event()
     warm = {"rss": None, "series": []}
     # idle connections expire on the client well before the server's keep-alive timeout closes them: a request

@@ -18,5 +18,6 @@ def test_sustained_concurrent_load_never_fails_a_request():
     assert out["server_errors"] == 0 and out["incomplete"] == 0 and out["unexpected"] == 0, out
     assert out["ok"] + out["expected_4xx"] == out["requests"]
     assert out["expected_4xx"] > 0 and out["loads"] > 0 and out["unloads"] > 0  # the bad and the churn ran
+    assert out["reload_checks"] > 0 and out["stale"] == 0, out  # every reload answers with its new weights
     assert out["health_after"] == 200
     assert out["rss_mb_end"] - out["rss_mb_after_warmup"] < 100, out  # flat, not growing per request
