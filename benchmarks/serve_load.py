@@ -180,14 +180,14 @@ async def churn(client: httpx.AsyncClient, dirs: dict, stop: asyncio.Event, stat
         r = await client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, headers=headers)
         if r.status_code == 200:
             stats["loads"] += 1
+            got, want = await greedy(client, name, headers), await greedy(client, path, headers)
+            stats["reload_checks"] += 1
+            if got is None or want is None:
+                fail(stats, "unexpected", f"greedy answers of {name} / {path}: a request failed")
+            elif got != want:
+                fail(stats, "stale", f"{name} reloaded from {path} answered {got!r}, {path} itself {want!r}")
         else:
             fail(stats, "unexpected", f"load {name}: HTTP {r.status_code} {r.text[:200]}")
-        got, want = await greedy(client, name, headers), await greedy(client, path, headers)
-        stats["reload_checks"] += 1
-        if got is None or want is None:
-            fail(stats, "unexpected", f"greedy answers of {name} / {path}: a request failed")
-        elif got != want:
-            fail(stats, "stale", f"{name} reloaded from {path} answered {got!r}, {path} itself {want!r}")
         if k % 2:
             r = await client.post("/v1/unload_lora_adapter", json={"lora_name": name}, headers=headers)
             if r.status_code == 200:

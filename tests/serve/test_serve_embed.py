@@ -159,6 +159,9 @@ def test_embedder_refuses_bad_input_clearly(tmp_path):
         embedder.submit([])
     with pytest.raises(AdapterError, match="no adapter named 'nobody'"):
         embedder.submit([[2, 3]], "nobody")
+    pool.refuse("big", "adapter 'big' has rank 64, above this server's maximum 16")
+    with pytest.raises(AdapterError, match="rank 64, above this server's maximum 16"):  # why, not "no adapter"
+        embedder.submit([[2, 3]], "big")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, '
                                                              '"target_modules": ["query"]}')

@@ -28,19 +28,23 @@ class RecentRate:
         self.window = window
         self._samples: deque = deque()  # (monotonic time, counter value), oldest first
         self._started = time.monotonic()
+        self._lock = threading.Lock()  # a scrape copies the samples while the loop appends
 
     def add(self, value: float, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        self._samples.append((now, value))
-        # keep one sample at or before the window's start: the baseline the rate is measured from
-        while len(self._samples) > 1 and self._samples[1][0] <= now - self.window:
-            self._samples.popleft()
+        with self._lock:
+            self._samples.append((now, value))
+            # keep one sample at or before the window's start: the baseline the rate is measured from
+            while len(self._samples) > 1 and self._samples[1][0] <= now - self.window:
+                self._samples.popleft()
 
     def rate(self, value: float, now: float | None = None) -> float:
         """Per second over the last ``window`` seconds (since start if shorter), ``value`` being the counter now."""
         now = time.monotonic() if now is None else now
         start, base = self._started, 0.0
-        for t, v in list(self._samples):  # a copy: the loop thread appends while a scrape reads
+        with self._lock:
+            samples = list(self._samples)
+        for t, v in samples:
             if t > now - self.window:
                 break
             start, base = t, v

@@ -113,12 +113,19 @@ class GraftReplica:
                     await asyncio.to_thread(pool.register, name, d)
                 except GraftingError as e:  # e.g. a rank above the maximum: the app answers 400 with why
                     pool.refuse(name, str(e))
+            elif pool.refusal(name) is not None:  # the directory is gone: 404 from now on, not the old reason
+                pool.unregister(name)
         return name
 
     async def forward(self, method: str, path: str, headers: list, body: bytes, query: str = ""):
         model_id = serve.get_multiplexed_model_id()
-        known = model_id in self.engine.pool or (self.root is not None and _adapter_dir(self.root, model_id))
-        if model_id and known:  # unknown names are not counted as loaded: the app answers them 404
+        pool = self.engine.pool
+        known = model_id in pool or (self.root is not None and _adapter_dir(self.root, model_id))
+        if model_id and pool.refusal(model_id) is not None:
+            # not through the multiplexed cache: a refused name would stay cached, and refused, after the
+            # operator fixed its directory
+            await self.register(model_id)
+        elif model_id and known:  # unknown names are not counted as loaded: the app answers them 404
             await self.get_adapter(model_id)
         async for item in call_asgi(self.app, method, path, headers, body, query):
             if isinstance(item, dict):

@@ -105,8 +105,9 @@ class Registrations:
 
     def refuse(self, name: str, reason: str) -> None:
         """Remember that ``name`` could not register and why (an ``--adapter-root`` directory skipped at start):
-        requests for it then fail with ``reason`` (HTTP 400) instead of "no such adapter" (404). A later
-        registration of ``name`` replaces the refusal; :meth:`unregister` forgets it."""
+        requests for it then fail with ``reason`` (HTTP 400) instead of "no such adapter" (404). Only a later
+        successful registration of ``name`` replaces the refusal (a failed load answers its own error and
+        leaves it); :meth:`unregister` forgets it."""
         with self._lock:
             if name not in self._registered:
                 self._refused[name] = reason
