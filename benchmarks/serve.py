@@ -39,6 +39,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import grafting as gf  # noqa: E402
 from _common import header, interleaved, median, ms, ratio, rounded, table, x  # noqa: E402
+from serve_accuracy import stores_of  # noqa: E402
 from grafting.serve import AdapterPool, Engine, SamplingParams  # noqa: E402
 from grafting.serve.workload import adapter_ranks, make_trace, summarize  # noqa: E402
 
@@ -137,24 +138,17 @@ def kernel_section(vocab: int, n: int, rounds: int, root: Path) -> dict:
 def store_accuracy(base, root: Path, names: list, label: str) -> dict:
     """How far the bf16 and int8 stores move a mixed batch's logits from the fp32 store's: one row per adapter
     (mixed ranks), 24 prompt tokens, every position; max |difference| and how often the top token agrees."""
-    models = {}
-    for dtype in (None, torch.bfloat16, torch.int8):
-        m = gf.AdaptedModel(copy.deepcopy(base))
-        for name in names:
-            m.load_adapter(root / name, name=name)
-        m.eval()
-        m.set_stack_dtype(dtype)
-        models[dtype] = m
+    models = stores_of(base, {name: root / name for name in names})
     ids = torch.randint(0, base.config.vocab_size, (len(names), 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        logits = {d: m(input_ids=ids, adapter_names=names).logits.float() for d, m in models.items()}
-    ref = logits[None]
+        logits = {key: m(input_ids=ids, adapter_names=names).logits.float() for key, m in models.items()}
+    ref = logits["fp32"]
     out = {"rows": len(names), "logit_scale": ref.abs().max().item(),
-           "adapter_delta": (ref - models[None].base_model(input_ids=ids).logits).abs().max().item()}
+           "adapter_delta": (ref - models["fp32"].base_model(input_ids=ids).logits).abs().max().item()}
     rows = []
-    for dtype, key in ((torch.bfloat16, "bf16"), (torch.int8, "int8")):
-        out[f"{key}_max_abs_diff"] = (logits[dtype] - ref).abs().max().item()
-        out[f"{key}_top1_agreement"] = (logits[dtype].argmax(-1) == ref.argmax(-1)).float().mean().item()
+    for key in ("bf16", "int8"):
+        out[f"{key}_max_abs_diff"] = (logits[key] - ref).abs().max().item()
+        out[f"{key}_top1_agreement"] = (logits[key].argmax(-1) == ref.argmax(-1)).float().mean().item()
         rows.append((f"{key} store", f"{out[f'{key}_max_abs_diff']:.1e}", f"{100 * out[f'{key}_top1_agreement']:.1f}%"))
     table(f"Store accuracy on {label}: {len(names)} rows, each its own adapter, 24 tokens; logits up to "
           f"{out['logit_scale']:.1f}, the adapters move them by up to {out['adapter_delta']:.1f}", rows,

@@ -31,10 +31,7 @@ import torch  # noqa: E402
 import grafting as gf  # noqa: E402
 from grafting.serve import Engine, SamplingParams  # noqa: E402
 
-try:
-    from _common import header, rounded, table
-except ImportError:  # imported as benchmarks.serve_accuracy (tests)
-    from benchmarks._common import header, rounded, table
+from _common import header, rounded, table  # noqa: E402
 
 STORES = {"bf16": torch.bfloat16, "int8": torch.int8}
 QUESTIONS = [  # none is in ChatterBot's corpus the style adapters learn from

@@ -16,15 +16,14 @@ import pytest
 import grafting as gf
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
-from serving_models import add_random_adapter, byte_tokenizer, free_port, tiny_lm, wait_healthy  # noqa: E402
+from serving_models import add_random_adapter, free_port, save_tiny_lm, wait_healthy  # noqa: E402
 
 pytest.importorskip("uvicorn")
 
 
 def test_graft_serve_answers_and_shuts_down_gracefully(tmp_path):
-    base = tiny_lm("gpt2", positions=320)  # room for an answer long enough to be cut short by a SIGTERM
-    base.save_pretrained(tmp_path / "tiny-gpt2")
-    byte_tokenizer().save_pretrained(tmp_path / "tiny-gpt2")
+    # room for an answer long enough to be cut short by a SIGTERM
+    base, _ = save_tiny_lm(tmp_path / "tiny-gpt2", positions=320)
     model = gf.AdaptedModel(base)
     add_random_adapter(model, "style", "gpt2", r=8, seed=3)
     model.save_adapter(tmp_path / "style", name="style")

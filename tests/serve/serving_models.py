@@ -58,6 +58,17 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
+def save_tiny_lm(path, arch: str = "gpt2", chat: bool = False, **kwargs):
+    """A tiny LM (:func:`tiny_lm` ``kwargs``) and the byte tokenizer, with :data:`TEMPLATE` when ``chat``, saved
+    as the model directory ``graft serve PATH`` loads. Returns (model, tokenizer)."""
+    model, tokenizer = tiny_lm(arch, **kwargs), byte_tokenizer()
+    if chat:
+        tokenizer.chat_template = TEMPLATE
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer
+
+
 def _byte_of(ch: str) -> int:
     # GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to 256 + n in order
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving_models import add_random_adapter, byte_tokenizer, tiny_lm, uvicorn_server
+from serving_models import add_random_adapter, save_tiny_lm, tiny_lm, uvicorn_server
 
 import grafting as gf
 from grafting.errors import GraftingError
@@ -41,8 +41,7 @@ def wait_for(condition, what: str, timeout: float = 10) -> None:
 @pytest.fixture()
 def files(tmp_path):
     """A model directory, an adapter root with two servable adapters and a pickled one, and the marker path."""
-    tiny_lm("gpt2").save_pretrained(tmp_path / "model")
-    byte_tokenizer().save_pretrained(tmp_path / "model")
+    save_tiny_lm(tmp_path / "model")
     source = gf.AdaptedModel(tiny_lm("gpt2"))
     for i, name in enumerate(("keep", "gone")):
         add_random_adapter(source, name, "gpt2", r=4, seed=30 + i)

@@ -44,14 +44,10 @@ def test_stores_picks_which_of_grafting_s_stores_run():
 def test_store_accuracy_on_trained_adapters_runs_on_any_local_model(tmp_path):
     """benchmarks/serve_accuracy.py on a tiny Llama with two adapters: the int8 store moves logits (it
     quantizes) more than bf16 does, the adapters move the base, every answer is compared."""
-    from serving_models import TEMPLATE, add_random_adapter, byte_tokenizer, tiny_lm
+    from serving_models import add_random_adapter, save_tiny_lm
 
     import grafting as gf
-    base = tiny_lm("llama")
-    base.save_pretrained(tmp_path / "tiny")
-    tok = byte_tokenizer()
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(tmp_path / "tiny")
+    base, _ = save_tiny_lm(tmp_path / "tiny", "llama", chat=True)
     model = gf.AdaptedModel(base)
     for i, name in enumerate(("one", "two")):
         add_random_adapter(model, name, "llama", r=[4, 16][i], seed=5 + i)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving_models import byte_tokenizer, free_port, tiny_lm, wait_healthy
+from serving_models import free_port, save_tiny_lm, wait_healthy
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
@@ -74,8 +74,7 @@ def test_a_gguf_path_serves_what_transformers_loads_from_it_under_the_files_stem
 
 
 def test_served_model_name_is_what_models_lists_and_what_model_must_be(tmp_path):
-    tiny_lm("gpt2").save_pretrained(tmp_path / "tiny-gpt2")
-    byte_tokenizer().save_pretrained(tmp_path / "tiny-gpt2")
+    save_tiny_lm(tmp_path / "tiny-gpt2")
     proc, url = start_server(str(tmp_path / "tiny-gpt2"), "--served-model-name", "house-model")
     try:
         wait_healthy(url, timeout=120, proc=proc)

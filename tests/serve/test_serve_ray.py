@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from serving_models import TEMPLATE, add_random_adapter, byte_tokenizer, free_port, tiny_lm, wait_healthy
+from serving_models import add_random_adapter, free_port, save_tiny_lm, wait_healthy
 
 import grafting as gf
 from grafting.serve import Engine, SamplingParams
@@ -25,11 +25,7 @@ KEY = "sk-ray"
 def ray_server(tmp_path_factory):
     from grafting.serve.ray import build_app
     tmp = tmp_path_factory.mktemp("ray")
-    base = tiny_lm("llama")
-    base.save_pretrained(tmp / "tiny-llama")
-    tokenizer = byte_tokenizer()
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(tmp / "tiny-llama")
+    base, tokenizer = save_tiny_lm(tmp / "tiny-llama", "llama", chat=True)
     source = gf.AdaptedModel(base)
     for i, name in enumerate(["poet", "pirate"]):
         add_random_adapter(source, name, "llama", r=[4, 16][i], seed=40 + i)

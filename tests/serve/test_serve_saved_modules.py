@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from pool_fixtures import settle
-from serving_models import add_random_adapter, byte_tokenizer, tiny_lm, uvicorn_server
+from serving_models import add_random_adapter, save_tiny_lm, tiny_lm, uvicorn_server
 
 import grafting as gf
 from grafting.serve import AdapterPool, Engine, SamplingParams
@@ -37,9 +37,7 @@ def saved(tmp_path_factory):
     """A tiny Llama (untied lm_head) saved as a model directory, two head adapters and a LoRA-only twin of h1
     under an adapter root, and the reference greedy ids of each (and of the base)."""
     tmp = tmp_path_factory.mktemp("saved_modules")
-    tokenizer = byte_tokenizer()
-    tiny_lm("llama", tie=False).save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
+    _, tokenizer = save_tiny_lm(tmp / "model", "llama", tie=False)
     source = gf.AdaptedModel(tiny_lm("llama", tie=False))
     for i, name in enumerate(HEADS):
         add_random_adapter(source, name, "llama", r=4, seed=5 + i, modules_to_save=["lm_head"])

@@ -189,7 +189,7 @@ class Embedder(BackgroundLoop):
         """Queue one request; the future holds a float32 [rows, d] tensor (or the error)."""
         rows = self.tokenize(inputs)
         if adapter is not None and self.pool is not None and adapter not in self.pool:
-            raise AdapterError(self.pool.refusal(adapter) or f"no adapter named '{adapter}'")
+            raise self.pool.unknown(adapter)
         job = EmbeddingJob(rows, adapter, Future(), None if timeout is None else time.monotonic() + timeout)
         self._enqueue(job)
         return job.future

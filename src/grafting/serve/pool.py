@@ -134,9 +134,7 @@ class AdapterPool(Registrations):
         with self._lock:
             entry = self._registered.get(name)
             if entry is None:
-                if name in self._refused:
-                    raise AdapterError(self._refused[name])
-                raise AdapterNotFound(f"no adapter named '{name}'")
+                raise self.unknown(name)
             if entry.error is not None:
                 raise AdapterError(entry.error)
             if entry.digest is not None and entry.digest in self._resident:
@@ -355,18 +353,21 @@ class AdapterPool(Registrations):
         with self._model_lock:
             self.model.delete_adapter(res.internal)
 
+    def _stale(self) -> list[str]:
+        """Digests of resident copies that no registered name points at and nothing pins (locked)."""
+        wanted = {e.digest for e in self._registered.values()}
+        return [d for d, r in self._resident.items() if d not in wanted and r.pins <= 0]
+
     def has_stale(self) -> bool:
-        """Whether a resident copy that no registered name points at waits to be evicted (unpinned): the loop
-        then steps once even with no request, so an unloaded adapter leaves an idle server's model."""
+        """Whether a resident copy waits to be evicted (:meth:`_stale`): the loop then steps once even with no
+        request, so an unloaded adapter leaves an idle server's model."""
         with self._lock:
-            wanted = {e.digest for e in self._registered.values()}
-            return any(d not in wanted and r.pins <= 0 for d, r in self._resident.items())
+            return bool(self._stale())
 
     def _evict_unregistered(self) -> None:
         """Resident copies that no registered name points at any more, once unpinned, go."""
         with self._lock:
-            wanted = {e.digest for e in self._registered.values()}
-            stale = [d for d, r in self._resident.items() if d not in wanted and r.pins <= 0]
+            stale = self._stale()
         for d in stale:
             self._evict(d)
 

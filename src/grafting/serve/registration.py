@@ -116,6 +116,11 @@ class Registrations:
         """Why ``name`` was refused (:meth:`refuse`), or None."""
         return self._refused.get(name)
 
+    def unknown(self, name: str) -> AdapterError:
+        """The error for a request naming ``name``, which is not registered: why it was refused, else not found."""
+        reason = self._refused.get(name)
+        return AdapterNotFound(f"no adapter named '{name}'") if reason is None else AdapterError(reason)
+
     def _add(self, name: str, path: Path, rank: int, root) -> _Registered:
         """A new registration of ``name`` (locked), replacing any earlier one (or refusal)."""
         self._refused.pop(name, None)
